@@ -1,0 +1,260 @@
+"""`DCAE`: load any DC-AE checkpoint and encode/decode images, mirroring diffusers' `AutoencoderDC`.
+
+    from dcae_jax import DCAE
+    ae = DCAE.from_pretrained("mit-han-lab/dc-ae-f64c128-in-1.0-diffusers")   # or a local dir
+    z = ae.encode(images)            # NHWC float in [-1, 1] -> NHWC latents
+    x = ae.decode(z)                 # -> NHWC images (not clamped)
+    z_diffusion = z * ae.config.scaling_factor   # the caller applies the scaling factor
+
+Accepted sources (detected from files and keys): a diffusers directory (`config.json` +
+`diffusion_pytorch_model.safetensors`), an efficientvit directory or file (`model.safetensors`, or
+a `.pt/.pth` state dict, read with torch only when torch is installed), our export
+(`dcae_config.json` + orbax `variables/`), or a Hugging Face repo id (downloaded with
+huggingface_hub when online).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcae_jax import convert
+from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
+
+EXPORT_CONFIG = "dcae_config.json"
+EXPORT_VARIABLES = "variables"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _registry_name_hint(text: str | None) -> str | None:
+    """A released variant name contained in a path or repo id, if any (longest match wins)."""
+    if not text:
+        return None
+    base = str(text).rstrip("/").split("/")[-1].removesuffix("-diffusers")
+    return base if base in VARIANTS else None
+
+
+def _read_state_dict(path: pathlib.Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            import torch
+        except ImportError as err:
+            raise ImportError(
+                f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), "
+                "or convert it to model.safetensors first"
+            ) from err
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: unsupported weights file (expected .safetensors, .pt or .pth)")
+
+
+def _find_efficientvit_weights(d: pathlib.Path) -> pathlib.Path:
+    for name in ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin"):
+        if (d / name).exists():
+            return d / name
+    cands = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.pt")) + sorted(d.glob("*.pth"))
+    if len(cands) == 1:
+        return cands[0]
+    raise FileNotFoundError(
+        f"{d}: no DC-AE weights found; expected {DIFFUSERS_WEIGHTS} + config.json (diffusers), "
+        f"model.safetensors or model.pt (efficientvit), or {EXPORT_CONFIG} + {EXPORT_VARIABLES}/ (dcae_jax export)"
+    )
+
+
+def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
+    p = pathlib.Path(path_or_repo_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_repo_id)
+    if s.count("/") != 1 or s.startswith((".", "/")):
+        raise FileNotFoundError(f"{s}: no such file or directory (and not a Hugging Face repo id 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(f"{s} is not a local path and huggingface_hub is not installed") from err
+    try:
+        return pathlib.Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as err:  # offline, missing repo, auth
+        raise FileNotFoundError(
+            f"{s}: not a local path, and downloading it from the Hugging Face hub failed ({err}). "
+            "Download it on a machine that is online (huggingface-cli download REPO --local-dir DIR) "
+            "and pass the directory."
+        ) from err
+
+
+class DCAE:
+    """A DC-AE with its weights: jitted, batched encode/decode on NHWC float images in [-1, 1]."""
+
+    def __init__(self, config: DCAEConfig, variables: dict[str, Any], dtype: Any = jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        if self.dtype != jnp.float32:
+            variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), variables)
+        else:
+            variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        self.variables = variables
+        self.model = DCAEModel(config, dtype=self.dtype, param_dtype=self.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and saving.
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, variant: str | None = None, dtype: Any = jnp.float32
+    ) -> DCAE:
+        """Loads a checkpoint in any supported format (see module docstring)."""
+        root = _resolve(path_or_repo_id)
+        hint = variant or _registry_name_hint(str(path_or_repo_id))
+        if root.is_dir() and (root / EXPORT_CONFIG).exists():
+            return cls._load_export(root, dtype)
+        if root.is_dir() and (root / DIFFUSERS_WEIGHTS).exists():
+            cfg_path = root / "config.json"
+            if not cfg_path.exists():
+                raise FileNotFoundError(f"{root}: diffusers weights without config.json")
+            raw = json.loads(cfg_path.read_text())
+            name = hint or _registry_name_hint(raw.get("_name_or_path")) or "custom"
+            config = DCAEConfig.from_diffusers(raw, name=name)
+            state = _read_state_dict(root / DIFFUSERS_WEIGHTS)
+            return cls._from_state(config, state, "diffusers", root / DIFFUSERS_WEIGHTS, dtype)
+        weights = root if root.is_file() else _find_efficientvit_weights(root)
+        if root.is_dir() and (root / "config.json").exists():
+            raw = json.loads((root / "config.json").read_text())
+            hint = hint or _registry_name_hint(raw.get("model_name"))
+        state = convert._strip_prefix(_read_state_dict(weights))
+        fmt = convert.detect_format(state.keys())
+        candidates = convert.match_registry(set(state), fmt)
+        if hint is not None:
+            config = get_config(hint)
+            if candidates and hint not in candidates:
+                raise ValueError(f"{weights}: keys match {candidates}, not the requested variant {hint!r}")
+        elif candidates:
+            config = VARIANTS[candidates[0]]
+            if len({VARIANTS[c].scaling_factor for c in candidates}) > 1:
+                warnings.warn(
+                    f"{weights}: the architecture matches {candidates}, which differ only in scaling_factor; "
+                    f"pass variant=... to choose. Loaded as {candidates[0]!r} with scaling_factor=None.",
+                    stacklevel=2,
+                )
+                config = config.replace(scaling_factor=None, name=candidates[0].replace("-in-", "-in|mix-"))
+        else:
+            raise ValueError(
+                f"{weights}: the keys match none of the released DC-AE variants {sorted(VARIANTS)}; "
+                "a custom architecture needs a config (diffusers config.json or a dcae_jax export)"
+            )
+        return cls._from_state(config, state, fmt, weights, dtype)
+
+    @classmethod
+    def _from_state(cls, config: DCAEConfig, state, fmt: str, source, dtype) -> DCAE:
+        shapes = _variable_shapes(config)
+        try:
+            variables = convert.convert_state_dict(state, config, fmt, expected_shapes=shapes)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        return cls(config, variables, dtype)
+
+    @classmethod
+    def _load_export(cls, root: pathlib.Path, dtype) -> DCAE:
+        import orbax.checkpoint as ocp
+
+        config = DCAEConfig.from_dict(json.loads((root / EXPORT_CONFIG).read_text()))
+        shapes = _variable_shapes(config)
+        target: dict[str, Any] = {}
+        for full, shape in shapes.items():
+            node = target
+            for p in full[:-1]:
+                node = node.setdefault(p, {})
+            node[full[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore((root / EXPORT_VARIABLES).absolute(), target)
+        return cls(config, variables, dtype)
+
+    def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
+        """Writes our export format: `dcae_config.json` + an orbax checkpoint of the variables (fp32)."""
+        import orbax.checkpoint as ocp
+
+        out = pathlib.Path(out).absolute()
+        out.mkdir(parents=True, exist_ok=True)
+        variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.variables)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / EXPORT_VARIABLES, variables, force=True)
+            ckptr.wait_until_finished()
+        tmp = out / (EXPORT_CONFIG + ".tmp")
+        tmp.write_text(self.config.to_json())
+        tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # Inference.
+
+    def num_params(self) -> int:
+        return count_params(self.variables["params"])
+
+    @functools.cached_property
+    def _encode_fn(self):
+        return jax.jit(lambda v, x: self.model.apply(v, x, method=DCAEModel.encode))
+
+    @functools.cached_property
+    def _decode_fn(self):
+        return jax.jit(lambda v, z: self.model.apply(v, z, method=DCAEModel.decode))
+
+    def _check_images(self, images) -> jax.Array:
+        x = jnp.asarray(images)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"expected NHWC images with {self.config.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+        return x.astype(self.dtype)
+
+    def encode(self, images) -> jax.Array:
+        """(B, H, W, 3) in [-1, 1] -> (B, ceil(H/f), ceil(W/f), latent_channels).
+
+        H and W that are not multiples of the compression factor f are edge-padded first.
+        """
+        x = self._check_images(images)
+        f = self.config.spatial_compression_ratio
+        ph, pw = -x.shape[1] % f, -x.shape[2] % f
+        if ph or pw:
+            x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+        return self._encode_fn(self.variables, x)
+
+    def decode(self, latents) -> jax.Array:
+        """(B, h, w, latent_channels) -> (B, h*f, w*f, 3); values are not clamped."""
+        z = jnp.asarray(latents)
+        if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
+            raise ValueError(
+                f"expected NHWC latents with {self.config.latent_channels} channels, got shape {tuple(z.shape)}"
+            )
+        return self._decode_fn(self.variables, z.astype(self.dtype))
+
+    def reconstruct(self, images) -> jax.Array:
+        """decode(encode(x)) cropped back to the input size (any H, W)."""
+        x = self._check_images(images)
+        return self.decode(self.encode(x))[:, : x.shape[1], : x.shape[2]]
+
+
+@functools.lru_cache(maxsize=16)
+def _variable_shapes_cached(config: DCAEConfig) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+    res = config.spatial_compression_ratio
+    abstract = jax.eval_shape(
+        DCAEModel(config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, res, res, config.in_channels), jnp.float32)
+    )
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return tuple((tuple(k.key for k in path), tuple(leaf.shape)) for path, leaf in flat)
+
+
+def _variable_shapes(config: DCAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """(collection, *path) -> shape of every variable of `DCAEModel(config)`, without allocating."""
+    return dict(_variable_shapes_cached(config))
