@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from dcae_jax.models.dcae import DCAEConfig
@@ -178,13 +179,13 @@ def detect_format(keys: Iterator[str] | list[str]) -> str:
     )
 
 
-def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+def _strip_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """Accepts `{"state_dict": ...}` wrappers and a `model.` prefix (efficientvit .pt files)."""
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if state and all(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items()}
-    return dict(state)
+    return state
 
 
 def expected_keys(cfg: DCAEConfig, fmt: str) -> set[str]:
@@ -242,7 +243,8 @@ def convert_state_dict(
             node = variables
             for p in full[:-1]:
                 node = node.setdefault(p, {})
-            node[full[-1]] = np.ascontiguousarray(arr, dtype=np.float32)
+            # One tensor at a time onto the device, so peak host memory stays ~1x the checkpoint.
+            node[full[-1]] = jnp.asarray(np.ascontiguousarray(arr, dtype=np.float32))
     if problems:
         raise ValueError(
             f"checkpoint ({fmt} format) does not match DC-AE config {cfg.name!r}:\n  " + "\n  ".join(problems)

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -42,11 +43,35 @@ def _registry_name_hint(text: str | None) -> str | None:
     return base if base in VARIANTS else None
 
 
-def _read_state_dict(path: pathlib.Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+class LazySafetensors(Mapping):
+    """Read-only mapping over a .safetensors file that loads one tensor at a time (no torch needed).
 
-        return load_file(str(path))
+    Converting a 1B-parameter checkpoint this way never holds the whole file in memory twice.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        from safetensors import safe_open
+
+        self._path = path
+        with safe_open(str(path), framework="numpy") as f:
+            self._keys = list(f.keys())
+        self._handle = safe_open(str(path), framework="numpy")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _read_state_dict(path: pathlib.Path) -> Mapping[str, Any]:
+    if path.suffix == ".safetensors":
+        return LazySafetensors(path)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             import torch

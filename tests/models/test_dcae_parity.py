@@ -1,0 +1,117 @@
+"""Parity of DCAE (JAX) against diffusers `AutoencoderDC` (PyTorch, fp32, random weights).
+
+Every released architecture is checked at full size at a tiny resolution chosen so that both
+LiteMLA paths run (quadratic where H*W <= 32 at a stage, linear elsewhere). Reduced-width copies of
+each architecture cover the deepest stage on both sides of the H*W = 32 switch at low cost.
+Tolerances (from the model issue): latents max|dz| <= 1e-4 * max|z|; images max|dy| <= 1e-5.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
+from safetensors.torch import save_file
+from torch_reference import make_torch_model, to_efficientvit_state_dict, torch_encode_decode
+
+from dcae_jax import DCAE, VARIANTS, get_config
+from dcae_jax.models.dcae import DCAEConfig
+
+
+def _images(res: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).uniform(-1, 1, (batch, res, res, 3)).astype(np.float32)
+
+
+def _assert_close(ae: DCAE, x: np.ndarray, z_ref: np.ndarray, y_ref: np.ndarray) -> None:
+    z = np.asarray(ae.encode(x))
+    y = np.asarray(ae.decode(jnp.asarray(z_ref)))
+    dz = np.abs(z - z_ref).max()
+    dy = np.abs(y - y_ref).max()
+    assert dz <= 1e-4 * np.abs(z_ref).max(), (dz, np.abs(z_ref).max())
+    assert dy <= 1e-5, dy
+
+
+def _check_diffusers_roundtrip(cfg: DCAEConfig, res: int, tmp_path, batch: int = 2) -> DCAE:
+    model = make_torch_model(cfg)
+    x = _images(res, batch)
+    z_ref, y_ref = torch_encode_decode(model, x)
+    model.save_pretrained(tmp_path)
+    del model
+    gc.collect()
+    ae = DCAE.from_pretrained(tmp_path, variant=cfg.name if cfg.name in VARIANTS else None)
+    _assert_close(ae, x, z_ref, y_ref)
+    return ae
+
+
+# Smallest input at which each architecture runs both attention paths.
+TINY_RESOLUTION = {32: 64, 64: 128, 128: 128}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_released_config_matches_diffusers(name, tmp_path):
+    cfg = get_config(name)
+    ae = _check_diffusers_roundtrip(cfg, TINY_RESOLUTION[cfg.spatial_compression_ratio], tmp_path, batch=1)
+    assert ae.config.name == name
+    assert ae.config.scaling_factor == cfg.scaling_factor
+    assert ae.config.latent_channels == cfg.latent_channels
+
+
+def test_f32c32_full_size_linear_attention_everywhere(tmp_path):
+    # 256x256: the deepest stage is 8x8 = 64 > 32 tokens, so every LiteMLA takes the linear path.
+    _check_diffusers_roundtrip(get_config("dc-ae-f32c32-in-1.0"), 256, tmp_path, batch=1)
+
+
+def _narrow(cfg: DCAEConfig) -> DCAEConfig:
+    """Same stages, depths, block types and shortcuts as `cfg`, at 1/8 width (head dim 8)."""
+    return cfg.replace(
+        encoder_block_out_channels=tuple(c // 8 for c in cfg.encoder_block_out_channels),
+        decoder_block_out_channels=tuple(c // 8 for c in cfg.decoder_block_out_channels),
+        latent_channels=cfg.latent_channels // 4,
+        attention_head_dim=8,
+        name="narrow-" + cfg.name,
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["dc-ae-f32c32-in-1.0", "dc-ae-f64c128-in-1.0", "dc-ae-f128c512-in-1.0", "dc-ae-f32c32-sana-1.0"]
+)
+@pytest.mark.parametrize("deepest_path", ["quadratic", "linear"])
+def test_narrow_architectures_both_attention_paths(name, deepest_path, tmp_path):
+    cfg = _narrow(get_config(name))
+    f = cfg.spatial_compression_ratio
+    # Deepest stage at 2x2 (4 tokens, <= head dim 8 -> quadratic) or 4x4 (16 tokens > 8 -> linear);
+    # head dim 8 moves the switch from 32 to 8 tokens, as the reference's `N > dim` rule says.
+    res = 2 * f if deepest_path == "quadratic" else 4 * f
+    _check_diffusers_roundtrip(cfg, res, tmp_path, batch=2)
+
+
+@pytest.mark.parametrize("name", ["dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"])
+def test_efficientvit_format_matches_diffusers(name, tmp_path):
+    cfg = get_config(name)
+    model = make_torch_model(cfg)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ev = to_efficientvit_state_dict(sd, cfg)
+    # Validate the fixture with diffusers' own (independent) efficientvit -> diffusers converter.
+    back = convert_autoencoder_dc_checkpoint_to_diffusers(dict(ev))
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k].reshape(sd[k].shape), sd[k]) for k in sd)
+    x = _images(64, 1)
+    z_ref, y_ref = torch_encode_decode(model, x)
+    del model
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file(ev, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model_name": name}))
+    ae = DCAE.from_pretrained(d)
+    assert ae.config.name == name and ae.config.scaling_factor == cfg.scaling_factor
+    _assert_close(ae, x, z_ref, y_ref)
+    # A .pt state dict in the efficientvit training wrapper loads too (torch is installed here).
+    torch.save({"state_dict": ev}, d / "model.pt")
+    (d / "model.safetensors").unlink()
+    ae_pt = DCAE.from_pretrained(d)
+    _assert_close(ae_pt, x, z_ref, y_ref)
