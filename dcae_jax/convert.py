@@ -132,7 +132,9 @@ def entries(cfg: DCAEConfig) -> list[Entry]:
         offset = 0
         if i < n - 1 and dd[i] > 0:
             out += _conv_b(
-                (*d, f"stage_{i}_up", "conv"), f"decoder.up_blocks.{i}.0.conv", f"decoder.stages.{i}.op_list.0.main.conv.conv"
+                (*d, f"stage_{i}_up", "conv"),
+                f"decoder.up_blocks.{i}.0.conv",
+                f"decoder.stages.{i}.op_list.0.main.conv.conv",
             )
             offset = 1
         for j in range(dd[i]):
@@ -272,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     ae = DCAE.from_pretrained(args.src, variant=args.variant)
     ae.save_pretrained(args.out)
-    print(f"wrote {args.out}: {ae.config.name}, {ae.num_params():,} parameters, scaling_factor={ae.config.scaling_factor}")
+    print(
+        f"wrote {args.out}: {ae.config.name}, {ae.num_params():,} parameters, scaling_factor={ae.config.scaling_factor}"
+    )
 
 
 if __name__ == "__main__":

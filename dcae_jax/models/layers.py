@@ -436,9 +436,7 @@ def get_block(name: str) -> type[nn.Module]:
     return BLOCKS[name]
 
 
-def make_block(
-    block_type: str, *, norm: str, act: str, head_dim: int, scales: Sequence[int], **kw: Any
-) -> nn.Module:
+def make_block(block_type: str, *, norm: str, act: str, head_dim: int, scales: Sequence[int], **kw: Any) -> nn.Module:
     """Builds a stage block; ResBlocks ignore the attention arguments."""
     cls = get_block(block_type)
     if cls is EfficientViTBlock:

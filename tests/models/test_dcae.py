@@ -1,0 +1,82 @@
+"""DCAE config, registry, parameter counts and the no-shortcut ablation switch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config, init_variables, tiny_config
+
+# Parameter counts of the PyTorch reference (efficientvit and diffusers agree).
+REFERENCE_PARAMS = {
+    "dc-ae-f32c32-in-1.0": (323_356_460, 123_172_384, 200_184_076),
+    "dc-ae-f64c128-in-1.0": (676_896_140, 264_550_528, 412_345_612),
+    "dc-ae-f128c512-in-1.0": (1_120_682_252, 415_661_056, 705_021_196),
+    "dc-ae-f32c32-sana-1.0": (312_250_275, 153_027_104, 159_223_171),
+}
+
+
+def _abstract_params(cfg: DCAEConfig):
+    res = cfg.spatial_compression_ratio
+    return jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, 3)))["params"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
+def test_parameter_counts_equal_reference(name):
+    params = _abstract_params(get_config(name))
+    total, enc, dec = REFERENCE_PARAMS[name]
+    assert count_params(params["encoder"]) == enc
+    assert count_params(params["decoder"]) == dec
+    assert count_params(params) == total
+
+
+def test_registry_has_the_eight_released_models_and_rejects_others():
+    assert len(VARIANTS) == 8
+    assert get_config("mit-han-lab/dc-ae-f64c128-in-1.0-diffusers").latent_channels == 128
+    assert get_config("dc-ae-f32c32-sana-1.1").scaling_factor == 0.41407
+    assert get_config("dc-ae-f128c512-mix-1.0").spatial_compression_ratio == 128
+    with pytest.raises(KeyError, match=r"dc-ae-f32c32-in-1\.0"):
+        get_config("dc-ae-f16c16-in-1.0")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="decoder_act_fns"):
+        tiny_config(decoder_act_fns=("relu",))
+    with pytest.raises(ValueError, match="downsample_block_type"):
+        tiny_config(downsample_block_type="maxpool")
+    with pytest.raises(ValueError, match="unknown DCAEConfig fields"):
+        DCAEConfig.from_dict({"latent_chanels": 4})
+
+
+def test_config_roundtrips_through_json_and_diffusers_format():
+    for cfg in VARIANTS.values():
+        assert DCAEConfig.from_dict(cfg.to_dict()) == cfg
+        assert DCAEConfig.from_diffusers(cfg.to_diffusers(), name=cfg.name) == cfg
+
+
+def test_no_shortcut_ablation_has_equal_parameters_and_differs():
+    cfg = tiny_config()
+    plain = cfg.replace(residual=False)
+    variables = init_variables(cfg, jax.random.key(0), 32)
+    assert count_params(init_variables(plain, jax.random.key(0), 32)) == count_params(variables)
+    x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
+    y_res, z_res = DCAEModel(cfg).apply(variables, x)
+    y_plain, z_plain = DCAEModel(plain).apply(variables, x)
+    assert z_res.shape == z_plain.shape == (1, 4, 4, 8)
+    assert not np.allclose(z_res, z_plain)
+    assert y_res.shape == y_plain.shape == x.shape
+
+
+def test_bf16_model_stays_finite_and_close_to_fp32():
+    cfg = tiny_config()
+    variables = init_variables(cfg, jax.random.key(1), 32)
+    x = jnp.asarray(np.random.RandomState(1).uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
+    y32, _ = jax.jit(DCAEModel(cfg).apply)(variables, x)
+    vb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), variables)
+    yb, zb = jax.jit(DCAEModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply)(vb, x.astype(jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16 and zb.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(yb.astype(jnp.float32))))
+    rel = float(jnp.linalg.norm(yb.astype(jnp.float32) - y32) / jnp.linalg.norm(y32))
+    assert rel < 0.05, rel

@@ -1,0 +1,129 @@
+"""Primitive layers against their torch definitions (NCHW torch vs NHWC JAX)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcae_jax.models import layers
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture
+def x():
+    return np.random.RandomState(0).randn(2, 8, 12, 16).astype(np.float32)
+
+
+def test_pixel_unshuffle_and_shuffle_match_torch(x):
+    np.testing.assert_array_equal(layers.pixel_unshuffle(jnp.asarray(x), 2), _nhwc(F.pixel_unshuffle(_nchw(x), 2)))
+    np.testing.assert_array_equal(layers.pixel_shuffle(jnp.asarray(x), 2), _nhwc(F.pixel_shuffle(_nchw(x), 2)))
+    with pytest.raises(ValueError, match="divisible"):
+        layers.pixel_unshuffle(jnp.zeros((1, 3, 4, 1)), 2)
+
+
+def test_shortcuts_match_reference_definitions(x):
+    t = _nchw(x)
+    # Encoder shortcut: unshuffle, then mean over consecutive groups of G channels.
+    ref = F.pixel_unshuffle(t, 2).unflatten(1, (8, -1)).mean(2)
+    np.testing.assert_allclose(layers.space_to_channel_average(jnp.asarray(x), 8), _nhwc(ref), rtol=1e-6, atol=1e-6)
+    # Decoder shortcut: repeat_interleave (not tile), then pixel-shuffle.
+    ref = F.pixel_shuffle(t.repeat_interleave(2, dim=1), 2)
+    np.testing.assert_array_equal(layers.channel_duplicate_to_space(jnp.asarray(x), 8), _nhwc(ref))
+    np.testing.assert_array_equal(
+        layers.upsample_nearest2x(jnp.asarray(x)), _nhwc(F.interpolate(t, scale_factor=2, mode="nearest"))
+    )
+
+
+@pytest.mark.parametrize("stride,kernel,hw", [(1, 3, (8, 12)), (2, 3, (8, 12)), (2, 3, (7, 9)), (1, 1, (5, 5))])
+def test_conv_uses_torch_padding(stride, kernel, hw):
+    rng = np.random.RandomState(1)
+    x = rng.randn(1, *hw, 6).astype(np.float32)
+    conv = layers.Conv2d(5, kernel, stride=stride)
+    params = conv.init(jax.random.key(0), jnp.asarray(x))
+    w = np.asarray(params["params"]["kernel"]).transpose(3, 2, 0, 1)
+    b = rng.randn(5).astype(np.float32)
+    params = {"params": {"kernel": params["params"]["kernel"], "bias": jnp.asarray(b)}}
+    ref = F.conv2d(_nchw(x), torch.from_numpy(w), torch.from_numpy(b), stride=stride, padding=kernel // 2)
+    np.testing.assert_allclose(jax.jit(conv.apply)(params, jnp.asarray(x)), _nhwc(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_and_grouped_pointwise_match_torch(k):
+    rng = np.random.RandomState(2)
+    x = rng.randn(2, 9, 7, 12).astype(np.float32)
+    wd = rng.randn(12, 1, k, k).astype(np.float32)
+    ref = F.conv2d(_nchw(x), torch.from_numpy(wd), padding=k // 2, groups=12)
+    out = jax.jit(layers.depthwise_conv)(jnp.asarray(x), jnp.asarray(wd.transpose(2, 3, 1, 0)))
+    np.testing.assert_allclose(out, _nhwc(ref), rtol=1e-5, atol=1e-5)
+    wg = rng.randn(12, 4, 1, 1).astype(np.float32)  # 3 groups of 4
+    ref = F.conv2d(_nchw(x), torch.from_numpy(wg), groups=3)
+    out = layers.GroupedPointwiseConv2d(3).apply({"params": {"kernel": wg.transpose(2, 3, 1, 0)}}, jnp.asarray(x))
+    np.testing.assert_allclose(out, _nhwc(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_train_and_eval_match_torch(x):
+    bn_t = torch.nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn_t.weight.normal_()
+        bn_t.bias.normal_()
+    bn = layers.BatchNorm()
+    variables = bn.init(jax.random.key(0), jnp.asarray(x))
+    variables = {
+        "params": {"scale": jnp.asarray(bn_t.weight.detach().numpy()), "bias": jnp.asarray(bn_t.bias.detach().numpy())},
+        "batch_stats": variables["batch_stats"],
+    }
+    y, updates = bn.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    bn_t.train()
+    y_t = bn_t(_nchw(x))
+    np.testing.assert_allclose(y, _nhwc(y_t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], bn_t.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], bn_t.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    bn_t.eval()
+    y_eval = bn.apply({**variables, "batch_stats": updates["batch_stats"]}, jnp.asarray(x))
+    np.testing.assert_allclose(y_eval, _nhwc(bn_t(_nchw(x))), rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_has_bias_and_computes_in_float32():
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 4, 4, 8) * 100, jnp.bfloat16)
+    norm = layers.RMSNorm()
+    v = norm.init(jax.random.key(0), x)
+    assert set(v["params"]) == {"scale", "bias"}
+    y = norm.apply(v, x)
+    assert y.dtype == jnp.bfloat16
+    x32 = x.astype(jnp.float32)
+    ref = x32 / jnp.sqrt(jnp.mean(x32**2, -1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_linear_and_quadratic_attention_agree_under_jit_and_eagerly():
+    rng = np.random.RandomState(4)
+    q, k, v = (jnp.asarray(np.maximum(rng.randn(2, 30, 3, 8), 0), jnp.float32) for _ in range(3))
+    lin = layers.relu_linear_attention(q, k, v, 1e-15)
+    quad = layers.relu_quadratic_attention(q, k, v, 1e-15)
+    lin_jit = jax.jit(layers.relu_linear_attention, static_argnums=3)(q, k, v, 1e-15)
+    np.testing.assert_allclose(lin, quad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin_jit, lin, rtol=1e-5, atol=1e-6)
+    # Direct definition: out_n = sum_m v_m (k_m . q_n) / sum_m (k_m . q_n).
+    a = jnp.einsum("bmgd,bngd->bgnm", k, q)
+    ref = jnp.einsum("bgnm,bmgd->bngd", a, v) / (a.sum(-1).transpose(0, 2, 1)[..., None] + 1e-15)
+    np.testing.assert_allclose(lin_jit, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_registries_name_the_valid_choices():
+    with pytest.raises(ValueError, match="ResBlock"):
+        layers.get_block("ResNetBlock")
+    with pytest.raises(ValueError, match="rms_norm"):
+        layers.get_norm("layer_norm")
+    with pytest.raises(ValueError, match="silu"):
+        layers.get_activation("swish")
