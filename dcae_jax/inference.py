@@ -50,9 +50,7 @@ def _as_images(ae: DCAE, images: Any) -> np.ndarray:
 def _as_latents(ae: DCAE, latents: Any) -> np.ndarray:
     z = np.asarray(latents)
     if z.ndim != 4 or z.shape[-1] != ae.config.latent_channels:
-        raise ValueError(
-            f"expected NHWC latents with {ae.config.latent_channels} channels, got shape {tuple(z.shape)}"
-        )
+        raise ValueError(f"expected NHWC latents with {ae.config.latent_channels} channels, got shape {tuple(z.shape)}")
     return z
 
 
