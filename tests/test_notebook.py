@@ -36,7 +36,7 @@ def test_notebook_is_saved_without_outputs():
 
 def test_notebook_runs_offline_on_tiny_model(tmp_path, monkeypatch):
     config = tiny_config()
-    variables = jax.jit(lambda key: init_variables(config, key))(jax.random.key(0))
+    variables = init_variables(config, jax.random.key(0))
     model_dir = str(DCAE(config, variables).save_pretrained(tmp_path / "tiny"))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dcae_jax.models import layers
 
@@ -353,11 +354,33 @@ class DCAEModel(nn.Module):
         return self.decode(z, train), z
 
 
-def init_variables(config: DCAEConfig, rng: Array, resolution: int | None = None) -> dict[str, Any]:
-    """Randomly initialised variables (params, batch_stats) of a model, without running it at full size."""
-    res = resolution or config.spatial_compression_ratio
-    model = DCAEModel(config)
-    return model.init(rng, jnp.zeros((1, res, res, config.in_channels), jnp.float32))
+def init_variables(config: DCAEConfig, rng: Array | int, resolution: int | None = None) -> dict[str, Any]:
+    """Random variables (params, batch_stats) of `DCAEModel(config)`, initialised on the host.
+
+    Same structure and initializer family as `DCAEModel.init` (lecun-normal kernels, unit norm
+    scales, zero biases, BatchNorm mean 0 / var 1) without compiling an init graph, which on CPU
+    takes longer than the forward pass of a small model. Deterministic in `rng`.
+    """
+    del resolution  # kept for API compatibility: shapes do not depend on the input size
+    res = config.spatial_compression_ratio
+    abstract = jax.eval_shape(
+        DCAEModel(config).init, jax.random.key(0), jax.ShapeDtypeStruct((1, res, res, config.in_channels), jnp.float32)
+    )
+    seed = int(rng) if isinstance(rng, int) else [int(v) for v in np.asarray(jax.random.key_data(rng)).ravel()]
+    gen = np.random.default_rng(seed)
+
+    def init_leaf(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = gen.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+        elif name in ("scale", "var"):
+            value = np.ones(leaf.shape, np.float32)
+        else:
+            value = np.zeros(leaf.shape, np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(init_leaf, abstract)
 
 
 def count_params(tree: Any) -> int:

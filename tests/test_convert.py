@@ -1,0 +1,111 @@
+"""Converter CLI, our export format, and the errors a bad checkpoint produces."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from dcae_jax import DCAE, convert
+from dcae_jax.models.dcae import get_config, init_variables, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers_dir(tmp_path_factory):
+    from torch_reference import make_torch_model
+
+    d = tmp_path_factory.mktemp("tiny_diffusers")
+    make_torch_model(tiny_config()).save_pretrained(d)
+    return d
+
+
+def test_convert_cli_writes_a_loadable_export(tiny_diffusers_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    convert.main(["--src", str(tiny_diffusers_dir), "--out", str(out)])
+    assert "parameters" in capsys.readouterr().out
+    assert (out / "dcae_config.json").exists()
+    src = DCAE.from_pretrained(tiny_diffusers_dir)
+    ae = DCAE.from_pretrained(out)
+    assert ae.config == src.config
+    x = np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ae.encode(x)), np.asarray(src.encode(x)))
+    np.testing.assert_array_equal(np.asarray(ae.reconstruct(x)), np.asarray(src.reconstruct(x)))
+
+
+def test_export_roundtrip_keeps_custom_and_non_residual_configs(tmp_path):
+    cfg = tiny_config(residual=False, name="my-ablation")
+    ae = DCAE(cfg, init_variables(cfg, jax.random.key(0), 32))
+    ae.save_pretrained(tmp_path / "e")
+    back = DCAE.from_pretrained(tmp_path / "e")
+    assert back.config == cfg
+    leaves = zip(jax.tree_util.tree_leaves(ae.variables), jax.tree_util.tree_leaves(back.variables), strict=True)
+    assert all(np.array_equal(a, b) for a, b in leaves)
+
+
+def _corrupt(src_dir, dst_dir, edit):
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(src_dir / "diffusion_pytorch_model.safetensors"))
+    edit(sd)
+    dst_dir.mkdir()
+    save_file(sd, str(dst_dir / "diffusion_pytorch_model.safetensors"))
+    (dst_dir / "config.json").write_text((src_dir / "config.json").read_text())
+    return dst_dir
+
+
+def test_missing_and_unexpected_keys_are_listed(tiny_diffusers_dir, tmp_path):
+    def edit(sd):
+        sd.pop("decoder.norm_out.bias")
+        sd["encoder.extra.weight"] = np.zeros(3, np.float32)
+
+    d = _corrupt(tiny_diffusers_dir, tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['decoder.norm_out.bias'\]") as err:
+        DCAE.from_pretrained(d)
+    assert "encoder.extra.weight" in str(err.value)
+    assert "diffusion_pytorch_model.safetensors" in str(err.value)
+
+
+def test_wrong_shapes_are_reported_with_key_and_shapes(tiny_diffusers_dir, tmp_path):
+    def edit(sd):
+        sd["encoder.conv_out.weight"] = np.zeros((8, 32, 3, 3), np.float32)
+
+    d = _corrupt(tiny_diffusers_dir, tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight: shape \[\(8, 32, 3, 3\)\]"):
+        DCAE.from_pretrained(d)
+
+
+def test_unknown_sources_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        DCAE.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no DC-AE weights found"):
+        DCAE.from_pretrained(tmp_path / "empty")
+    save_file({"foo.weight": np.zeros(2, np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="cannot tell the checkpoint format"):
+        DCAE.from_pretrained(tmp_path / "x.safetensors")
+
+
+def test_efficientvit_keys_detect_the_architecture_and_flag_in_mix_ambiguity():
+    cfg = get_config("dc-ae-f64c128-in-1.0")
+    keys = {k for e in convert.entries(cfg) for k in e.efficientvit}
+    assert convert.detect_format(sorted(keys)) == "efficientvit"
+    assert convert.match_registry(keys, "efficientvit") == ["dc-ae-f64c128-in-1.0", "dc-ae-f64c128-mix-1.0"]
+    sana = {k for e in convert.entries(get_config("dc-ae-f32c32-sana-1.0")) for k in e.diffusers}
+    assert convert.match_registry(sana, "diffusers") == ["dc-ae-f32c32-sana-1.0", "dc-ae-f32c32-sana-1.1"]
+
+
+def test_every_variable_has_exactly_one_source():
+    for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
+        table = convert.entries(get_config(name))
+        paths = [(e.collection, *e.path) for e in table]
+        assert len(paths) == len(set(paths))
+        for fmt in ("diffusers", "efficientvit"):
+            keys = [k for e in table for k in getattr(e, fmt)]
+            assert len(keys) == len(set(keys))
+    # The diffusers config written by `to_diffusers` is what AutoencoderDC accepts.
+    assert json.loads(json.dumps(get_config("dc-ae-f32c32-sana-1.0").to_diffusers()))["upsample_block_type"] == (
+        "interpolate"
+    )
