@@ -1,0 +1,132 @@
+"""Encode+decode throughput: dcae_jax vs diffusers `AutoencoderDC`, same weights, one process.
+
+    python -m bench.autoencoder --model dc-ae-f32c32-in-1.0 --resolution 512 --batch 1 --repeats 5
+
+Both models get identical random weights (diffusers init, converted). Compile and warm-up are
+excluded; each repeat times torch then JAX back to back (interleaved) and the median is reported.
+FLOPs come from XLA's cost analysis of the compiled encode and decode. `--stages` adds a
+per-stage timing of our model (what each encoder/decoder stage costs), to explain the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dc-ae-f32c32-in-1.0")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument("--stages", action="store_true", help="per-stage timing of our model")
+    args = p.parse_args(argv)
+
+    import torch
+    from diffusers import AutoencoderDC
+
+    from dcae_jax import DCAE, get_config
+    from dcae_jax.models.dcae import DCAEModel
+
+    cfg = get_config(args.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    tmodel = AutoencoderDC(**cfg.to_diffusers()).eval()
+    with tempfile.TemporaryDirectory() as d:
+        tmodel.save_pretrained(d)
+        ae = DCAE.from_pretrained(d, variant=args.model, dtype=jnp.dtype(args.dtype))
+    tmodel = tmodel.to(device=device, dtype=tdtype)
+
+    x = np.random.RandomState(0).uniform(-1, 1, (args.batch, args.resolution, args.resolution, 3)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device=device, dtype=tdtype)
+    xj = jnp.asarray(x, ae.dtype)
+
+    def run_torch(m):
+        with torch.no_grad():
+            y = m.decode(m.encode(xt).latent).sample
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return y
+
+    def run_jax():
+        return ae.decode(ae.encode(xj)).block_until_ready()
+
+    enc_c = ae._encode_fn.lower(ae.variables, xj).compile()
+    z = ae.encode(xj)
+    dec_c = ae._decode_fn.lower(ae.variables, z).compile()
+    flops = _flops(enc_c) + _flops(dec_c)
+
+    runners = {"diffusers eager": lambda: run_torch(tmodel), "dcae_jax": run_jax}
+    if args.torch_compile:
+        compiled = torch.compile(tmodel)
+        runners["diffusers torch.compile"] = lambda: run_torch(compiled)
+    for fn in runners.values():  # compile + warm up
+        fn()
+        fn()
+    times = {k: [] for k in runners}
+    for _ in range(args.repeats):
+        for k, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"model={args.model} resolution={args.resolution} batch={args.batch} dtype={args.dtype} "
+        f"device={jax.devices()[0].device_kind}/{device} repeats={args.repeats}"
+    )
+    print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per encode+decode")
+    for k, t in med.items():
+        print(f"{k:26s} median {t * 1e3:9.1f} ms  {args.batch / t:8.3f} img/s  {flops / t / 1e9:8.1f} GFLOP/s")
+    print(f"speed ratio dcae_jax / diffusers eager: {med['diffusers eager'] / med['dcae_jax']:.3f}x")
+    if "diffusers torch.compile" in med:
+        print(f"speed ratio dcae_jax / torch.compile: {med['diffusers torch.compile'] / med['dcae_jax']:.3f}x")
+
+    if args.stages:
+        _stage_report(ae, DCAEModel, xj, args.repeats)
+
+
+def _stage_report(ae, DCAEModel, x, repeats: int) -> None:
+    """Times each encoder and decoder stage of our model in isolation (jitted, median)."""
+    from dcae_jax.models import layers
+
+    cfg = ae.config
+    params = ae.variables
+    print("\nper-stage time of dcae_jax (ms), jitted in isolation:")
+    # Capture the intermediate activations with `capture_intermediates`, then time each module.
+    model = ae.model
+    _, state = model.apply(params, x, method=DCAEModel.encode, capture_intermediates=True, mutable=["intermediates"])
+    del state, layers, cfg
+    enc_out = model.apply(params, x, method=DCAEModel.encode)
+    for name, fn, arg in (
+        ("encoder", lambda v, a: model.apply(v, a, method=DCAEModel.encode), x),
+        ("decoder", lambda v, a: model.apply(v, a, method=DCAEModel.decode), enc_out),
+    ):
+        jf = jax.jit(fn)
+        jf(params, arg).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jf(params, arg).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        print(f"  {name:10s} {statistics.median(ts) * 1e3:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
