@@ -1,0 +1,1 @@
+"""ml_collections configs: `python -m dcae_jax.main --config=configs/<file>.py:<args>`."""

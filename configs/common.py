@@ -1,0 +1,119 @@
+"""Shared config pieces: argument parsing and the phase defaults (which layers each phase trains)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str, **defaults):
+    """'variant=f32c32,phase=2' -> ConfigDict, typed by the defaults; unknown keys raise."""
+    cfg = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise KeyError(f"unknown config arg {key!r}; valid: {sorted(defaults)}")
+        kind = type(defaults[key])
+        cfg[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return cfg
+
+
+def trainable_rules(phase: int, num_stages: int, adapt_stages: int = 0, head_stages: int = 0) -> list:
+    """Ordered (regex, train|freeze) rules for a phase.
+
+    Our choice (the paper does not publish the layer sets): phase 2 trains the latent-adjacent
+    layers, the encoder's `project_out` and the decoder's `project_in`, plus `adapt_stages`
+    deepest stages on each side; phase 3 trains the decoder head (RMSNorm + final conv) plus
+    `head_stages` shallowest decoder stages. Everything the encoder computes is frozen in phase 3,
+    so latents are bit-identical before and after.
+    """
+    if phase == 1:
+        return [(".*", "train")]
+    if phase == 2:
+        deep = "|".join(str(i) for i in range(num_stages - adapt_stages, num_stages))
+        rules = [("encoder/project_out/.*", "train"), ("decoder/project_in/.*", "train")]
+        if adapt_stages:
+            rules += [(f"(encoder|decoder)/stage_({deep})_.*", "train")]
+        return [*rules, (".*", "freeze")]
+    if phase == 3:
+        rules = [("decoder/head_(norm|conv)/.*", "train")]
+        if head_stages:
+            shallow = "|".join(str(i) for i in range(head_stages + 1))  # stage 0 may be empty
+            rules += [(f"decoder/stage_({shallow})_.*", "train")]
+        return [*rules, (".*", "freeze")]
+    raise ValueError(f"phase must be 1, 2 or 3, got {phase}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with defaults; experiment configs override."""
+    c = ml_collections.ConfigDict()
+    c.phase = 1
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"variant": "tiny", "overrides": {}})
+    c.init_from = ""  # export dir of the previous phase (params only; not a resume)
+    c.trainable = [(".*", "train")]
+    c.train_batch_norm = True  # phase 1: batch statistics (global over data parallel); else frozen
+    c.resolution = 256
+    c.eval_resolution = 0  # 0: same as resolution
+    c.global_batch_size = 8
+    c.eval_batch_size = 8
+    c.num_steps = 1000
+    c.data = ml_collections.ConfigDict(
+        {"train": "bundled", "train_split": "train", "eval": "bundled", "eval_split": "validation", "num_workers": 0}
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "learning_rate": 6.4e-5,
+            "weight_decay": 0.1,
+            "b1": 0.9,
+            "b2": 0.999,
+            "warmup_steps": 0,
+            "decay_steps": 0,
+            "grad_clip": 0.0,
+        }
+    )
+    c.loss = ml_collections.ConfigDict(
+        {
+            "l1_weight": 1.0,
+            "lpips_weight": 0.0,
+            "lpips_weights": "",
+            "gan_weight": 0.0,
+            "gan_loss": "hinge",
+            "adaptive_gan_weight": True,
+            "disc_start": 0,
+        }
+    )
+    c.disc = ml_collections.ConfigDict(
+        {
+            "enabled": False,
+            "base_features": 64,
+            "num_layers": 3,
+            "norm": "group",
+            "learning_rate": 5.4e-5,
+            "b1": 0.5,
+            "b2": 0.9,
+        }
+    )
+    c.ema_decay = 0.0
+    c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp")})
+    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_every = 0
+    return c
+
+
+def apply_phase(
+    c: ml_collections.ConfigDict, phase: int, num_stages: int, adapt_stages: int = 0, head_stages: int = 0
+) -> ml_collections.ConfigDict:
+    """Phase-specific layers, BatchNorm mode, losses and optimizer (reference hyper-parameters)."""
+    c.phase = phase
+    c.trainable = trainable_rules(phase, num_stages, adapt_stages, head_stages)
+    c.train_batch_norm = phase == 1
+    if phase == 2:
+        c.optim.learning_rate, c.optim.weight_decay = 1.6e-5, 0.001
+    if phase == 3:
+        c.optim.learning_rate, c.optim.b1, c.optim.b2 = 5.4e-5, 0.5, 0.9
+        c.disc.enabled = True
+        c.loss.gan_weight = 0.1
+    return c

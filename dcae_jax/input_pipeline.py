@@ -1,0 +1,486 @@
+"""Training and evaluation input pipelines on grain: image sources, ADM crops, skip counting, checkpointable iterators.
+
+    source = make_source("folder:/data/imagenet", "train")   # or "tfds:imagenet2012[@/data_dir]", "bundled"
+    it = make_train_loader(source, resolution=256, global_batch_size=256, seed=0,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)      # {"image": (B_local, 256, 256, 3) float32 in [-1, 1], "skipped": (B_local,) int32}
+    for batch in make_eval_loader(make_source(spec, "validation"), resolution=256, batch_size=64):
+        ...               # also "mask": (B,) float32, 1 for real images, 0 for padding / unreadable records
+
+Sources are random-access (`__len__`, `__getitem__`) like every grain data source. Folder and bundled records are
+file paths; tfds records are dicts whose `image` is encoded bytes or a decoded array (both handled).
+
+Training augmentation is guided-diffusion's `random_crop_arr` + `random_flip` (the random counterpart of
+`center_crop_adm`): the short side is resized to a size drawn uniformly from [R, ceil(1.25 R)] (BOX halving while
+it is >= 2x that size, then BICUBIC; smaller images are upscaled), a random R x R window is cut, and it is flipped
+horizontally with probability 1/2. Evaluation uses `center_crop_adm`.
+
+Records that cannot be used never stop a run: unreadable, corrupt, truncated or empty images, records whose source
+read raises, and images whose short side is below `min_side` (default ceil(R / 4)) are dropped. In training batches
+`skipped[i]` is the number of records dropped just before element i (so `skipped.sum()` over all batches is the
+number dropped; drops after the last element of a finite run are not reported). In evaluation batches a dropped
+record keeps its slot with mask=0, skipped=1, so every process sees the same number of fixed-shape batches.
+
+Determinism: the shuffle (a fresh permutation each epoch) and the crops/flips derive from `seed` and the record
+index only, so the same seed, process layout and `num_workers` give identical batches (batches are formed inside
+each worker, so changing `num_workers` regroups them). Processes get disjoint contiguous shards of
+len(source) // process_count records (the remainder is never used), as grain's `ShardOptions(drop_remainder=True)`.
+
+Checkpointing: the training iterator is a `grain.DatasetIterator`; `get_state()` / `set_state()` round-trip
+through JSON, and with orbax (a fresh iterator is restored in place, then resumes exactly):
+
+    mngr.save(step, args=ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.restore(step, args=ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointRestore(it)))
+
+(`grain.python.PyGrainCheckpointSave` / `PyGrainCheckpointRestore` are the same classes; the handler is
+`grain.checkpoint.CheckpointHandler` and writes `data_iter/process_<i>-of-<n>.json` per JAX process.)
+
+`num_workers > 0` decodes in grain worker processes (`mp_prefetch`): call it under an `if __name__ == "__main__":`
+guard, and with absl flags parsed (e.g. from `absl.app.run`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+from dcae_jax.data.images import (
+    ImageReadError,
+    _to_rgb,
+    center_crop_adm,
+    list_images,
+    open_image,
+    pil_to_array,
+)
+
+# The crop covers this range of fractions of the resized short side (guided-diffusion's random_crop_arr).
+MIN_CROP_FRAC, MAX_CROP_FRAC = 0.8, 1.0
+
+# Folder split names -> subfolder names tried in order.
+_SPLIT_DIRS = {
+    "train": ("train",),
+    "validation": ("validation", "val"),
+    "val": ("val", "validation"),
+    "test": ("test",),
+}
+
+# Real color photos shipped inside installed wheels (no download), as (package, file); validation is a fixed few.
+BUNDLED_TRAIN = (
+    ("skimage", "astronaut.png"),
+    ("skimage", "hubble_deep_field.jpg"),
+    ("skimage", "ihc.png"),  # immunohistochemistry
+    ("skimage", "retina.jpg"),
+    ("skimage", "rocket.jpg"),
+    ("skimage", "motorcycle_left.png"),  # stereo_motorcycle (left view)
+    ("sklearn", "china.jpg"),  # sklearn.datasets.load_sample_images()
+    ("sklearn", "flower.jpg"),
+)
+BUNDLED_VALIDATION = (
+    ("skimage", "coffee.png"),
+    ("skimage", "chelsea.png"),
+    ("matplotlib", "grace_hopper.jpg"),  # matplotlib.cbook.get_sample_data
+)
+_BUNDLED_DIRS = {"skimage": ("data",), "sklearn": ("datasets", "images"), "matplotlib": ("mpl-data", "sample_data")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources.
+
+
+class ImageFileSource:
+    """A random-access grain source over image files; records are path strings (cheap to pickle to workers)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], name: str = "files"):
+        self.paths = [str(p) for p in paths]
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        return self.paths[index]
+
+    def __repr__(self) -> str:
+        return f"ImageFileSource({self.name!r}, {len(self)} images)"
+
+
+def _folder_source(root: str, split: str) -> ImageFileSource:
+    base = pathlib.Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"folder:{root}: not a directory")
+    known = {d for names in _SPLIT_DIRS.values() for d in names}
+    if any((base / d).is_dir() for d in known):  # split subfolders present: the split must be one of them
+        found = [base / d for d in _SPLIT_DIRS.get(split, (split,)) if (base / d).is_dir()]
+        if not found:
+            raise FileNotFoundError(f"folder:{root} has split subfolders but none for split {split!r}")
+        base = found[0]
+    paths = list_images(base)
+    if not paths:
+        raise ValueError(f"folder:{root} (split {split!r}): no image files under {base}")
+    return ImageFileSource(paths, name=str(base))
+
+
+def bundled_photos(split: str) -> list[pathlib.Path]:
+    """Files of `BUNDLED_TRAIN` or `BUNDLED_VALIDATION` found in the installed packages (missing ones left out)."""
+    if split not in ("train", "validation", "val"):
+        raise ValueError(f"bundled: unknown split {split!r} (train, validation)")
+    out = []
+    for package, filename in BUNDLED_TRAIN if split == "train" else BUNDLED_VALIDATION:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = pathlib.Path(next(iter(spec.submodule_search_locations)), *_BUNDLED_DIRS[package], filename)
+        if path.is_file():
+            out.append(path)
+    return out
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None):
+    import tensorflow_datasets as tfds
+
+    try:  # encoded bytes: decoded (and failures counted) by us, not inside tfds
+        return tfds.data_source(name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as err:  # older tfds or no SkipDecoding support: arrays then
+        logging.info("tfds.data_source(%s) without SkipDecoding (%s)", name, err)
+        return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+def make_source(spec: str, split: str):
+    """`folder:DIR`, `tfds:NAME[@DATA_DIR]` or `bundled` -> a random-access source for `split`."""
+    kind, _, arg = spec.partition(":")
+    if kind == "folder" and arg:
+        return _folder_source(arg, split)
+    if kind == "tfds" and arg:
+        name, _, data_dir = arg.partition("@")
+        return _tfds_source(name, split, data_dir or None)
+    if kind == "bundled" and not arg:
+        paths = bundled_photos(split)
+        if not paths:
+            raise ValueError(
+                "bundled: none of the bundled photos is installed (scikit-image, scikit-learn, matplotlib)"
+            )
+        return ImageFileSource(paths, name=f"bundled/{split}")
+    raise ValueError(f"unknown data spec {spec!r}: use folder:DIR, tfds:NAME[@DATA_DIR] or bundled")
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> images.
+
+
+def _open_bytes(data: bytes, what: str) -> Image.Image:
+    """`open_image` for encoded bytes (tfds records)."""
+    if not data:
+        raise ImageReadError(what, "empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.width == 0 or img.height == 0:
+                raise ImageReadError(what, "zero-size image")
+            return _to_rgb(img)
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
+
+
+def _open_array(a: np.ndarray, what: str) -> Image.Image:
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.size == 0 or a.ndim not in (2, 3):
+        raise ImageReadError(what, f"bad image array shape {a.shape}")
+    try:
+        return _to_rgb(Image.fromarray(a))
+    except (TypeError, ValueError) as err:
+        raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
+
+
+def open_record(record: Any) -> Image.Image:
+    """A source record (path, or dict with an `image` of bytes or array) -> RGB PIL image; raises ImageReadError."""
+    if isinstance(record, str | os.PathLike):
+        return open_image(record)
+    if isinstance(record, dict) and "image" in record:
+        image, what = record["image"], f"record {record.get('file_name', '?')!s}"
+        if isinstance(image, np.ndarray) and image.dtype.kind in "SO" and image.size == 1:
+            image = image.item()  # a scalar bytes array
+        if isinstance(image, bytes):
+            return _open_bytes(image, what)
+        return _open_array(image, what)
+    raise ImageReadError("?", f"unsupported record type {type(record).__name__}")
+
+
+def random_crop_adm(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """guided-diffusion `random_crop_arr`: short side -> U{ceil(size / 1.0) .. ceil(size / 0.8)}, random window."""
+    short = int(rng.integers(math.ceil(size / MAX_CROP_FRAC), math.ceil(size / MIN_CROP_FRAC) + 1))
+    while min(*img.size) >= 2 * short:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = short / min(*img.size)
+    img = img.resize(tuple(max(round(x * scale), short) for x in img.size), resample=Image.BICUBIC)
+    top = int(rng.integers(img.height - size + 1))
+    left = int(rng.integers(img.width - size + 1))
+    return img.crop((left, top, left + size, top + size))
+
+
+class _SafeSource:
+    """Wraps a source so a failing read becomes None (dropped and counted later) instead of an exception."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self._source[index]
+        except Exception as err:  # any source failure is one skipped record
+            logging.log_every_n_seconds(logging.WARNING, "skipping record %d: %r", 10, index, err)
+            return None
+
+    def __repr__(self) -> str:
+        return f"_SafeSource({self._source!r})"
+
+
+def _decode(record, resolution: int, min_side: int, crop) -> np.ndarray | None:
+    if record is None:
+        return None
+    try:
+        img = open_record(record)
+        if min(img.size) < min_side:
+            what = record if isinstance(record, str) else "record"
+            raise ImageReadError(what, f"too small {img.size}, short side < {min_side}")
+        return pil_to_array(crop(img))
+    except ImageReadError as err:
+        logging.log_every_n_seconds(logging.WARNING, "skipping image: %s", 10, err)
+        return None
+
+
+class _TrainDecode(grain.transforms.RandomMap):
+    def __init__(self, resolution: int, min_side: int):
+        self.resolution, self.min_side = resolution, min_side
+
+    def random_map(self, record, rng: np.random.Generator):
+        r = self.resolution
+
+        def crop(img):
+            img = random_crop_adm(img, r, rng)
+            return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+        x = _decode(record, r, self.min_side, crop)
+        return None if x is None else {"image": x}
+
+
+class _EvalDecode(grain.transforms.Map):
+    def __init__(self, resolution: int, min_side: int):
+        self.resolution, self.min_side = resolution, min_side
+
+    def map(self, record):
+        x = _decode(record, self.resolution, self.min_side, lambda img: center_crop_adm(img, self.resolution))
+        if x is None:  # dropped: keeps its slot, masked out
+            x, mask, skipped = np.zeros((self.resolution, self.resolution, 3), np.float32), 0.0, 1
+        else:
+            mask, skipped = 1.0, 0
+        return {"image": x, "mask": np.float32(mask), "skipped": np.int32(skipped)}
+
+
+class _Padding(grain.transforms.Map):
+    def __init__(self, resolution: int):
+        self.resolution = resolution
+
+    def map(self, _):
+        r = self.resolution
+        return {"image": np.zeros((r, r, 3), np.float32), "mask": np.float32(0.0), "skipped": np.int32(0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Skip counting (stateless between elements, so the iterator state is the parent's).
+
+
+class _CountSkippedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
+        super().__init__(parent)
+        self._max_consecutive = max_consecutive
+
+    def __next__(self):
+        n = 0
+        while True:
+            element = next(self._parent)  # StopIteration ends the stream (trailing drops are not reported)
+            if element is not None:
+                return {**element, "skipped": np.int32(n)}
+            n += 1
+            if n >= self._max_consecutive:  # >= 2 epochs in a row: every record of the shard is unusable
+                raise RuntimeError(f"{n} unusable records in a row: no readable image in this process's shard")
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+class CountSkippedIterDataset(grain.IterDataset):
+    """Drops None elements and adds `skipped` (how many were dropped just before) to each remaining dict."""
+
+    def __init__(self, parent: grain.IterDataset, max_consecutive: int):
+        super().__init__(parent)
+        self._max_consecutive = max_consecutive
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _CountSkippedIterator(self._parent.__iter__(), self._max_consecutive)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders.
+
+
+def _shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    per = n // process_count
+    if per == 0:
+        raise ValueError(f"{n} records cannot be split over {process_count} processes")
+    if n % process_count:
+        logging.info(
+            "sharding %d records over %d processes: the last %d are not used", n, process_count, n % process_count
+        )
+    return process_index * per, (process_index + 1) * per
+
+
+def make_train_dataset(
+    source,
+    *,
+    resolution: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_epochs: int | None = None,
+    min_side: int | None = None,
+    read_threads: int = 16,
+    prefetch_buffer_size: int | None = None,
+) -> grain.IterDataset:
+    """The training pipeline as a `grain.IterDataset` (see `make_train_loader`)."""
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} not divisible by process_count={process_count}")
+    local_batch = global_batch_size // process_count
+    start, stop = _shard_bounds(len(source), process_index, process_count)
+    min_side = math.ceil(resolution / 4) if min_side is None else min_side
+    ds = grain.MapDataset.source(_SafeSource(source)).seed(seed)[start:stop]
+    ds = ds.shuffle().repeat(num_epochs)  # a different permutation each epoch
+    ds = ds.random_map(_TrainDecode(resolution, min_side))  # rng from (seed, index): new crops each epoch
+    read = grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size or max(2 * local_batch, read_threads)
+    )
+    it = CountSkippedIterDataset(ds.to_iter_dataset(read, allow_nones=True), max_consecutive=2 * (stop - start))
+    it = it.batch(local_batch, drop_remainder=True)
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def make_train_loader(
+    source,
+    *,
+    resolution: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_epochs: int | None = None,
+    min_side: int | None = None,
+    read_threads: int = 16,
+    prefetch_buffer_size: int | None = None,
+) -> grain.DatasetIterator:
+    """An endless (or `num_epochs`) checkpointable iterator of this process's training batches.
+
+    Yields {"image": (B_local, R, R, 3) float32 in [-1, 1], "skipped": (B_local,) int32} with
+    B_local = global_batch_size // process_count. Images with a short side < `min_side` (default ceil(R / 4)) are
+    dropped; `read_threads` decode in parallel within each process (or worker), `prefetch_buffer_size` (default
+    max(2 * B_local, read_threads)) images ahead.
+    """
+    return iter(
+        make_train_dataset(
+            source,
+            resolution=resolution,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            num_workers=num_workers,
+            num_epochs=num_epochs,
+            min_side=min_side,
+            read_threads=read_threads,
+            prefetch_buffer_size=prefetch_buffer_size,
+        )
+    )
+
+
+class EvalLoader:
+    """One deterministic pass, `len(self)` fixed-shape batches on every process; iterate it again for a new pass."""
+
+    def __init__(self, dataset: grain.IterDataset, num_batches: int, num_examples: int):
+        self.dataset, self.num_batches, self.num_examples = dataset, num_batches, num_examples
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+def make_eval_loader(
+    source,
+    *,
+    resolution: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    min_side: int | None = None,
+    read_threads: int = 16,
+) -> EvalLoader:
+    """ADM-center-cropped evaluation batches {"image", "mask", "skipped"}; process p gets records p, p + n, ...
+
+    All processes yield ceil(ceil(N / n) / batch_size) batches: the tail is padded with mask=0 entries.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    min_side = math.ceil(resolution / 4) if min_side is None else min_side
+    n = len(source)
+    num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
+    shard = grain.MapDataset.source(_SafeSource(source))[process_index::process_count]
+    ds = shard.map(_EvalDecode(resolution, min_side))
+    pad = num_batches * batch_size - len(shard)
+    if pad:
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.range(pad).map(_Padding(resolution))])
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, read_threads))
+    ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
+    return EvalLoader(ds, num_batches, len(shard))
+
+
+__all__ = [
+    "BUNDLED_TRAIN",
+    "BUNDLED_VALIDATION",
+    "CountSkippedIterDataset",
+    "EvalLoader",
+    "ImageFileSource",
+    "bundled_photos",
+    "make_eval_loader",
+    "make_source",
+    "make_train_dataset",
+    "make_train_loader",
+    "open_record",
+    "random_crop_adm",
+]

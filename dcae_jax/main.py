@@ -1,0 +1,73 @@
+"""Entry point: `python -m dcae_jax.main --config=configs/<file>.py:<args> --workdir=<dir>`.
+
+Kept short on purpose (the logic lives in `dcae_jax.train`). A config with a `chain` field runs
+its phases in order, each in `<workdir>/<name>` and initialised from the previous phase's export;
+finished phases are skipped, so re-running the command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+
+
+def run(config, workdir: pathlib.Path) -> dict:
+    from dcae_jax import train
+
+    if "chain" not in config:
+        return train.train_and_evaluate(config, workdir)
+    previous, result = None, {}
+    for name in config.chain:
+        phase = config[name]
+        phase_dir = workdir / name
+        done = phase_dir / "eval.json"
+        if done.exists() and (phase_dir / "export").exists():
+            logging.info("%s already finished, skipping", name)
+            result = json.loads(done.read_text())
+        else:
+            if previous is not None and not phase.init_from:
+                with phase.unlocked():
+                    phase.init_from = str(previous / "export")
+            result = train.train_and_evaluate(phase, phase_dir)
+        result = {**result, "phase": name}
+        previous = phase_dir
+    if jax.process_index() == 0:
+        if (workdir / "export").exists():
+            shutil.rmtree(workdir / "export")
+        shutil.copytree(previous / "export", workdir / "export")
+        _write_eval_table(config, workdir)
+    return result
+
+
+def _write_eval_table(config, workdir: pathlib.Path) -> None:
+    rows = ["| phase | steps | resolution | held-out PSNR | held-out SSIM | images |", "|---|---:|---:|---:|---:|---:|"]
+    for name in config.chain:
+        r = json.loads((workdir / name / "eval.json").read_text())
+        c = config[name]
+        rows.append(
+            f"| {name} | {c.num_steps} | {c.resolution} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['num_images']} |"
+        )
+    (workdir / "eval.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def main(argv):
+    del argv
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        jax.distributed.initialize()  # coordinator/process id from JAX_COORDINATOR_ADDRESS etc.
+    workdir = pathlib.Path(flags.FLAGS.workdir)
+    logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
+    run(flags.FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

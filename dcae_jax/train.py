@@ -1,0 +1,518 @@
+"""One trainer for all three DC-AE phases; the phases differ only in config.
+
+Phase 1: full model, low resolution, L1 (+ LPIPS), BatchNorm with batch statistics.
+Phase 2: latent-adjacent layers only (encoder `project_out`, decoder `project_in`, optionally
+         neighbouring stages) at high resolution; frozen layers get no backward pass.
+Phase 3: decoder head only (+ PatchGAN discriminator) at low resolution; latents are unchanged.
+
+Sections of `train_and_evaluate`: mesh -> model -> data -> optimizer/labels -> sharded state ->
+restore (workdir checkpoint, else `config.init_from`, else scratch) -> loop -> export.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
+
+from dcae_jax import losses, optim, sharding
+from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
+
+# ----------------------------------------------------------------------------------------------
+# State and metrics.
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree, checkpointed as a whole."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # {} when EMA is off
+    disc_params: Any  # {} without a discriminator
+    disc_opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpoint friendly)
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    l1: clu_metrics.Average.from_output("l1")
+    lpips: clu_metrics.Average.from_output("lpips")
+    gen_loss: clu_metrics.Average.from_output("gen_loss")
+    disc_loss: clu_metrics.Average.from_output("disc_loss")
+    gan_weight: clu_metrics.Average.from_output("gan_weight")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+    disc_grad_norm: clu_metrics.Average.from_output("disc_grad_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The static pieces a step closes over (hashable by identity, never traced)."""
+
+    model: DCAEModel
+    tx: optax.GradientTransformation
+    labels: Any
+    train_batch_norm: bool
+    l1_weight: float
+    lpips_weight: float
+    lpips: Any  # linen module or None
+    disc: Any  # linen module or None
+    disc_tx: Any
+    gan_weight: float
+    adaptive_gan_weight: bool
+    gan_loss: str
+    disc_start: int
+    ema_decay: float
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def model_config(config: ml_collections.ConfigDict) -> DCAEConfig:
+    """The DCAEConfig named by `config.model.variant` ("tiny" or a released name) plus overrides."""
+    variant = config.model.variant
+    base = tiny_config() if variant == "tiny" else get_config(variant) if variant in VARIANTS else None
+    if base is None:
+        raise KeyError(f"config.model.variant={variant!r}; valid: 'tiny' or one of {sorted(VARIANTS)}")
+    overrides = config.model.get("overrides", ml_collections.ConfigDict()).to_dict()
+    overrides = {
+        k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+        for k, v in overrides.items()
+    }
+    return base.replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+def _head_grads(grads: Any) -> Any:
+    return grads["decoder"]["head_conv"]
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], aux_vars: dict[str, Any], *, trainer: Trainer):
+    """One optimisation step of the autoencoder (and the discriminator when configured)."""
+    t = trainer
+    x = batch["image"]  # (B, H, W, 3) in [-1, 1]
+    step = state.step
+
+    def loss_pair(params):
+        p = optim.stop_frozen_gradients(params, t.labels)
+        variables = {"params": p, "batch_stats": state.batch_stats}
+        if t.train_batch_norm:
+            (y, _), updates = t.model.apply(variables, x, train=True, mutable=["batch_stats"])
+            new_stats = updates["batch_stats"]
+        else:
+            y, _ = t.model.apply(variables, x)
+            new_stats = state.batch_stats
+        l1 = losses.l1_loss(y, x)
+        lp = t.lpips.apply(aux_vars["lpips"], y, x).mean() if t.lpips is not None else jnp.zeros(())
+        rec = t.l1_weight * l1 + t.lpips_weight * lp
+        if t.disc is not None:
+            _, g_fn = losses.get_gan_loss(t.gan_loss)
+            gen = g_fn(t.disc.apply({"params": state.disc_params}, y))
+        else:
+            gen = jnp.zeros(())
+        return (rec, gen), (y, new_stats, l1, lp)
+
+    if t.disc is None:
+        (rec, gen), vjp_fn, (y, new_stats, l1, lp) = jax.vjp(loss_pair, state.params, has_aux=True)
+        (grads,) = vjp_fn((jnp.ones(()), jnp.zeros(())))
+        weight = jnp.zeros(())
+    else:
+        # One forward, two backward passes: the adaptive weight needs both gradients separately.
+        (rec, gen), vjp_fn, (y, new_stats, l1, lp) = jax.vjp(loss_pair, state.params, has_aux=True)
+        (g_rec,) = vjp_fn((jnp.ones(()), jnp.zeros(())))
+        (g_gen,) = vjp_fn((jnp.zeros(()), jnp.ones(())))
+        if t.adaptive_gan_weight:
+            weight = losses.adaptive_gan_weight(_head_grads(g_rec), _head_grads(g_gen))
+        else:
+            weight = jnp.ones(())
+        weight = weight * t.gan_weight * losses.disc_factor(step, t.disc_start)
+        grads = jax.tree_util.tree_map(lambda a, b: a + weight * b, g_rec, g_gen)
+    updates, opt_state = t.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": rec + weight * gen,
+        "l1": l1,
+        "lpips": lp,
+        "gen_loss": gen,
+        "gan_weight": weight,
+        "grad_norm": optax.global_norm(grads),
+    }
+
+    disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+    if t.disc is not None:
+        d_fn, _ = losses.get_gan_loss(t.gan_loss)
+        fake = jax.lax.stop_gradient(y)
+
+        def disc_loss_fn(dp):
+            logits_real = t.disc.apply({"params": dp}, x)
+            logits_fake = t.disc.apply({"params": dp}, fake)
+            return d_fn(logits_real, logits_fake) * losses.disc_factor(step, t.disc_start)
+
+        d_loss, d_grads = jax.value_and_grad(disc_loss_fn)(disc_params)
+        d_updates, disc_opt_state = t.disc_tx.update(d_grads, disc_opt_state, disc_params)
+        disc_params = optax.apply_updates(disc_params, d_updates)
+        metrics["disc_loss"] = d_loss
+        metrics["disc_grad_norm"] = optax.global_norm(d_grads)
+    else:
+        metrics["disc_loss"] = jnp.zeros(())
+        metrics["disc_grad_norm"] = jnp.zeros(())
+
+    ema = state.ema_params
+    if t.ema_decay > 0:
+        ema = jax.tree_util.tree_map(lambda e, p: t.ema_decay * e + (1 - t.ema_decay) * p, ema, params)
+    new_state = state.replace(
+        step=step + 1,
+        params=params,
+        batch_stats=new_stats,
+        opt_state=opt_state,
+        ema_params=ema,
+        disc_params=disc_params,
+        disc_opt_state=disc_opt_state,
+    )
+    return new_state, TrainMetrics.single_from_model_output(**metrics)
+
+
+def eval_step(params, batch_stats, batch, *, model: DCAEModel):
+    """Reconstructions and per-image PSNR/SSIM (reference evaluator conventions)."""
+    from dcae_jax.metrics import image as image_metrics
+
+    x = batch["image"]
+    y, z = model.apply({"params": params, "batch_stats": batch_stats}, x)
+    psnr, ssim = image_metrics.psnr_ssim(x, y)
+    return y, z, psnr, ssim
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces from the config.
+
+
+def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abstract: Any) -> Trainer:
+    labels = optim.label_params(params_abstract, [tuple(r) for r in config.trainable])
+    o = config.optim
+    tx = optim.masked(
+        optim.adamw_with_warmup(
+            o.learning_rate,
+            weight_decay=o.weight_decay,
+            b1=o.b1,
+            b2=o.b2,
+            warmup_steps=o.warmup_steps,
+            decay_steps=o.get("decay_steps", 0),
+            grad_clip=o.get("grad_clip", 0.0),
+        ),
+        labels,
+    )
+    loss_cfg = config.loss
+    lpips_module = None
+    if loss_cfg.lpips_weight > 0:
+        if not loss_cfg.lpips_weights:
+            raise ValueError(
+                "config.loss.lpips_weight > 0 but config.loss.lpips_weights is empty: a perceptual loss needs "
+                "the converted VGG16 LPIPS weights (see README, 'LPIPS weights'). Set lpips_weight=0 to train "
+                "with L1 only."
+            )
+        from dcae_jax.metrics import lpips as lpips_lib
+
+        lpips_module, _ = lpips_lib.load_lpips(loss_cfg.lpips_weights)
+    disc = disc_tx = None
+    if config.disc.enabled:
+        from dcae_jax.models.discriminator import PatchDiscriminator
+
+        disc = PatchDiscriminator(
+            base_features=config.disc.base_features, num_layers=config.disc.num_layers, norm=config.disc.norm
+        )
+        disc_tx = optax.adam(config.disc.learning_rate, b1=config.disc.b1, b2=config.disc.b2)
+        losses.get_gan_loss(loss_cfg.gan_loss)  # validate the name early
+    return Trainer(
+        model=DCAEModel(cfg),
+        tx=tx,
+        labels=labels,
+        train_batch_norm=config.train_batch_norm,
+        l1_weight=loss_cfg.l1_weight,
+        lpips_weight=loss_cfg.lpips_weight,
+        lpips=lpips_module,
+        disc=disc,
+        disc_tx=disc_tx,
+        gan_weight=loss_cfg.gan_weight,
+        adaptive_gan_weight=loss_cfg.adaptive_gan_weight,
+        gan_loss=loss_cfg.gan_loss,
+        disc_start=loss_cfg.disc_start,
+        ema_decay=config.ema_decay,
+    )
+
+
+def _init_state_fn(trainer: Trainer, cfg: DCAEConfig, resolution: int) -> Callable:
+    def init(rng_data, params, batch_stats):
+        rng = jax.random.wrap_key_data(rng_data)
+        k_model, k_disc, k_state = jax.random.split(rng, 3)
+        if params is None:
+            variables = trainer.model.init(k_model, jnp.zeros((1, resolution, resolution, cfg.in_channels)))
+            params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        disc_params, disc_opt = {}, {}
+        if trainer.disc is not None:
+            disc_params = trainer.disc.init(k_disc, jnp.zeros((1, resolution, resolution, cfg.in_channels)))["params"]
+            disc_opt = trainer.disc_tx.init(disc_params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=trainer.tx.init(params),
+            ema_params=params if trainer.ema_decay > 0 else {},
+            disc_params=disc_params,
+            disc_opt_state=disc_opt,
+            rng=jax.random.key_data(k_state),
+        )
+
+    return init
+
+
+def create_train_state(config, trainer: Trainer, cfg: DCAEConfig, mesh, init_variables: dict | None):
+    """Shape-first, sharded init: shardings come from the abstract state, nothing is materialised twice."""
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    params = batch_stats = None
+    if init_variables is not None:
+        params, batch_stats = init_variables["params"], init_variables.get("batch_stats", {})
+    init = _init_state_fn(trainer, cfg, config.resolution)
+    abstract = jax.eval_shape(init, rng, params, batch_stats)
+    rules = [tuple(r) for r in config.sharding.rules]
+    shardings = sharding.tree_shardings(abstract, mesh, rules, min_size=config.sharding.min_size)
+    if params is not None:
+        params = jax.device_put(params, shardings.params)
+        batch_stats = jax.device_put(batch_stats, shardings.batch_stats)
+    state = jax.jit(init, out_shardings=shardings)(rng, params, batch_stats)
+    return state, shardings
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _checkpoint_manager(workdir: pathlib.Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+
+
+def _save(mngr, step: int, state: TrainState, data_iter) -> None:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
+    if data_iter is not None:
+        items["data_iter"] = grain.PyGrainCheckpointSave(data_iter)
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def _restore(mngr, step: int, abstract_state: TrainState, data_iter) -> TrainState:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    target = flax.serialization.to_state_dict(abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iter is not None:
+        items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    return flax.serialization.from_state_dict(abstract_state, restored["state"])
+
+
+def _abstract_with_shardings(state_shapes, shardings):
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _load_init_from(path: str) -> dict[str, Any]:
+    from dcae_jax.pretrained import DCAE
+
+    ae = DCAE.from_pretrained(path)
+    return jax.tree_util.tree_map(np.asarray, ae.variables)
+
+
+def _lpips_aux(config) -> dict[str, Any]:
+    if config.loss.lpips_weight > 0:
+        from dcae_jax.metrics import lpips as lpips_lib
+
+        _, variables = lpips_lib.load_lpips(config.loss.lpips_weights)
+        return {"lpips": variables}
+    return {}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs (or resumes) one training phase in `workdir`; returns the final evaluation summary."""
+    from dcae_jax import input_pipeline
+    from dcae_jax.pretrained import DCAE
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+
+    # Mesh and model.
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    data_sharding = sharding.batch_sharding(mesh)
+    cfg = model_config(config)
+    res = config.resolution
+    abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))
+    trainer = build_trainer(config, cfg, abstract_vars["params"])
+    logging.info(
+        "trainable parameters (phase %s):\n%s",
+        config.phase,
+        optim.trainable_table(abstract_vars["params"], trainer.labels),
+    )
+    if is_main:
+        (workdir / "trainable_params.md").write_text(optim.trainable_table(abstract_vars["params"], trainer.labels))
+
+    # Data.
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(f"config.global_batch_size={config.global_batch_size} not divisible by processes")
+    train_source = input_pipeline.make_source(config.data.train, config.data.train_split)
+    train_loader = input_pipeline.make_train_loader(
+        train_source,
+        resolution=res,
+        global_batch_size=config.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.data.num_workers,
+    )
+    train_iter = iter(train_loader)
+
+    # State: workdir checkpoint > init_from > scratch.
+    mngr = _checkpoint_manager(workdir, config.keep_checkpoints)
+    latest = mngr.latest_step()
+    init_vars = None
+    if latest is None and config.init_from:
+        init_vars = _load_init_from(config.init_from)
+        logging.info("initialised from %s", config.init_from)
+    state, shardings = create_train_state(config, trainer, cfg, mesh, init_vars)
+    if latest is not None:
+        abstract = _abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+        state = _restore(mngr, latest, abstract, train_iter)
+        logging.info("resumed from step %d", latest)
+
+    aux = jax.device_put(_lpips_aux(config), sharding.replicated(mesh))
+    step_fn = jax.jit(
+        functools.partial(train_step, trainer=trainer),
+        in_shardings=(shardings, data_sharding, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(functools.partial(eval_step, model=trainer.model))
+
+    hooks = []
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
+    if is_main:
+        hooks.append(report)
+    start = int(jax.device_get(state.step))
+    metrics = None
+    skipped = 0
+    last_good = latest
+    t_log, n_images = time.time(), 0
+    logging.info("training phase %s from step %d to %d", config.phase, start, config.num_steps)
+    for step in range(start + 1, config.num_steps + 1):
+        local = next(train_iter)
+        skipped += int(np.sum(local.get("skipped", 0)))
+        batch = sharding.global_batch({"image": local["image"]}, data_sharding)
+        state, step_metrics = step_fn(state, batch, aux)
+        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+        n_images += config.global_batch_size
+        for h in hooks:
+            h(step)
+        is_last = step == config.num_steps
+        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
+            summary = {k: float(v) for k, v in metrics.compute().items()}
+            if not np.isfinite(summary["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
+                    f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
+                )
+            dt = time.time() - t_log
+            summary["images_per_sec"] = n_images / max(dt, 1e-9)
+            summary["skipped_images"] = skipped
+            summary["learning_rate"] = float(_learning_rate(config, step))
+            writer.write_scalars(step, summary)
+            metrics, t_log, n_images = None, time.time(), 0
+        if step % config.checkpoint_every == 0 or is_last:
+            _save(mngr, step, state, train_iter)
+            last_good = step
+        if config.eval_every and (step % config.eval_every == 0 or is_last):
+            evaluate(config, state, eval_fn, workdir, writer, step, mesh)
+    mngr.wait_until_finished()
+
+    # Export the final model in the format DCAE.from_pretrained loads.
+    final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh, write=False)
+    params = state.ema_params if trainer.ema_decay > 0 else state.params
+    variables = jax.tree_util.tree_map(
+        np.asarray,
+        multihost_utils.process_allgather({"params": params, "batch_stats": state.batch_stats}, tiled=True),
+    )
+    if is_main:
+        DCAE(cfg, variables).save_pretrained(workdir / "export")
+        (workdir / "eval.json").write_text(json.dumps(final, indent=2))
+    writer.flush()
+    return final
+
+
+def _learning_rate(config, step: int) -> float:
+    o = config.optim
+    if o.get("decay_steps", 0) > 0:
+        return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1), o.decay_steps)(step)
+    if o.warmup_steps > 0:
+        return optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)(step)
+    return o.learning_rate
+
+
+def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = True) -> dict[str, float]:
+    """Held-out PSNR/SSIM (and a reconstruction grid) with running BatchNorm statistics."""
+    from dcae_jax import input_pipeline
+    from dcae_jax.data import images as image_io
+
+    source = input_pipeline.make_source(config.data.eval, config.data.eval_split)
+    loader = input_pipeline.make_eval_loader(
+        source,
+        resolution=config.eval_resolution or config.resolution,
+        batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    params = state.ema_params if config.ema_decay > 0 else state.params
+    psnrs, ssims, grid = [], [], None
+    for batch in loader:
+        mask = np.asarray(batch["mask"]) > 0
+        y, _, psnr, ssim = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
+        psnrs.append(np.asarray(psnr)[mask])
+        ssims.append(np.asarray(ssim)[mask])
+        if grid is None:
+            x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
+            grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
+    out = {"psnr": float(np.mean(np.concatenate(psnrs))), "ssim": float(np.mean(np.concatenate(ssims)))}
+    out["num_images"] = int(sum(len(p) for p in psnrs))
+    if write and jax.process_index() == 0:
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
+        if grid is not None:
+            image_io.save_image(np.clip(grid, -1, 1), workdir / "samples" / f"recon_step{step:07d}.png")
+            writer.write_images(step, {"eval/reconstructions": ((np.clip(grid, -1, 1) + 1) / 2)[None]})
+    return out
