@@ -62,8 +62,11 @@ def _write_eval_table(config, workdir: pathlib.Path) -> None:
 
 def main(argv):
     del argv
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
-        jax.distributed.initialize()  # coordinator/process id from JAX_COORDINATOR_ADDRESS etc.
+    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num_processes > 1:  # launch/local.sh and launch/gpu_slurm.sh set these; the coordinator comes from
+        jax.distributed.initialize(  # JAX_COORDINATOR_ADDRESS
+            num_processes=num_processes, process_id=int(os.environ["JAX_PROCESS_ID"])
+        )
     workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     run(flags.FLAGS.config, workdir)

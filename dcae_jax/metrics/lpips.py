@@ -1,0 +1,434 @@
+"""LPIPS (Zhang et al., CVPR 2018) as one Flax linen module: VGG16 for training losses, AlexNet for evaluation.
+
+Computes what the `lpips` package (v0.1 heads; also behind torchmetrics'
+`LearnedPerceptualImagePatchSimilarity`) computes in eval mode:
+
+1. shift/scale the [-1, 1] input with lpips' fixed per-channel constants (`SHIFT`, `SCALE`);
+2. run torchvision's `features` trunk up to five ReLU taps (VGG16: relu1_2, relu2_2, relu3_3, relu4_3,
+   relu5_3; AlexNet: relu1..relu5), with torch's exact conv padding and floor-mode, unpadded max-pools;
+3. at each tap unit-normalize every feature vector over channels (`x / (||x|| + 1e-10)`), square the
+   difference of the two images' features, weight channels with the learned 1x1 head (no bias; the
+   head's dropout is off in eval), average over space;
+4. sum the five layers: one distance per image.
+
+Inputs are NHWC in [-1, 1] (lpips' `normalize=False` convention; pass `2 * x - 1` for [0, 1] images).
+All math runs in float32 and, by default, at `Precision.HIGHEST`, so TPU/GPU matmuls do not drop to
+bf16/TF32; pass `precision=None` for speed where a training loss does not need exactness.
+
+Weights: nothing is downloaded, here or anywhere at import time. The trunk comes from torchvision's
+ImageNet checkpoints (`vgg16-397923af.pth`, `alexnet-owt-7be5be79.pth`), the linear heads from lpips'
+`weights/v0.1/{vgg,alex}.pth`, which the `lpips` pip package ships inside itself
+(`<site-packages>/lpips/weights/v0.1/`). Convert them once (reading .pth needs torch) to a single .npz:
+
+    python -m dcae_jax.metrics.lpips --net vgg --backbone vgg16-397923af.pth --lin vgg.pth --out lpips_vgg.npz
+
+and use `module, variables = load_lpips("lpips_vgg.npz")`; `module.apply(variables, x0, x1)` -> (B,).
+The weights are constants: keep them out of the optimizer (close over `variables`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Array = jax.Array
+
+# lpips' ScalingLayer: ImageNet mean/std re-expressed for [-1, 1] inputs.
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+NORM_EPS = 1e-10  # lpips `normalize_tensor`
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A conv + ReLU of torchvision's `features`; `index` is the conv's position there (the ReLU is index + 1)."""
+
+    index: int
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool:
+    """torch `MaxPool2d(kernel, stride)`: no padding, floor mode (a trailing partial window is dropped)."""
+
+    kernel: int
+    stride: int
+
+
+TAP = "tap"  # an LPIPS layer: the output of the preceding ReLU
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A trunk as the op sequence of torchvision's `features`, plus where its published weights live."""
+
+    name: str
+    ops: tuple[Conv | MaxPool | str, ...]
+    torchvision_file: str
+
+    @property
+    def url(self) -> str:
+        return f"https://download.pytorch.org/models/{self.torchvision_file}"
+
+    @property
+    def tap_channels(self) -> tuple[int, ...]:
+        out, c = [], 3
+        for op in self.ops:
+            if isinstance(op, Conv):
+                c = op.features
+            elif op == TAP:
+                out.append(c)
+        return tuple(out)
+
+
+def _vgg16_ops() -> tuple[Conv | MaxPool | str, ...]:
+    ops: list[Conv | MaxPool | str] = []
+    i = 0  # running index into torchvision's vgg16 `features` (conv, relu, ..., pool)
+    for stage, (width, n_convs) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]):
+        if stage:
+            ops.append(MaxPool(2, 2))
+            i += 1
+        for _ in range(n_convs):
+            ops.append(Conv(i, width, 3))
+            i += 2
+        ops.append(TAP)  # relu{stage+1}_{n_convs}; torchvision's final pool (index 30) is not used
+    return tuple(ops)
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg": Backbone("vgg", _vgg16_ops(), "vgg16-397923af.pth"),
+    "alex": Backbone(
+        "alex",
+        (
+            Conv(0, 64, 11, stride=4, padding=2),
+            TAP,
+            MaxPool(3, 2),
+            Conv(3, 192, 5, padding=2),
+            TAP,
+            MaxPool(3, 2),
+            Conv(6, 384, 3),
+            TAP,
+            Conv(8, 256, 3),
+            TAP,
+            Conv(10, 256, 3),
+            TAP,
+        ),
+        "alexnet-owt-7be5be79.pth",
+    ),
+}
+
+
+def get_backbone(net: str) -> Backbone:
+    """Looks up a trunk by name; raises with the valid names."""
+    if net not in BACKBONES:
+        raise ValueError(f"unknown LPIPS network {net!r}; valid names: {sorted(BACKBONES)}")
+    return BACKBONES[net]
+
+
+# ----------------------------------------------------------------------------------------------
+# The module.
+
+
+def unit_normalize(x: Array, eps: float = NORM_EPS) -> Array:
+    """x / (||x||_channels + eps), as lpips `normalize_tensor`, with finite gradients at x == 0.
+
+    `sqrt` has an infinite derivative at 0, so an all-zero feature vector gives 0 * inf = NaN gradients. In LPIPS
+    the preceding ReLU's backward (a select) already masks those, but the double `where` makes the helper safe on
+    its own, with the forward value unchanged.
+    """
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)  # (B, H, W, 1)
+    pos = sq > 0
+    norm = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+    return x / (norm + eps)
+
+
+class NetLin(nn.Module):
+    """lpips `NetLinLayer` in eval mode: a bias-free 1x1 conv to one channel. Kernel (1, 1, C, 1)."""
+
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], 1), jnp.float32)
+        return jnp.einsum("bhwc,c->bhw", x, kernel[0, 0, :, 0], precision=self.precision)  # (B, H, W)
+
+
+class Trunk(nn.Module):
+    """torchvision's `features` up to the last LPIPS tap: (B, H, W, 3) -> the five tap activations."""
+
+    net: str = "alex"
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> list[Array]:
+        taps = []
+        for op in get_backbone(self.net).ops:
+            h, w = x.shape[1:3]
+            if isinstance(op, Conv):
+                if min(h, w) + 2 * op.padding < op.kernel:
+                    raise ValueError(f"{h}x{w} activations are too small for {op} of the {self.net} trunk")
+                x = nn.Conv(
+                    op.features,
+                    (op.kernel, op.kernel),
+                    strides=(op.stride, op.stride),
+                    padding=((op.padding, op.padding), (op.padding, op.padding)),
+                    precision=self.precision,
+                    name=f"features_{op.index}",
+                )(x)
+                x = nn.relu(x)
+            elif isinstance(op, MaxPool):
+                if min(h, w) < op.kernel:
+                    raise ValueError(f"{h}x{w} activations are too small for {op} of the {self.net} trunk")
+                x = nn.max_pool(x, (op.kernel, op.kernel), strides=(op.stride, op.stride), padding="VALID")
+            else:
+                taps.append(x)  # (B, h, w, C)
+        return taps
+
+
+class LPIPS(nn.Module):
+    """Per-image LPIPS distance between two NHWC batches in [-1, 1]: `(B, H, W, 3) x 2 -> (B,)`.
+
+    `net="alex"` is the lpips/torchmetrics default (evaluation); `net="vgg"` is the usual training loss.
+    Parameters: `trunk/features_{i}` (torchvision's `features.{i}` convs, HWIO kernels) and `lin{n}` heads.
+    """
+
+    net: str = "alex"
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x0: Array, x1: Array) -> Array:
+        get_backbone(self.net)
+        if x0.shape != x1.shape:
+            raise ValueError(f"image shapes differ: {tuple(x0.shape)} vs {tuple(x1.shape)}")
+        if x0.ndim != 4 or x0.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB batches, got shape {tuple(x0.shape)}")
+        shift, scale = jnp.asarray(SHIFT, jnp.float32), jnp.asarray(SCALE, jnp.float32)
+        b = x0.shape[0]
+        x = jnp.concatenate([x0, x1]).astype(jnp.float32)  # both batches through the trunk in one pass: (2B, H, W, 3)
+        feats = Trunk(self.net, self.precision, name="trunk")((x - shift) / scale)
+        dist = jnp.zeros((b,), jnp.float32)
+        for n, f in enumerate(feats):
+            # Under jit XLA may fuse the normalization into this difference and contract x0 * r0 - x1 * r1 into an
+            # FMA, so identical images give ~1e-17 rather than torch's exact 0 (float32 rounding, not a bias).
+            f = unit_normalize(f)
+            d = (f[:b] - f[b:]) ** 2  # (B, h, w, C)
+            d = NetLin(self.precision, name=f"lin{n}")(d)  # (B, h, w)
+            dist = dist + jnp.mean(d, axis=(1, 2))
+        return dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight conversion (torchvision trunk + lpips heads -> Flax variables).
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Flax parameter, its torch key and torch shape."""
+
+    path: tuple[str, ...]  # under "params"
+    torch_key: str
+    torch_shape: tuple[int, ...]
+    source: str  # "backbone" | "lin"
+
+
+def weight_entries(net: str) -> list[Entry]:
+    """Every parameter of `LPIPS(net)`, generated from the trunk definition."""
+    backbone = get_backbone(net)
+    out, c = [], 3
+    for op in backbone.ops:
+        if isinstance(op, Conv):
+            name = f"features_{op.index}"
+            shape = (op.features, c, op.kernel, op.kernel)
+            out.append(Entry(("trunk", name, "kernel"), f"features.{op.index}.weight", shape, "backbone"))
+            out.append(Entry(("trunk", name, "bias"), f"features.{op.index}.bias", (op.features,), "backbone"))
+            c = op.features
+    for n, ch in enumerate(backbone.tap_channels):
+        out.append(Entry((f"lin{n}", "kernel"), f"lin{n}.model.1.weight", (1, ch, 1, 1), "lin"))
+    return out
+
+
+# Keys of the published torchvision checkpoints that LPIPS does not use: accepted and dropped.
+IGNORED_PREFIXES = ("classifier.",)
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu().float().numpy()
+    return np.asarray(v, dtype=np.float32)
+
+
+def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(keys)}: {keys[:limit]}{more}"
+
+
+def convert_lpips_weights(
+    backbone_state_dict: Mapping[str, Any], lin_state_dict: Mapping[str, Any], net: str
+) -> dict[str, Any]:
+    """torchvision trunk state dict (`features.{i}.weight/bias`) + lpips heads (`lin{n}.model.1.weight`) -> variables.
+
+    Every key is mapped (torchvision's `classifier.*` is accepted and dropped); missing or unexpected keys
+    and shape mismatches raise one ValueError listing them all. Torch conv weights (O, I, kh, kw) become
+    HWIO kernels. Values may be torch tensors or arrays.
+    """
+    entries = weight_entries(net)
+    problems = []
+    for source, sd in (("backbone", backbone_state_dict), ("lin", lin_state_dict)):
+        want = {e.torch_key for e in entries if e.source == source}
+        have = {k for k in sd if not (source == "backbone" and k.startswith(IGNORED_PREFIXES))}
+        if want - have:
+            problems.append(f"{source} state dict: missing keys {_fmt_keys(want - have)}")
+        if have - want:
+            problems.append(f"{source} state dict: unexpected keys {_fmt_keys(have - want)}")
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    for e in entries:
+        sd = backbone_state_dict if e.source == "backbone" else lin_state_dict
+        if e.torch_key not in sd:
+            continue
+        v = _to_numpy(sd[e.torch_key])
+        if v.shape != e.torch_shape:
+            problems.append(f"{e.torch_key}: shape {v.shape}, expected {e.torch_shape} for net={net!r}")
+            continue
+        params[e.path] = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v  # -> _flax_shape
+    if problems:
+        raise ValueError(f"cannot convert LPIPS {net!r} weights:\n  " + "\n  ".join(problems))
+    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in params.items()})}
+
+
+def _flax_shape(torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(O, I, kh, kw) -> HWIO (kh, kw, I, O); vectors unchanged."""
+    return tuple(torch_shape[i] for i in (2, 3, 1, 0)) if len(torch_shape) == 4 else torch_shape
+
+
+def _check_variables(variables: Mapping[str, Any], net: str, where: str) -> dict[tuple[str, ...], np.ndarray]:
+    """Flattens `variables` and checks them against `LPIPS(net)`'s parameter names and shapes."""
+    flat = traverse_util.flatten_dict(dict(variables))
+    want = {("params", *e.path): _flax_shape(e.torch_shape) for e in weight_entries(net)}
+    problems = []
+    if set(want) - set(flat):
+        problems.append(f"missing {_fmt_keys(['/'.join(k) for k in set(want) - set(flat)])}")
+    if set(flat) - set(want):
+        problems.append(f"unexpected {_fmt_keys(['/'.join(k) for k in set(flat) - set(want)])}")
+    for k in set(want) & set(flat):
+        if tuple(np.shape(flat[k])) != want[k]:
+            problems.append(f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, expected {want[k]}")
+    if problems:
+        raise ValueError(f"{where}: not LPIPS {net!r} variables:\n  " + "\n  ".join(problems))
+    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One-file storage (.npz, no pickle) and loading.
+
+
+def save_lpips_weights(variables: Mapping[str, Any], path: str | os.PathLike, net: str) -> None:
+    """Writes `variables` of `LPIPS(net)` and the net name to one .npz file (exactly at `path`)."""
+    flat = _check_variables(variables, net, "save_lpips_weights")
+    arrays = {"/".join(k): v for k, v in flat.items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, net=np.array(net), **arrays)
+
+
+def conversion_help(path: str | os.PathLike, net: str | None = None) -> str:
+    """The exact commands that produce `path` (for one net, or for both when unknown)."""
+    nets = [net] if net else [n for n in BACKBONES if n in pathlib.Path(path).name] or sorted(BACKBONES)
+    lines = []
+    for n in nets:
+        b = BACKBONES[n]
+        lines += [
+            f"  # {n}: on a machine that is online (torch is needed for the conversion)",
+            f"  wget {b.url}",
+            "  pip install lpips  # ships the linear heads as <site-packages>/lpips/weights/v0.1/{vgg,alex}.pth",
+            f"  python -m dcae_jax.metrics.lpips --net {n} --backbone {b.torchvision_file} --out {path}",
+            f"  #   (--lin defaults to lpips' shipped weights/v0.1/{n}.pth; or fetch it from "
+            f"https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{n}.pth)",
+        ]
+    return "\n".join(lines)
+
+
+def load_lpips(path: str | os.PathLike) -> tuple[LPIPS, dict[str, Any]]:
+    """Reads a `save_lpips_weights` file -> (`LPIPS(net)`, variables)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: LPIPS weights not found. Nothing is downloaded at run time; create the file with:\n"
+            + conversion_help(path)
+        )
+    with np.load(path, allow_pickle=False) as z:
+        if "net" not in z.files:
+            raise ValueError(f"{path}: not an LPIPS weights file (no 'net' entry); files: {sorted(z.files)}")
+        net = str(z["net"])
+        flat = {tuple(k.split("/")): z[k] for k in z.files if k != "net"}
+    get_backbone(net)
+    flat = _check_variables(traverse_util.unflatten_dict(flat), net, str(path))
+    variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return LPIPS(net=net), variables
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
+    """A PyTorch state dict file; needs torch. Published lpips heads hold CUDA storages, hence map_location."""
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"{path} is a PyTorch pickle; reading it needs torch (pip install torch). "
+            "Convert once where torch is installed, then use the .npz without torch."
+        ) from err
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def default_lin_path(net: str) -> pathlib.Path:
+    """lpips' shipped `weights/v0.1/{net}.pth`, located without importing lpips (or torch)."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"--lin not given and the lpips package is not installed; pip install lpips (it ships "
+            f"lpips/weights/v0.1/{net}.pth) or pass the file"
+        )
+    path = pathlib.Path(spec.origin).parent / "weights" / "v0.1" / f"{get_backbone(net).name}.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not in the installed lpips package; pass --lin")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m dcae_jax.metrics.lpips",
+        description="Convert torchvision trunk + lpips v0.1 linear heads (.pth) to one dcae_jax LPIPS .npz file.",
+    )
+    p.add_argument("--net", required=True, choices=sorted(BACKBONES))
+    p.add_argument("--backbone", required=True, help="vgg16-397923af.pth or alexnet-owt-7be5be79.pth (torchvision)")
+    p.add_argument("--lin", help="lpips weights/v0.1/{vgg,alex}.pth (default: the copy inside the lpips package)")
+    p.add_argument("--out", required=True, help="output .npz")
+    args = p.parse_args(argv)
+    lin = pathlib.Path(args.lin) if args.lin else default_lin_path(args.net)
+    variables = convert_lpips_weights(read_pth(args.backbone), read_pth(lin), args.net)
+    save_lpips_weights(variables, args.out, args.net)
+    n = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
+    print(f"wrote {args.out}: LPIPS {args.net}, {n:,} parameters (trunk {args.backbone}, heads {lin})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
