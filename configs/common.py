@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
             "weight_decay": 0.1,
             "b1": 0.9,
             "b2": 0.999,
+            "eps": 1e-8,
             "warmup_steps": 0,
             "decay_steps": 0,
             "grad_clip": 0.0,
@@ -94,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     c.ema_decay = 0.0
-    c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp")})
+    c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})  # 0: all
     c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})
     c.log_every = 50
     c.checkpoint_every = 500

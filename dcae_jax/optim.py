@@ -68,6 +68,7 @@ def adamw_with_warmup(
     weight_decay: float = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
+    eps: float = 1e-8,
     warmup_steps: int = 0,
     decay_steps: int = 0,
     grad_clip: float = 0.0,
@@ -80,7 +81,7 @@ def adamw_with_warmup(
     else:
         schedule = optax.constant_schedule(learning_rate)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts)
 
 

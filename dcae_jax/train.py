@@ -214,6 +214,7 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
             weight_decay=o.weight_decay,
             b1=o.b1,
             b2=o.b2,
+            eps=o.eps,
             warmup_steps=o.warmup_steps,
             decay_steps=o.get("decay_steps", 0),
             grad_clip=o.get("grad_clip", 0.0),
@@ -371,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
 
     # Mesh and model.
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axes)
+    mesh = _mesh(config)
     data_sharding = sharding.batch_sharding(mesh)
     cfg = model_config(config)
     res = config.resolution
@@ -430,6 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     metrics = None
     skipped = 0
     last_good = latest
+    last_summary: dict[str, float] = {}
     t_log, n_images = time.time(), 0
     logging.info("training phase %s from step %d to %d", config.phase, start, config.num_steps)
     for step in range(start + 1, config.num_steps + 1):
@@ -454,6 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             summary["skipped_images"] = skipped
             summary["learning_rate"] = float(_learning_rate(config, step))
             writer.write_scalars(step, summary)
+            last_summary = summary
             metrics, t_log, n_images = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
             _save(mngr, step, state, train_iter)
@@ -464,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     # Export the final model in the format DCAE.from_pretrained loads.
     final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh, write=False)
+    final["train"] = last_summary
     params = state.ema_params if trainer.ema_decay > 0 else state.params
     variables = jax.tree_util.tree_map(
         np.asarray,
@@ -474,6 +478,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
     writer.flush()
     return final
+
+
+def _mesh(config):
+    n = config.mesh.get("num_devices", 0)
+    return sharding.make_mesh(config.mesh.shape, config.mesh.axes, jax.devices()[:n] if n else None)
+
+
+def lower_train_step(config: ml_collections.ConfigDict):
+    """The train step lowered for abstract inputs (no data, no weights): for memory/FLOP analysis and AOT."""
+    mesh = _mesh(config)
+    cfg = model_config(config)
+    res = config.resolution
+    abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))
+    trainer = build_trainer(config, cfg, abstract_vars["params"])
+    rng = jax.random.key_data(jax.random.key(0))
+    abstract = jax.eval_shape(_init_state_fn(trainer, cfg, res), rng, None, None)
+    shardings = sharding.tree_shardings(
+        abstract, mesh, [tuple(r) for r in config.sharding.rules], min_size=config.sharding.min_size
+    )
+    data_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct(
+            (config.global_batch_size, res, res, cfg.in_channels), jnp.float32, sharding=data_sharding
+        )
+    }
+    aux = jax.eval_shape(lambda: _lpips_aux(config))
+    step_fn = jax.jit(
+        functools.partial(train_step, trainer=trainer),
+        in_shardings=(shardings, data_sharding, None),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    return step_fn.lower(_abstract_with_shardings(abstract, shardings), batch, aux)
 
 
 def _learning_rate(config, step: int) -> float:

@@ -48,7 +48,7 @@ def test_load_converts_modes_to_rgb(tmp_path, mode):
     img.save(tmp_path / f"x.{ext}")
     x = load_image(tmp_path / f"x.{ext}")
     assert x.shape == (48, 64, 3) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
     if mode == "RGB":
         np.testing.assert_array_equal(np.rint((x + 1) * 127.5).astype(np.uint8), rgb)
     if mode == "I;16":  # 16-bit gray is rescaled, not clipped to white
