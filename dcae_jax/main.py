@@ -60,13 +60,25 @@ def _write_eval_table(config, workdir: pathlib.Path) -> None:
     print("\n".join(rows))
 
 
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize` when launch/local.sh or launch/gpu_slurm.sh set JAX_NUM_PROCESSES > 1.
+
+    The coordinator comes from JAX_COORDINATOR_ADDRESS. CPU processes need a cross-process collectives
+    implementation chosen before the backend starts; gloo (over TCP) is set explicitly on CPU, where it is
+    only jax 0.10's default, not a guarantee.
+    """
+    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+    if num_processes <= 1:
+        return
+    platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).lower().split(",")
+    if "cpu" in platforms:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(num_processes=num_processes, process_id=int(os.environ["JAX_PROCESS_ID"]))
+
+
 def main(argv):
     del argv
-    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if num_processes > 1:  # launch/local.sh and launch/gpu_slurm.sh set these; the coordinator comes from
-        jax.distributed.initialize(  # JAX_COORDINATOR_ADDRESS
-            num_processes=num_processes, process_id=int(os.environ["JAX_PROCESS_ID"])
-        )
+    _initialize_distributed()
     workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     run(flags.FLAGS.config, workdir)

@@ -1,0 +1,78 @@
+"""Build FID reference statistics (pool3 mean / covariance) of a dataset's real images.
+
+    python -m dcae_jax.fid_stats --data tfds:imagenet2012 --resolution 256 --out imagenet_val_256.npz \
+        --fid-weights fid_inception.npz [--split validation] [--batch-size 64] [--max-images N]
+
+Images go through exactly what `python -m dcae_jax.evaluate` does to the real images (ADM center crop to R x R,
+uint8, `FIDInception`), so `--ref-stats` from this file gives the same rFID as computing the reference in the
+evaluation pass. The output is pytorch-fid's `--save-stats` format (`mu`, `sigma`, float64): it can be passed to
+pytorch-fid, and pytorch-fid's stats files can be passed to `--ref-stats`. Unreadable records are counted and
+skipped. Runs jitted on all devices (a 1-D "data" mesh), multi-process safe; process 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dcae_jax import evaluate
+from dcae_jax.metrics import fid as fid_lib
+from dcae_jax.metrics.image import quantize_uint8
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dcae_jax.fid_stats", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="folder:DIR, tfds:NAME[@DATA_DIR] or bundled")
+    p.add_argument("--split", default="validation", help="dataset split (default: validation)")
+    p.add_argument("--resolution", type=int, required=True, help="ADM center crop to R x R")
+    p.add_argument("--out", required=True, help="output stats .npz (mu, sigma)")
+    p.add_argument("--fid-weights", required=True, help="fid_inception.npz (python -m dcae_jax.metrics.fid convert)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (rounded up to the device count)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N records of the split")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.resolution <= 0:
+        raise ValueError(f"--resolution must be positive, got {args.resolution}")
+    t_start = time.time()
+    net, variables = fid_lib.load_fid_inception(args.fid_weights)
+    source = evaluate.open_source(args.data, args.split, args.max_images)
+    batch_size = evaluate.global_batch_size(args.batch_size)
+    loader = evaluate.make_loader(source, args.resolution, batch_size)
+
+    mesh = evaluate.data_mesh()
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(lambda v, x: net.apply(v, quantize_uint8(x)), in_shardings=(rep, data), out_shardings=data)
+    bound = functools.partial(step, jax.device_put(variables, rep))
+    stats, skipped = fid_lib.FeatureStats(), [0]
+
+    def consume(feats: np.ndarray, batch: dict[str, np.ndarray]) -> None:
+        stats.update(feats, batch["mask"])
+        skipped[0] += int(np.asarray(batch["skipped"]).sum())
+
+    evaluate.run_batches(loader, bound, consume, data, len(loader), "fid stats")
+    total = fid_lib.allreduce_stats(stats)
+    n_skipped = int(fid_lib.process_sum(np.array([skipped[0]]))[0])
+    if total.count < 2:
+        print(f"error: FID statistics need at least 2 readable images, have {total.count}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        total.save(args.out)
+        print(
+            f"wrote {args.out}: mu/sigma of {total.count} images ({n_skipped} skipped) of {args.data} "
+            f"[{args.split}] at {args.resolution}x{args.resolution}, {time.time() - t_start:.1f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

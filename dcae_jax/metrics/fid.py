@@ -1,0 +1,694 @@
+"""FID (Heusel et al., 2017): pytorch-fid's InceptionV3 in Flax, streaming feature statistics, the Fréchet distance.
+
+The network is the one behind every published FID number computed with pytorch-fid (and the DC-AE reference
+evaluator, efficientvit `apps/metrics/fid`): `pytorch_fid.inception.fid_inception_v3`, i.e. torchvision's
+Inception3 with the TF 2015-12-05 graph's quirks patched in, carrying the `pt_inception-2015-12-05` weights.
+`FIDInception` reproduces `InceptionV3([3])` (pool3 features, 2048-d) in eval mode:
+
+* input: resized to 299x299 with `F.interpolate(mode="bilinear", align_corners=False)` semantics (half-pixel
+  centers, no antialiasing, edge clamping), only when it is not 299x299 already; values in [-1, 1];
+* `BasicConv2d` = conv (no bias) + BatchNorm (eps 0.001, running statistics) + ReLU;
+* the FID blocks average-pool their pool branch with `count_include_pad=False` (Mixed_5b-d, 6b-e, 7b), and
+  Mixed_7c (`FIDInceptionE_2`) max-pools it instead; the reduction pools are 3x3/2 max-pools without padding;
+* pool3 = global average over the final 8x8 map.
+
+Inputs are NHWC, either float in [-1, 1] (our image convention) or uint8 in [0, 255]; uint8 becomes u / 255
+(what pytorch-fid's `ToTensor` feeds) and then 2x - 1. Resizing before or after that affine map is the same up to
+float rounding. All math is float32 at `Precision.HIGHEST` (no TF32/bf16 convolutions on GPU/TPU) by default.
+
+Weights: nothing is downloaded, here or anywhere at run time. Convert pytorch-fid's release asset once (reading
+the .pth needs torch) to one .npz and load that:
+
+    wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+    python -m dcae_jax.metrics.fid convert --src pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz
+
+    module, variables = load_fid_inception("fid_inception.npz")
+    feats = module.apply(variables, images)                      # (B, 2048) float32
+
+Statistics: `FeatureStats` accumulates count, sum and sum of outer products in float64 on the host (masked, so
+padded batch entries are left out), merges across devices / processes (`merge`, `allreduce_stats`), and yields
+(mu, sigma) with `np.cov`'s unbiased normalization. Stats files are pytorch-fid's `--save-stats` format
+(`np.savez_compressed(path, mu=..., sigma=...)`), readable and writable by both. `frechet_distance` is pytorch-fid's
+`calculate_frechet_distance` (scipy `sqrtm`, float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import os
+import pathlib
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+Array = jax.Array
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # torch hub's naming convention: the file's sha256 starts with this
+INPUT_SIZE = 299
+FEATURE_DIM = 2048
+BN_EPS = 1e-3
+MIN_INPUT_SIZE = 75  # the smallest input the network accepts without resizing (torchvision's `min_size`)
+
+# ----------------------------------------------------------------------------------------------
+# Input handling.
+
+
+@functools.lru_cache(maxsize=32)
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of torch's `upsample_bilinear2d(align_corners=False)` along one axis.
+
+    As torch's kernel computes them: scale = in/out in float32, src = max(scale * (dst + 0.5) - 0.5, 0) with one
+    rounding (the compiled kernel contracts it into an FMA; the float64 product of float32 values is exact, so
+    float64 then float32 gives the same), i0 = floor(src), i1 = min(i0 + 1, n_in - 1), weights (1 - l, l) with
+    l = src - i0. Bit-identical to torch 2.x's CPU weights (an unfused float32 version is off by up to 4e-6).
+    """
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = (scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    l1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return i0, i1, (np.float32(1.0) - l1).astype(np.float32), l1
+
+
+def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
+    """NHWC bilinear resize with `torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False)`.
+
+    Unlike `jax.image.resize`, no antialiasing when downsampling (torch has none), so results match torch's.
+    Separable: along W, then along H, in torch's order of operations.
+    """
+    (h, w), (oh, ow) = x.shape[1:3], size
+    if (h, w) == (oh, ow):
+        return x
+    i0, i1, l0, l1 = _bilinear_taps(w, ow)
+    x = x[:, :, i0] * l0[:, None] + x[:, :, i1] * l1[:, None]
+    i0, i1, l0, l1 = _bilinear_taps(h, oh)
+    return x[:, i0] * l0[:, None, None] + x[:, i1] * l1[:, None, None]
+
+
+def to_model_range(images: Array) -> Array:
+    """uint8 [0, 255] -> u / 255 * 2 - 1 (pytorch-fid's ToTensor + normalize); float [-1, 1] as is. float32."""
+    x = jnp.asarray(images)
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+    return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network (module and parameter names follow torchvision's / pytorch-fid's attribute names).
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class BasicConv(nn.Module):
+    """torchvision `BasicConv2d` in eval mode: conv (no bias) -> BatchNorm(eps=0.001, running stats) -> ReLU."""
+
+    features: int
+    kernel: int | tuple[int, int]
+    stride: int = 1
+    padding: int | tuple[int, int] = 0
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        ph, pw = _pair(self.padding)
+        x = nn.Conv(
+            self.features,
+            _pair(self.kernel),
+            strides=(self.stride, self.stride),
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            precision=self.precision,
+            name="conv",
+        )(x)
+        x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name="bn")(x)
+        return nn.relu(x)
+
+
+def _avg_pool_3x3(x: Array) -> Array:
+    """`F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)`: TF's SAME average (pads not counted)."""
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool_3x3(x: Array) -> Array:
+    """`F.max_pool2d(x, 3, stride=1, padding=1)` (padding is -inf)."""
+    return nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_reduce(x: Array) -> Array:
+    """`nn.MaxPool2d(3, stride=2)`: no padding, floor mode."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
+class InceptionA(nn.Module):
+    """`FIDInceptionA` (Mixed_5b-d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avg-pool(no pad count)-1x1."""
+
+    pool_features: int
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = functools.partial(BasicConv, precision=self.precision)
+        b1 = c(64, 1, name="branch1x1")(x)
+        b5 = c(64, 5, padding=2, name="branch5x5_2")(c(48, 1, name="branch5x5_1")(x))
+        b3 = c(64, 1, name="branch3x3dbl_1")(x)
+        b3 = c(96, 3, padding=1, name="branch3x3dbl_3")(c(96, 3, padding=1, name="branch3x3dbl_2")(b3))
+        bp = c(self.pool_features, 1, name="branch_pool")(_avg_pool_3x3(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+    """torchvision `InceptionB` (Mixed_6a, 35 -> 17): 3x3/2 | 1x1-3x3-3x3/2 | max-pool 3x3/2."""
+
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = functools.partial(BasicConv, precision=self.precision)
+        b3 = c(384, 3, stride=2, name="branch3x3")(x)
+        bd = c(64, 1, name="branch3x3dbl_1")(x)
+        bd = c(96, 3, stride=2, name="branch3x3dbl_3")(c(96, 3, padding=1, name="branch3x3dbl_2")(bd))
+        return jnp.concatenate([b3, bd, _max_pool_reduce(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+    """`FIDInceptionC` (Mixed_6b-e): 1x1 | factorized 7x7 | double factorized 7x7 | avg-pool(no pad count)-1x1."""
+
+    channels_7x7: int
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, c7 = functools.partial(BasicConv, precision=self.precision), self.channels_7x7
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        b1 = c(192, 1, name="branch1x1")(x)
+        b7 = c(c7, 1, name="branch7x7_1")(x)
+        b7 = c(c7, **row, name="branch7x7_2")(b7)
+        b7 = c(192, **col, name="branch7x7_3")(b7)
+        bd = c(c7, 1, name="branch7x7dbl_1")(x)
+        bd = c(c7, **col, name="branch7x7dbl_2")(bd)
+        bd = c(c7, **row, name="branch7x7dbl_3")(bd)
+        bd = c(c7, **col, name="branch7x7dbl_4")(bd)
+        bd = c(192, **row, name="branch7x7dbl_5")(bd)
+        bp = c(192, 1, name="branch_pool")(_avg_pool_3x3(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+    """torchvision `InceptionD` (Mixed_7a, 17 -> 8): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | max-pool 3x3/2."""
+
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = functools.partial(BasicConv, precision=self.precision)
+        b3 = c(320, 3, stride=2, name="branch3x3_2")(c(192, 1, name="branch3x3_1")(x))
+        b7 = c(192, 1, name="branch7x7x3_1")(x)
+        b7 = c(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+        b7 = c(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+        b7 = c(192, 3, stride=2, name="branch7x7x3_4")(b7)
+        return jnp.concatenate([b3, b7, _max_pool_reduce(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+    """`FIDInceptionE_1` (pool="avg", Mixed_7b) and `FIDInceptionE_2` (pool="max", Mixed_7c).
+
+    The max pool in Mixed_7c is a quirk of the TF 2015 graph the FID weights come from; pytorch-fid keeps it.
+    """
+
+    pool: str = "avg"
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.pool not in ("avg", "max"):
+            raise ValueError(f"InceptionE pool must be 'avg' or 'max', got {self.pool!r}")
+        c = functools.partial(BasicConv, precision=self.precision)
+        row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        b1 = c(320, 1, name="branch1x1")(x)
+        b3 = c(384, 1, name="branch3x3_1")(x)
+        b3 = jnp.concatenate([c(384, **row, name="branch3x3_2a")(b3), c(384, **col, name="branch3x3_2b")(b3)], -1)
+        bd = c(448, 1, name="branch3x3dbl_1")(x)
+        bd = c(384, 3, padding=1, name="branch3x3dbl_2")(bd)
+        bd = jnp.concatenate([c(384, **row, name="branch3x3dbl_3a")(bd), c(384, **col, name="branch3x3dbl_3b")(bd)], -1)
+        pooled = _avg_pool_3x3(x) if self.pool == "avg" else _max_pool_3x3(x)
+        bp = c(192, 1, name="branch_pool")(pooled)
+        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid's `InceptionV3([3])` with `fid_inception_v3()`: NHWC images -> pool3 features (B, 2048).
+
+    Images: float in [-1, 1] or uint8 (see module docstring). `resize_input=False` skips the 299x299 resize
+    (the network is fully convolutional; inputs must then be at least 75x75). Variables: `params`
+    (conv kernels HWIO, BatchNorm scale/bias) and `batch_stats` (BatchNorm running mean/var), under torchvision's
+    attribute names (`Conv2d_1a_3x3/conv/kernel`, `Mixed_7c/branch_pool/bn/mean`, ...).
+    """
+
+    resize_input: bool = True
+    precision: Any = jax.lax.Precision.HIGHEST
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
+        x = to_model_range(images)
+        if self.resize_input:
+            x = resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
+        elif min(x.shape[1:3]) < MIN_INPUT_SIZE:
+            raise ValueError(f"{x.shape[1]}x{x.shape[2]} images are too small (>= {MIN_INPUT_SIZE}) without resizing")
+        c = functools.partial(BasicConv, precision=self.precision)
+        p = self.precision
+        # Block 0: 299 -> 147 -> 73.
+        x = c(32, 3, stride=2, name="Conv2d_1a_3x3")(x)
+        x = c(32, 3, name="Conv2d_2a_3x3")(x)
+        x = _max_pool_reduce(c(64, 3, padding=1, name="Conv2d_2b_3x3")(x))
+        # Block 1: 73 -> 71 -> 35.
+        x = c(80, 1, name="Conv2d_3b_1x1")(x)
+        x = _max_pool_reduce(c(192, 3, name="Conv2d_4a_3x3")(x))
+        # Block 2: 35 -> 17.
+        x = InceptionA(32, p, name="Mixed_5b")(x)
+        x = InceptionA(64, p, name="Mixed_5c")(x)
+        x = InceptionA(64, p, name="Mixed_5d")(x)
+        x = InceptionB(p, name="Mixed_6a")(x)
+        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+            x = InceptionC(c7, p, name=name)(x)
+        # Block 3: 17 -> 8 -> pool3.
+        x = InceptionD(p, name="Mixed_7a")(x)
+        x = InceptionE("avg", p, name="Mixed_7b")(x)
+        x = InceptionE("max", p, name="Mixed_7c")(x)
+        return jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d(1) -> (B, 2048)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight conversion (pytorch-fid state dict -> Flax variables).
+
+# Flax leaf name -> torch suffix, per collection.
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+# Keys of the published file that pool3 features do not use: accepted and dropped.
+IGNORED_KEYS = ("fc.weight", "fc.bias")  # the 1008-way logits layer
+IGNORED_SUFFIXES = (".num_batches_tracked",)  # BatchNorm counters (absent from the 2015 port, present in new saves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One Flax variable, its torch key and torch shape."""
+
+    path: tuple[str, ...]  # (collection, *modules, leaf)
+    torch_key: str
+    torch_shape: tuple[int, ...]
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """HWIO (kh, kw, I, O) -> (O, I, kh, kw); vectors unchanged."""
+    return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if len(flax_shape) == 4 else flax_shape
+
+
+@functools.lru_cache(maxsize=1)
+def _variable_shapes() -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
+    x = jax.ShapeDtypeStruct((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3), jnp.float32)
+    abstract = jax.eval_shape(FIDInception(resize_input=False).init, jax.random.key(0), x)
+    flat = traverse_util.flatten_dict(abstract)
+    return tuple((k, tuple(v.shape)) for k, v in sorted(flat.items()))
+
+
+def weight_entries() -> list[Entry]:
+    """Every variable of `FIDInception` with its pytorch-fid key, generated from the module itself."""
+    out = []
+    for path, shape in _variable_shapes():
+        collection, *modules, leaf = path
+        key = ".".join([*modules, _LEAF_TO_TORCH[(collection, leaf)]])
+        out.append(Entry(path, key, _torch_shape(shape)))
+    return out
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu().float().numpy()
+    return np.asarray(v, dtype=np.float32)
+
+
+def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(keys)}: {keys[:limit]}{more}"
+
+
+def convert_fid_inception(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """pytorch-fid's `pt_inception-2015-12-05` state dict (`fid_inception_v3().state_dict()` keys) -> variables.
+
+    Every key is mapped; `fc.*` (logits) and BatchNorm `num_batches_tracked` are accepted and dropped. Missing or
+    unexpected keys and shape mismatches raise one ValueError listing them all. Torch conv weights (O, I, kh, kw)
+    become HWIO kernels. Values may be torch tensors or arrays.
+    """
+    entries = weight_entries()
+    want = {e.torch_key for e in entries}
+    have = {k for k in state_dict if not _ignored(k)}
+    problems = []
+    if want - have:
+        problems.append(f"missing keys {_fmt_keys(want - have)}")
+    if have - want:
+        problems.append(f"unexpected keys {_fmt_keys(have - want)}")
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for e in entries:
+        if e.torch_key not in state_dict:
+            continue
+        v = _to_numpy(state_dict[e.torch_key])
+        if v.shape != e.torch_shape:
+            problems.append(f"{e.torch_key}: shape {v.shape}, expected {e.torch_shape}")
+            continue
+        flat[e.path] = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v
+    if problems:
+        raise ValueError("cannot convert FID Inception weights:\n  " + "\n  ".join(problems))
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def _check_variables(variables: Mapping[str, Any], where: str) -> dict[tuple[str, ...], np.ndarray]:
+    """Flattens `variables` and checks them against `FIDInception`'s names and shapes."""
+    flat = traverse_util.flatten_dict(dict(variables))
+    want = dict(_variable_shapes())
+    problems = []
+    if set(want) - set(flat):
+        problems.append(f"missing {_fmt_keys(['/'.join(k) for k in set(want) - set(flat)])}")
+    if set(flat) - set(want):
+        problems.append(f"unexpected {_fmt_keys(['/'.join(k) for k in set(flat) - set(want)])}")
+    for k in set(want) & set(flat):
+        if tuple(np.shape(flat[k])) != want[k]:
+            problems.append(f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, expected {want[k]}")
+    if problems:
+        raise ValueError(f"{where}: not FID Inception variables:\n  " + "\n  ".join(problems))
+    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+def init_fid_variables(seed: int = 0) -> dict[str, Any]:
+    """Random `FIDInception` variables (tests, offline smoke runs), made on the host without compiling an init.
+
+    He-normal kernels, BatchNorm scale 1, bias 0, mean 0, var 1: activations stay O(1) through the 94 layers.
+    """
+    gen = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in _variable_shapes():
+        if path[-1] == "kernel":
+            v = gen.standard_normal(shape, np.float32) * np.float32(np.sqrt(2.0 / np.prod(shape[:-1])))
+        elif path[-1] in ("scale", "var"):
+            v = np.ones(shape, np.float32)
+        else:
+            v = np.zeros(shape, np.float32)
+        flat[path] = jnp.asarray(v)
+    return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# One-file storage (.npz, no pickle) and loading.
+
+_KIND = "fid_inception_v3/pt_inception-2015-12-05"
+
+
+def save_fid_weights(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes `FIDInception` variables to one .npz file (exactly at `path`)."""
+    flat = _check_variables(variables, "save_fid_weights")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, kind=np.array(_KIND), **{"/".join(k): v for k, v in flat.items()})
+
+
+def conversion_help(path: str | os.PathLike) -> str:
+    """The exact commands that produce `path`."""
+    return "\n".join(
+        [
+            "  # on a machine that is online (torch is needed for the conversion):",
+            f"  wget {FID_WEIGHTS_URL}",
+            f"  python -m dcae_jax.metrics.fid convert --src {FID_WEIGHTS_FILE} --out {path}",
+        ]
+    )
+
+
+def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInception, dict[str, Any]]:
+    """Reads a `save_fid_weights` file -> (`FIDInception()`, variables)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: FID Inception weights not found. Nothing is downloaded at run time; create the file with:\n"
+            + conversion_help(path)
+        )
+    with np.load(path, allow_pickle=False) as z:
+        if "kind" not in z.files or str(z["kind"]) != _KIND:
+            raise ValueError(f"{path}: not a dcae_jax FID Inception weights file (kind {_KIND!r} expected)")
+        flat = {tuple(k.split("/")): z[k] for k in z.files if k != "kind"}
+    flat = _check_variables(traverse_util.unflatten_dict(flat), str(path))
+    return FIDInception(), traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def _as_f64_rows(features: Any, mask: Any | None) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"expected (N, D) features, got shape {f.shape}")
+    if mask is not None:
+        m = np.asarray(mask).reshape(-1)
+        if m.shape[0] != f.shape[0]:
+            raise ValueError(f"mask has {m.shape[0]} entries for {f.shape[0]} feature rows")
+        f = f[m > 0]
+    return f
+
+
+def _f64_bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float64).view(np.uint32)
+
+
+def process_sum(x: Any) -> np.ndarray:
+    """Exact float64 sum of a host array over all JAX processes (identical result on every process).
+
+    `process_allgather` would demote float64 to float32 without `jax_enable_x64`, so the bits travel as uint32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if jax.process_count() == 1:
+        return x.copy()
+    from jax.experimental import multihost_utils
+
+    bits = np.asarray(multihost_utils.process_allgather(_f64_bits(x), tiled=False))  # (P, ...) uint32
+    parts = np.ascontiguousarray(bits).view(np.float64).reshape((jax.process_count(), *x.shape))
+    return np.sum(parts, axis=0)
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    """Streaming mean/covariance of feature vectors: count, sum and sum of outer products, all float64.
+
+    Sums (not running means) make `merge` exact and order-independent up to float64 rounding, so shards from
+    devices and processes combine into the statistics of the whole set.
+    """
+
+    dim: int = FEATURE_DIM
+    count: int = 0
+    total: np.ndarray | None = None  # (dim,)
+    total_outer: np.ndarray | None = None  # (dim, dim)
+
+    def __post_init__(self):
+        if self.total is None:
+            self.total = np.zeros((self.dim,), np.float64)
+        if self.total_outer is None:
+            self.total_outer = np.zeros((self.dim, self.dim), np.float64)
+
+    def update(self, features: Any, mask: Any | None = None) -> FeatureStats:
+        """Adds the rows of (N, dim) `features` whose `mask` (N,) is > 0 (all rows without a mask)."""
+        f = _as_f64_rows(features, mask)
+        if f.shape[1] != self.dim:
+            raise ValueError(f"features have dimension {f.shape[1]}, stats have {self.dim}")
+        self.count += int(f.shape[0])
+        self.total += f.sum(axis=0)
+        self.total_outer += f.T @ f
+        return self
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """The statistics of both sets (a new object)."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge stats of dimension {self.dim} and {other.dim}")
+        return FeatureStats(
+            self.dim, self.count + other.count, self.total + other.total, self.total_outer + other.total_outer
+        )
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count < 1:
+            raise ValueError("no features accumulated")
+        return self.total / self.count
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (divides by count - 1), like `np.cov(features, rowvar=False)`."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, have {self.count}")
+        return (self.total_outer - np.outer(self.total, self.total) / self.count) / (self.count - 1)
+
+    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mean, self.cov
+
+    def save(self, path: str | os.PathLike) -> None:
+        """pytorch-fid `--save-stats` file (mu, sigma)."""
+        save_stats(path, *self.mu_sigma())
+
+
+def allreduce_stats(stats: FeatureStats) -> FeatureStats:
+    """Every process's `stats` merged (the same result on every process); a copy with one process."""
+    packed = np.concatenate([[float(stats.count)], stats.total, stats.total_outer.ravel()])
+    summed = process_sum(packed)
+    d = stats.dim
+    return FeatureStats(d, round(float(summed[0])), summed[1 : d + 1], summed[d + 1 :].reshape(d, d))
+
+
+def save_stats(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
+    """Writes pytorch-fid's stats format, `np.savez_compressed(mu=..., sigma=...)` (float64), exactly at `path`."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez_compressed(f, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as float64 from a stats .npz (ours or pytorch-fid's `--save-stats`)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: FID reference statistics not found. Build them with\n"
+            f"  python -m dcae_jax.fid_stats --data DATA --resolution R --out {path} --fid-weights fid_inception.npz\n"
+            f"or with pytorch-fid: python -m pytorch_fid --save-stats IMAGE_DIR {path}"
+        )
+    with np.load(path, allow_pickle=False) as z:
+        if not {"mu", "sigma"} <= set(z.files):
+            raise ValueError(f"{path}: not an FID stats file (needs 'mu' and 'sigma'); files: {sorted(z.files)}")
+        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    return mu, sigma
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), exactly as `pytorch_fid.fid_score.calculate_frechet_distance`.
+
+    Inputs are cast to float64. If `sqrtm(S1 S2)` is not finite (near-singular product), eps is added to both
+    diagonals and it is recomputed; a complex result with imaginary diagonal > 1e-3 raises ValueError.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean vectors have different lengths: {mu1.shape} vs {mu2.shape}")
+    if sigma1.shape != sigma2.shape:
+        raise ValueError(f"covariances have different dimensions: {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates", stacklevel=2
+        )
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
+    """A PyTorch state dict file (optionally wrapped in {"state_dict": ...}); needs torch."""
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"{path} is a PyTorch pickle; reading it needs torch (pip install torch). "
+            "Convert once where torch is installed, then use the .npz without torch."
+        ) from err
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dcae_jax.metrics.fid", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help=f"convert pytorch-fid's {FID_WEIGHTS_FILE} to one .npz")
+    c.add_argument("--src", required=True, help=f"{FID_WEIGHTS_FILE} (from {FID_WEIGHTS_URL})")
+    c.add_argument("--out", required=True, help="output .npz")
+    d = sub.add_parser("distance", help="FID between two stats files (ours or pytorch-fid's --save-stats)")
+    d.add_argument("stats", nargs=2)
+    args = p.parse_args(argv)
+    if args.command == "distance":
+        print(f"FID: {frechet_distance(*load_stats(args.stats[0]), *load_stats(args.stats[1])):.6f}")
+        return
+    src = pathlib.Path(args.src)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: not found; download it with: wget {FID_WEIGHTS_URL}")
+    if src.name == FID_WEIGHTS_FILE and not _sha256(src).startswith(FID_WEIGHTS_SHA256_PREFIX):
+        warnings.warn(f"{src}: sha256 does not start with {FID_WEIGHTS_SHA256_PREFIX}; corrupt download?", stacklevel=1)
+    variables = convert_fid_inception(read_pth(src))
+    save_fid_weights(variables, args.out)
+    n = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
+    print(f"wrote {args.out}: FID InceptionV3 (pool3), {n:,} values from {src}")
+
+
+__all__ = [
+    "FEATURE_DIM",
+    "FIDInception",
+    "FID_WEIGHTS_FILE",
+    "FID_WEIGHTS_URL",
+    "FeatureStats",
+    "allreduce_stats",
+    "convert_fid_inception",
+    "frechet_distance",
+    "init_fid_variables",
+    "load_fid_inception",
+    "load_stats",
+    "process_sum",
+    "resize_bilinear",
+    "save_fid_weights",
+    "save_stats",
+    "weight_entries",
+]
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
