@@ -2,16 +2,18 @@
 
 The reference (efficientvit `aecore/evaluator.py`) quantizes both images to uint8 first,
 `(255 * (x + 1) / 2 + 0.5).clamp(0, 255).to(uint8)` (round half up), then computes PSNR on [0, 255]
-per image (`apps/metrics/psnr`). SSIM here is the standard Wang et al. (2004) SSIM as computed by
-`skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-data_range=255, channel_axis=-1)`: 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, the SSIM map
-averaged over the valid region (a 5-pixel border cropped) per channel, then over channels.
+per image (`apps/metrics/psnr`), and SSIM with torchmetrics' `StructuralSimilarityIndexMeasure(data_range=(0,
+255))`: 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, reflect padding, the SSIM map averaged over
+the whole image. `style="skimage"` gives `skimage.metrics.structural_similarity(gaussian_weights=True,
+sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1)` instead (valid region only).
 
 Every function takes NHWC batches (an HWC image is treated as a batch of one) that are either float
 images in [-1, 1] (quantized to uint8 as above) or already uint8, and returns one value per image.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,7 @@ def _filter_valid(x: Array, taps: tuple[float, ...]) -> Array:
     return sum(t * y[:, :, j : j + w] for j, t in enumerate(taps))
 
 
-def _ssim_u8(a: Array, b: Array) -> Array:
+def _ssim_u8(a: Array, b: Array, style: str = "torchmetrics") -> Array:
     if min(a.shape[1], a.shape[2]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {a.shape[1:3]}")
     taps = tuple(float(t) for t in _gaussian_taps())
@@ -85,21 +87,35 @@ def _ssim_u8(a: Array, b: Array) -> Array:
     x = a.astype(jnp.float32) - 127.5
     y = b.astype(jnp.float32) - 127.5
     stacked = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)  # one filtering pass for all five maps
+    if style == "torchmetrics":  # reflect-pad so the SSIM map covers the whole image, border included
+        r = SSIM_WINDOW // 2
+        stacked = jnp.pad(stacked, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
     mx, my, mxx, myy, mxy = jnp.split(_filter_valid(stacked, taps), 5, axis=-1)
     vx, vy, vxy = mxx - mx * mx, myy - my * my, mxy - mx * my
+    if style == "torchmetrics":
+        vx, vy = jnp.maximum(vx, 0.0), jnp.maximum(vy, 0.0)
     ux, uy = mx + 127.5, my + 127.5
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return jnp.mean(s, axis=(1, 2, 3))  # valid-region mean per channel, then over channels (equal sizes)
+    return jnp.mean(s, axis=(1, 2, 3))  # map mean per channel, then over channels (equal sizes)
+
+
+SSIM_STYLES = ("torchmetrics", "skimage")
+
+
+def _check_style(style: str) -> str:
+    if style not in SSIM_STYLES:
+        raise ValueError(f"unknown SSIM style {style!r}; valid: {list(SSIM_STYLES)}")
+    return style
 
 
 _psnr_jit = jax.jit(_psnr_u8)
-_ssim_jit = jax.jit(_ssim_u8)
+_ssim_jit = jax.jit(_ssim_u8, static_argnames="style")
 
 
-@jax.jit
-def _both_jit(a: Array, b: Array) -> tuple[Array, Array]:
-    return _psnr_u8(a, b), _ssim_u8(a, b)
+@functools.partial(jax.jit, static_argnames="style")
+def _both_jit(a: Array, b: Array, style: str) -> tuple[Array, Array]:
+    return _psnr_u8(a, b), _ssim_u8(a, b, style)
 
 
 def psnr(ref, pred) -> Array:
@@ -109,18 +125,24 @@ def psnr(ref, pred) -> Array:
     return _psnr_jit(a, b)
 
 
-def ssim(ref, pred) -> Array:
-    """Per-image SSIM (skimage's Gaussian-window SSIM, see module docstring): (B, H, W, C) x2 -> (B,)."""
+def ssim(ref, pred, style: str = "torchmetrics") -> Array:
+    """Per-image SSIM, 11x11 Gaussian window (sigma 1.5), on uint8-quantized images: (B, H, W, C) x2 -> (B,).
+
+    style="torchmetrics" (default): the DC-AE reference evaluator's `StructuralSimilarityIndexMeasure`
+    (reflect padding, mean over the whole map, variances clamped at 0). style="skimage":
+    `skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_covariance=False)`,
+    mean over the valid region only. They differ by ~0.0025 at 256x256 (the border's share).
+    """
     a, b = _as_uint8_batch(ref), _as_uint8_batch(pred)
     _check_pair(a, b)
-    return _ssim_jit(a, b)
+    return _ssim_jit(a, b, style=_check_style(style))
 
 
-def psnr_ssim(ref, pred) -> tuple[Array, Array]:
+def psnr_ssim(ref, pred, ssim_style: str = "torchmetrics") -> tuple[Array, Array]:
     """(psnr, ssim), each of shape (B,), in one jitted call."""
     a, b = _as_uint8_batch(ref), _as_uint8_batch(pred)
     _check_pair(a, b)
-    return _both_jit(a, b)
+    return _both_jit(a, b, _check_style(ssim_style))
 
 
 __all__ = ["psnr", "psnr_ssim", "quantize_uint8", "ssim"]
