@@ -8,6 +8,7 @@ finished phases are skipped, so re-running the command resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import pathlib
 import shutil
@@ -76,8 +77,18 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(num_processes=num_processes, process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter from orbax/grain (dozens of lines per checkpoint); warnings still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(
+            f"/{lib}/" in record.pathname for lib in ("orbax", "grain")
+        )
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     _initialize_distributed()
     workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
