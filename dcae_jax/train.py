@@ -191,14 +191,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux_vars: dict[st
     return new_state, TrainMetrics.single_from_model_output(**metrics)
 
 
-def eval_step(params, batch_stats, batch, *, model: DCAEModel):
-    """Reconstructions and per-image PSNR/SSIM (reference evaluator conventions)."""
+def eval_step(params, batch_stats, batch, aux_vars, *, model: DCAEModel, lpips=None):
+    """Reconstructions and per-image PSNR/SSIM (reference evaluator conventions), LPIPS when weights are given."""
     from dcae_jax.metrics import image as image_metrics
 
     x = batch["image"]
     y, z = model.apply({"params": params, "batch_stats": batch_stats}, x)
     psnr, ssim = image_metrics.psnr_ssim(x, y)
-    return y, z, psnr, ssim
+    lp = lpips.apply(aux_vars["lpips"], y, x) if lpips is not None else jnp.full(x.shape[:1], jnp.nan)
+    return y, z, psnr, ssim, lp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +422,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(functools.partial(eval_step, model=trainer.model))
+    eval_fn = functools.partial(
+        jax.jit(functools.partial(eval_step, model=trainer.model, lpips=trainer.lpips)), aux_vars=aux
+    )
 
     hooks = []
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
@@ -480,14 +483,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return final
 
 
-def _mesh(config):
+def _mesh(config, devices=None):
+    devices = list(jax.devices() if devices is None else devices)
     n = config.mesh.get("num_devices", 0)
-    return sharding.make_mesh(config.mesh.shape, config.mesh.axes, jax.devices()[:n] if n else None)
+    return sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices[:n] if n else devices)
 
 
-def lower_train_step(config: ml_collections.ConfigDict):
-    """The train step lowered for abstract inputs (no data, no weights): for memory/FLOP analysis and AOT."""
-    mesh = _mesh(config)
+def lower_train_step(config: ml_collections.ConfigDict, devices=None):
+    """The train step lowered for abstract inputs (no data, no weights): for memory/FLOP analysis and AOT.
+
+    `devices` (default: this host's) may be compile-only TPU devices from `jax.experimental.topologies`.
+    """
+    mesh = _mesh(config, devices)
     cfg = model_config(config)
     res = config.resolution
     abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))
@@ -536,16 +543,20 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
         process_count=jax.process_count(),
     )
     params = state.ema_params if config.ema_decay > 0 else state.params
-    psnrs, ssims, grid = [], [], None
+    psnrs, ssims, lpipss, grid = [], [], [], None
     for batch in loader:
         mask = np.asarray(batch["mask"]) > 0
-        y, _, psnr, ssim = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
+        y, _, psnr, ssim, lp = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
         psnrs.append(np.asarray(psnr)[mask])
         ssims.append(np.asarray(ssim)[mask])
+        lpipss.append(np.asarray(lp)[mask])
         if grid is None:
             x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
     out = {"psnr": float(np.mean(np.concatenate(psnrs))), "ssim": float(np.mean(np.concatenate(ssims)))}
+    lpips_all = np.concatenate(lpipss)
+    if not np.all(np.isnan(lpips_all)):  # NaN marks "no LPIPS weights configured"
+        out["lpips"] = float(np.mean(lpips_all))
     out["num_images"] = int(sum(len(p) for p in psnrs))
     if write and jax.process_index() == 0:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})

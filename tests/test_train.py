@@ -174,3 +174,21 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(tmp_path):
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     # loss and params: absolute; BatchNorm running statistics (values up to ~10): relative.
     assert all(max(e) <= 1e-5 for e in errors.values()), errors
+
+
+def test_perceptual_loss_trains_and_is_reported_in_eval(tmp_path):
+    """L1 + VGG16 LPIPS end to end, with random LPIPS weights in the published-file layout."""
+    from dcae_jax.metrics import lpips as lpips_lib
+
+    rng = np.random.default_rng(0)
+    sds = {"backbone": {}, "lin": {}}
+    for e in lpips_lib.weight_entries("vgg"):
+        w = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.05
+        sds[e.source][e.torch_key] = np.abs(w) if e.source == "lin" else w  # published heads are non-negative
+    path = tmp_path / "lpips_vgg.npz"
+    lpips_lib.save_lpips_weights(lpips_lib.convert_lpips_weights(sds["backbone"], sds["lin"], "vgg"), path, "vgg")
+    config = tiny_train_config(1, steps=2, **{"loss.lpips_weight": 1.0, "loss.lpips_weights": str(path)})
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert result["train"]["lpips"] > 0 and np.isfinite(result["train"]["loss"])
+    assert result["train"]["loss"] == pytest.approx(result["train"]["l1"] + result["train"]["lpips"], rel=1e-5)
+    assert 0 <= result["lpips"] < 10
