@@ -53,7 +53,7 @@ def phase_config(phase: int, steps: int, resolution: int, batch: int) -> ml_coll
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, steps1=1500, steps2=300, steps3=300)
+    a = common.parse_arg(arg, steps1=1000, steps2=200, steps3=200)
     c = ml_collections.ConfigDict()
     c.chain = ["phase1", "phase2", "phase3"]
     c.phase1 = phase_config(1, a.steps1, resolution=64, batch=8)
