@@ -336,6 +336,12 @@ def _restore(mngr, step: int, abstract_state: TrainState, data_iter) -> TrainSta
     return flax.serialization.from_state_dict(abstract_state, restored["state"])
 
 
+def _saved_process_count(mngr, step: int) -> int | None:
+    """How many processes wrote the step's iterator states (grain: `data_iter/process_<i>-of-<n>.json`)."""
+    files = list((mngr.directory / str(step) / "data_iter").glob("process_*-of-*.json"))
+    return int(files[0].name.removesuffix(".json").rsplit("-of-", 1)[1]) if files else None
+
+
 def _abstract_with_shardings(state_shapes, shardings):
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
@@ -412,7 +418,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, shardings = create_train_state(config, trainer, cfg, mesh, init_vars)
     if latest is not None:
         abstract = _abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
-        state = _restore(mngr, latest, abstract, train_iter)
+        saved_by = _saved_process_count(mngr, latest)
+        same_layout = saved_by == jax.process_count()
+        state = _restore(mngr, latest, abstract, train_iter if same_layout else None)
+        if not same_layout:  # grain's per-process states do not carry over; the data order does (input_pipeline)
+            train_iter.restart_at(latest)
+            logging.warning(
+                "checkpoint %d has data-iterator states of %s processes, this job has %d: the data restarts at "
+                "global batch %d of the same order (exact unless records were dropped)",
+                latest,
+                saved_by,
+                jax.process_count(),
+                latest,
+            )
         logging.info("resumed from step %d", latest)
 
     aux = jax.device_put(_lpips_aux(config), sharding.replicated(mesh))
@@ -464,20 +482,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if step % config.checkpoint_every == 0 or is_last:
             _save(mngr, step, state, train_iter)
             last_good = step
-        if config.eval_every and (step % config.eval_every == 0 or is_last):
+        if config.eval_every and step % config.eval_every == 0 and not is_last:
             evaluate(config, state, eval_fn, workdir, writer, step, mesh)
     mngr.wait_until_finished()
 
     # Export the final model in the format DCAE.from_pretrained loads.
-    final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh, write=False)
+    final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh)
     final["train"] = last_summary
     params = state.ema_params if trainer.ema_decay > 0 else state.params
     variables = jax.tree_util.tree_map(
         np.asarray,
         multihost_utils.process_allgather({"params": params, "batch_stats": state.batch_stats}, tiled=True),
     )
+    DCAE(cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
-        DCAE(cfg, variables).save_pretrained(workdir / "export")
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
     writer.flush()
     return final
@@ -543,21 +561,22 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
         process_count=jax.process_count(),
     )
     params = state.ema_params if config.ema_decay > 0 else state.params
-    psnrs, ssims, lpipss, grid = [], [], [], None
+    per_batch, grid = [], None  # (psnr, ssim, lpips, mask) rows: same shapes and count on every process
     for batch in loader:
         mask = np.asarray(batch["mask"]) > 0
         y, _, psnr, ssim, lp = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
-        psnrs.append(np.asarray(psnr)[mask])
-        ssims.append(np.asarray(ssim)[mask])
-        lpipss.append(np.asarray(lp)[mask])
+        per_batch.append(np.stack([np.asarray(v, np.float32) for v in (psnr, ssim, lp, mask)]))
         if grid is None:
             x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
-    out = {"psnr": float(np.mean(np.concatenate(psnrs))), "ssim": float(np.mean(np.concatenate(ssims)))}
-    lpips_all = np.concatenate(lpipss)
-    if not np.all(np.isnan(lpips_all)):  # NaN marks "no LPIPS weights configured"
-        out["lpips"] = float(np.mean(lpips_all))
-    out["num_images"] = int(sum(len(p) for p in psnrs))
+    values = np.concatenate(per_batch, axis=1)
+    if jax.process_count() > 1:  # every process's images, not only this process's share
+        values = np.concatenate(list(np.asarray(multihost_utils.process_allgather(values))), axis=1)
+    psnrs, ssims, lpipss = values[:3, values[3] > 0]
+    out = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+    if not np.all(np.isnan(lpipss)):  # NaN marks "no LPIPS weights configured"
+        out["lpips"] = float(np.mean(lpipss))
+    out["num_images"] = int(psnrs.size)
     if write and jax.process_index() == 0:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})
         if grid is not None:
