@@ -51,6 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dcae_jax.metrics._variables import check_variables
+from dcae_jax.metrics._variables import format_keys as _fmt_keys
+
 Array = jax.Array
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -352,12 +355,6 @@ def _to_numpy(v: Any) -> np.ndarray:
     return np.asarray(v, dtype=np.float32)
 
 
-def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{len(keys)}: {keys[:limit]}{more}"
-
-
 def convert_fid_inception(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """pytorch-fid's `pt_inception-2015-12-05` state dict (`fid_inception_v3().state_dict()` keys) -> variables.
 
@@ -389,19 +386,7 @@ def convert_fid_inception(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_variables(variables: Mapping[str, Any], where: str) -> dict[tuple[str, ...], np.ndarray]:
     """Flattens `variables` and checks them against `FIDInception`'s names and shapes."""
-    flat = traverse_util.flatten_dict(dict(variables))
-    want = dict(_variable_shapes())
-    problems = []
-    if set(want) - set(flat):
-        problems.append(f"missing {_fmt_keys(['/'.join(k) for k in set(want) - set(flat)])}")
-    if set(flat) - set(want):
-        problems.append(f"unexpected {_fmt_keys(['/'.join(k) for k in set(flat) - set(want)])}")
-    for k in set(want) & set(flat):
-        if tuple(np.shape(flat[k])) != want[k]:
-            problems.append(f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, expected {want[k]}")
-    if problems:
-        raise ValueError(f"{where}: not FID Inception variables:\n  " + "\n  ".join(problems))
-    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    return check_variables(variables, dict(_variable_shapes()), where, "FID Inception")
 
 
 def init_fid_variables(seed: int = 0) -> dict[str, Any]:

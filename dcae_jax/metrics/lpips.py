@@ -43,6 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dcae_jax.metrics._variables import check_variables
+from dcae_jax.metrics._variables import format_keys as _fmt_keys
+
 Array = jax.Array
 
 # lpips' ScalingLayer: ImageNet mean/std re-expressed for [-1, 1] inputs.
@@ -272,12 +275,6 @@ def _to_numpy(v: Any) -> np.ndarray:
     return np.asarray(v, dtype=np.float32)
 
 
-def _fmt_keys(keys: Sequence[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{len(keys)}: {keys[:limit]}{more}"
-
-
 def convert_lpips_weights(
     backbone_state_dict: Mapping[str, Any], lin_state_dict: Mapping[str, Any], net: str
 ) -> dict[str, Any]:
@@ -318,19 +315,12 @@ def _flax_shape(torch_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _check_variables(variables: Mapping[str, Any], net: str, where: str) -> dict[tuple[str, ...], np.ndarray]:
     """Flattens `variables` and checks them against `LPIPS(net)`'s parameter names and shapes."""
-    flat = traverse_util.flatten_dict(dict(variables))
-    want = {("params", *e.path): _flax_shape(e.torch_shape) for e in weight_entries(net)}
-    problems = []
-    if set(want) - set(flat):
-        problems.append(f"missing {_fmt_keys(['/'.join(k) for k in set(want) - set(flat)])}")
-    if set(flat) - set(want):
-        problems.append(f"unexpected {_fmt_keys(['/'.join(k) for k in set(flat) - set(want)])}")
-    for k in set(want) & set(flat):
-        if tuple(np.shape(flat[k])) != want[k]:
-            problems.append(f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, expected {want[k]}")
-    if problems:
-        raise ValueError(f"{where}: not LPIPS {net!r} variables:\n  " + "\n  ".join(problems))
-    return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    return check_variables(
+        variables,
+        {("params", *e.path): _flax_shape(e.torch_shape) for e in weight_entries(net)},
+        where,
+        f"LPIPS {net!r}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
