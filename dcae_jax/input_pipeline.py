@@ -21,19 +21,25 @@ read raises, and images whose short side is below `min_side` (default ceil(R / 4
 number dropped; drops after the last element of a finite run are not reported). In evaluation batches a dropped
 record keeps its slot with mask=0, skipped=1, so every process sees the same number of fixed-shape batches.
 
-Determinism: the shuffle (a fresh permutation each epoch) and the crops/flips derive from `seed` and the record
-index only, so the same seed, process layout and `num_workers` give identical batches (batches are formed inside
-each worker, so changing `num_workers` regroups them). Processes get disjoint contiguous shards of
-len(source) // process_count records (the remainder is never used), as grain's `ShardOptions(drop_remainder=True)`.
+Determinism: training reads one global stream, a fresh permutation of all records each epoch, and the crops/flips
+derive from `seed` and the stream position only. Global batch b is stream positions [b B, (b + 1) B); process p of
+n reads the positions p, p + n, p + 2n, ... of it (only those records). So the global batches, up to their order
+inside the batch, do not depend on the process count: 1, 2 or 4 processes train on the same data, and a run can
+resume on another process count. That holds with `num_workers=0` while no record is dropped (a dropped record is
+replaced by the next one of the same process); `num_workers > 0` forms batches inside each worker, so the
+product process_count x num_workers regroups them.
 
-Checkpointing: the training iterator is a `grain.DatasetIterator`; `get_state()` / `set_state()` round-trip
-through JSON, and with orbax (a fresh iterator is restored in place, then resumes exactly):
+Checkpointing: the training iterator (`TrainIterator`, a `grain.DatasetIterator`) has the state
+{"start_batch": first global batch it was built at, "grain": grain's state}, JSON round-trippable, and with orbax
+(a fresh iterator is restored in place, then resumes exactly):
 
     mngr.save(step, args=ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointSave(it)))
     mngr.restore(step, args=ocp.args.Composite(state=..., data_iter=grain.checkpoint.CheckpointRestore(it)))
 
 (`grain.python.PyGrainCheckpointSave` / `PyGrainCheckpointRestore` are the same classes; the handler is
-`grain.checkpoint.CheckpointHandler` and writes `data_iter/process_<i>-of-<n>.json` per JAX process.)
+`grain.checkpoint.CheckpointHandler` and writes `data_iter/process_<i>-of-<n>.json` per JAX process, so only a
+job with the same process count can restore it. Another process count calls `it.restart_at(step)` instead:
+global batch `step` next, exact under the conditions above.)
 
 `num_workers > 0` decodes in grain worker processes (`mp_prefetch`): call it under an `if __name__ == "__main__":`
 guard, and with absl flags parsed (e.g. from `absl.app.run`).
@@ -46,7 +52,7 @@ import io
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -319,8 +325,8 @@ class _CountSkippedIterator(grain.DatasetIterator):
             if element is not None:
                 return {**element, "skipped": np.int32(n)}
             n += 1
-            if n >= self._max_consecutive:  # >= 2 epochs in a row: every record of the shard is unusable
-                raise RuntimeError(f"{n} unusable records in a row: no readable image in this process's shard")
+            if n >= self._max_consecutive:  # 2 x len(source) in a row: nothing readable is left
+                raise RuntimeError(f"{n} unusable records in a row: no readable image among this process's records")
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -344,19 +350,6 @@ class CountSkippedIterDataset(grain.IterDataset):
 # Loaders.
 
 
-def _shard_bounds(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    per = n // process_count
-    if per == 0:
-        raise ValueError(f"{n} records cannot be split over {process_count} processes")
-    if n % process_count:
-        logging.info(
-            "sharding %d records over %d processes: the last %d are not used", n, process_count, n % process_count
-        )
-    return process_index * per, (process_index + 1) * per
-
-
 def make_train_dataset(
     source,
     *,
@@ -370,20 +363,27 @@ def make_train_dataset(
     min_side: int | None = None,
     read_threads: int = 16,
     prefetch_buffer_size: int | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """The training pipeline as a `grain.IterDataset` (see `make_train_loader`)."""
+    """The training pipeline as a `grain.IterDataset` (see `make_train_loader`), from global batch `start_batch`."""
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size={global_batch_size} not divisible by process_count={process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
     local_batch = global_batch_size // process_count
-    start, stop = _shard_bounds(len(source), process_index, process_count)
     min_side = math.ceil(resolution / 4) if min_side is None else min_side
-    ds = grain.MapDataset.source(_SafeSource(source)).seed(seed)[start:stop]
-    ds = ds.shuffle().repeat(num_epochs)  # a different permutation each epoch
-    ds = ds.random_map(_TrainDecode(resolution, min_side))  # rng from (seed, index): new crops each epoch
+    # The no-op [0:len] keeps one process's stream identical to earlier versions (grain derives each op's seed
+    # from the pipeline's structure), so single-process runs reproduce.
+    ds = grain.MapDataset.source(_SafeSource(source)).seed(seed)[0 : len(source)]
+    ds = ds.shuffle().repeat(num_epochs)  # the global stream: a different permutation of all records each epoch
+    ds = ds.random_map(_TrainDecode(resolution, min_side))  # rng from (seed, stream position): new crops each epoch
+    ds = ds[start_batch * global_batch_size + process_index :: process_count]  # this process's stream positions
     read = grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size or max(2 * local_batch, read_threads)
     )
-    it = CountSkippedIterDataset(ds.to_iter_dataset(read, allow_nones=True), max_consecutive=2 * (stop - start))
+    it = CountSkippedIterDataset(ds.to_iter_dataset(read, allow_nones=True), max_consecutive=2 * len(source))
     it = it.batch(local_batch, drop_remainder=True)
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -403,29 +403,66 @@ def make_train_loader(
     min_side: int | None = None,
     read_threads: int = 16,
     prefetch_buffer_size: int | None = None,
-) -> grain.DatasetIterator:
+    start_batch: int = 0,
+) -> TrainIterator:
     """An endless (or `num_epochs`) checkpointable iterator of this process's training batches.
 
     Yields {"image": (B_local, R, R, 3) float32 in [-1, 1], "skipped": (B_local,) int32} with
-    B_local = global_batch_size // process_count. Images with a short side < `min_side` (default ceil(R / 4)) are
-    dropped; `read_threads` decode in parallel within each process (or worker), `prefetch_buffer_size` (default
-    max(2 * B_local, read_threads)) images ahead.
+    B_local = global_batch_size // process_count, starting at global batch `start_batch`. Images with a short
+    side < `min_side` (default ceil(R / 4)) are dropped; `read_threads` decode in parallel within each process
+    (or worker), `prefetch_buffer_size` (default max(2 * B_local, read_threads)) images ahead.
     """
-    return iter(
-        make_train_dataset(
-            source,
-            resolution=resolution,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            num_workers=num_workers,
-            num_epochs=num_epochs,
-            min_side=min_side,
-            read_threads=read_threads,
-            prefetch_buffer_size=prefetch_buffer_size,
+
+    def build(start: int) -> grain.DatasetIterator:
+        return iter(
+            make_train_dataset(
+                source,
+                resolution=resolution,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                process_index=process_index,
+                process_count=process_count,
+                num_workers=num_workers,
+                num_epochs=num_epochs,
+                min_side=min_side,
+                read_threads=read_threads,
+                prefetch_buffer_size=prefetch_buffer_size,
+                start_batch=start,
+            )
         )
-    )
+
+    return TrainIterator(build, start_batch, build(start_batch))
+
+
+class TrainIterator(grain.DatasetIterator):
+    """The training iterator; its state carries the global batch it was built at, next to grain's state.
+
+    grain's state counts positions from where the pipeline starts, so the start must travel with it: a job
+    that restarted at step s (`restart_at`, after a process-count change) writes checkpoints that later jobs
+    restore exactly, whatever their own starting point.
+    """
+
+    def __init__(self, build: Callable[[int], grain.DatasetIterator], start_batch: int, first: grain.DatasetIterator):
+        super().__init__(first)  # `first` = build(start_batch), built by the caller (a failed build leaves no object)
+        self._build, self._start = build, start_batch
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"start_batch": self._start, "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "grain" not in state:  # written before the start was recorded: a pipeline started at 0
+            state = {"start_batch": 0, "grain": state}
+        self.restart_at(int(state["start_batch"]))
+        self._parent.set_state(state["grain"])
+
+    def restart_at(self, batch: int) -> None:
+        """Continue with global batch `batch` (a fresh pipeline; no saved state needed)."""
+        if batch != self._start:
+            self._parent.close()
+            self._start, self._parents = batch, (self._build(batch),)
 
 
 class EvalLoader:
@@ -476,6 +513,7 @@ __all__ = [
     "CountSkippedIterDataset",
     "EvalLoader",
     "ImageFileSource",
+    "TrainIterator",
     "bundled_photos",
     "make_eval_loader",
     "make_source",

@@ -1,5 +1,7 @@
 """grain input pipelines: sources (folder, bundled, tfds), skip counting, determinism, sharding, orbax resume, eval."""
 
+import itertools
+import json
 import os
 import pathlib
 import subprocess
@@ -145,17 +147,31 @@ def test_augmentation_crops_and_flips():
     assert dirs == {True, False}  # both flipped and unflipped
 
 
-def test_process_shards_are_disjoint(id_folder):
-    source = ip.make_source(f"folder:{id_folder}", "train")  # 21 records: 10 per process, one never used
-    shards = []
-    for p in range(2):
-        it = _loader(source, global_batch_size=4, process_index=p, process_count=2, num_epochs=1)
-        shards.append([i for b in it for i in _ids(b)])
-    in_order = [int(pathlib.Path(path).stem) for path in source.paths]  # ids in source (sorted path) order
-    assert [len(s) for s in shards] == [10, 10]
-    assert set(shards[0]) == set(in_order[:10]) and set(shards[1]) == set(in_order[10:20])  # contiguous shards
+def test_global_batches_do_not_depend_on_the_process_count(id_folder):
+    source = ip.make_source(f"folder:{id_folder}", "train")  # 21 records: the stream crosses epochs
+    single = [_ids(b) for b in itertools.islice(_loader(source, global_batch_size=4), 8)]
+    for n in (2, 4):
+        loaders = [_loader(source, global_batch_size=4, process_index=p, process_count=n) for p in range(n)]
+        local = [[_ids(next(it)) for it in loaders] for _ in range(8)]
+        assert [sorted(i for part in parts for i in part) for parts in local] == [sorted(b) for b in single]
+        assert all(parts[p] == single[b][p::n] for b, parts in enumerate(local) for p in range(n))  # strided reads
     with pytest.raises(ValueError, match="divisible"):
         _loader(source, global_batch_size=3, process_count=2)
+
+
+def test_restart_at_a_batch_and_its_state(id_folder):
+    """`restart_at(b)` continues with global batch b; the state records that start, so it restores anywhere."""
+    source = ip.make_source(f"folder:{id_folder}", "train")
+    straight = [b["image"] for b in itertools.islice(_loader(source, global_batch_size=4), 12)]
+    restarted = _loader(source, global_batch_size=4)
+    restarted.restart_at(3)
+    np.testing.assert_array_equal(next(restarted)["image"], straight[3])
+    state = restarted.get_state()
+    assert state["start_batch"] == 3
+    fresh = _loader(source, global_batch_size=4)
+    fresh.set_state(json.loads(json.dumps(state)))
+    for b in range(4, 12):  # past the first epoch
+        np.testing.assert_array_equal(next(fresh)["image"], straight[b])
 
 
 def test_checkpoint_iterator_with_orbax(id_folder, tmp_path):
