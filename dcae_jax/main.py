@@ -12,6 +12,7 @@ import logging as std_logging
 import os
 import pathlib
 import shutil
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -92,7 +93,16 @@ def main(argv):
     _initialize_distributed()
     workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
-    run(flags.FLAGS.config, workdir)
+    try:
+        run(flags.FLAGS.config, workdir)
+    except BaseException:
+        if jax.process_count() == 1:
+            raise
+        # A normal exit would wait minutes in jax's shutdown barrier for the other processes (which wait for
+        # this one): exit now, so launchers and the coordination service see the failure and stop the rest.
+        logging.exception("process %d failed", jax.process_index())
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -205,18 +205,26 @@ class DCAE:
         return cls(config, variables, dtype)
 
     def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
-        """Writes our export format: `dcae_config.json` + an orbax checkpoint of the variables (fp32)."""
+        """Writes our export format: `dcae_config.json` + an orbax checkpoint of the variables (fp32).
+
+        Multi-process jobs call it on every process (orbax saves collectively); process 0 writes the files.
+        """
         import orbax.checkpoint as ocp
 
         out = pathlib.Path(out).absolute()
         out.mkdir(parents=True, exist_ok=True)
         variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.variables)
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer() as ckptr:  # multi-process: every process calls this, process 0 writes
             ckptr.save(out / EXPORT_VARIABLES, variables, force=True)
             ckptr.wait_until_finished()
-        tmp = out / (EXPORT_CONFIG + ".tmp")
-        tmp.write_text(self.config.to_json())
-        tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
+        if jax.process_index() == 0:
+            tmp = out / (EXPORT_CONFIG + ".tmp")
+            tmp.write_text(self.config.to_json())
+            tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
+        if jax.process_count() > 1:  # nobody reads the export before the config is there
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"save_pretrained {out}")
         return out
 
     # ------------------------------------------------------------------------------------------

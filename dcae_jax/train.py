@@ -566,7 +566,7 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
         mask = np.asarray(batch["mask"]) > 0
         y, _, psnr, ssim, lp = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
         per_batch.append(np.stack([np.asarray(v, np.float32) for v in (psnr, ssim, lp, mask)]))
-        if grid is None:
+        if grid is None and mask.any():  # a process can get only padding (more processes than images)
             x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
     values = np.concatenate(per_batch, axis=1)

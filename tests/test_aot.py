@@ -1,0 +1,93 @@
+"""`python -m dcae_jax.aot`: the train step compiled for a TPU slice by libtpu, on a machine without TPUs.
+
+Runs in subprocesses so that libtpu's compile-only client never loads into the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dcae_jax import aot
+
+pytest.importorskip("libtpu", reason="the TPU compiler comes with jax[tpu] (requirements-test.txt)")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _aot(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "dcae_jax.aot", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "name,expected,chips",
+    [
+        ("v5p-64", "v5p:2x4x4", 32),  # v4/v5p: the number counts TensorCores, 2 per chip
+        ("v4-32", "v4:2x2x4", 16),
+        ("v5litepod-16", "v5e:4x4", 16),  # v5e/v6e: the number counts chips
+        ("v5e-4", "v5e:2x2", 4),
+        ("v6e-8", "v6e:2x4", 8),
+        ("v5p:2x2x4", "v5p:2x2x4", 16),
+    ],
+)
+def test_topology_names(name, expected, chips):
+    topo = aot.parse_topology(name)
+    assert (topo.name, topo.chips) == (expected, chips)
+
+
+@pytest.mark.parametrize("name", ["v5p-6", "v5e:2x2x2", "tpu-8", "v6e-3"])
+def test_bad_topology_names_are_clear_errors(name):
+    with pytest.raises(ValueError, match="--topology"):
+        aot.parse_topology(name)
+
+
+def test_phases_from_a_per_phase_config_and_from_a_chain():
+    from configs import dcae, quickstart
+
+    arg = "variant=f32c32,phase=3"
+    got = aot.phase_configs(dcae.get_config(arg), f"configs/dcae.py:{arg}", {"global_batch_size": 32}, [1, 2])
+    assert [(n, c.phase, c.resolution, c.global_batch_size) for n, c in got] == [
+        ("phase1", 1, 256, 32),  # re-read with phase=N; the --config.x=y overrides are kept
+        ("phase2", 2, 1024, 32),
+    ]
+    chain = quickstart.get_config()
+    assert [n for n, _ in aot.phase_configs(chain, "configs/quickstart.py", {}, [])] == ["phase1", "phase2", "phase3"]
+    assert [n for n, _ in aot.phase_configs(chain, "configs/quickstart.py", {}, [2])] == ["phase2"]
+    with pytest.raises(ValueError, match="the chain has phases"):
+        aot.phase_configs(chain, "configs/quickstart.py", {}, [4])
+
+
+def test_tiny_phase1_report_on_v5e_4(tmp_path):
+    out = tmp_path / "report.json"
+    proc = _aot("--config=configs/tiny_test.py", "--topology=v5e-4", "--mfu=0.5", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| phase1 | 32 | 8 / 2 |" in proc.stdout and "TPU v5e v5e:2x2 (4 chips" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["chips"] == 4 and report["chip"]["hbm_gib"] == 16 and report["chip"]["peak_tflops"] == 197
+    r = report["phases"]["phase1"]
+    assert r["arguments"] > 0 and r["temporaries"] > 0 and r["outputs"] > 0 and r["fits"]
+    parts = r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"] + r["code"]
+    assert r["total"] == parts < r["hbm"] == 16 * 2**30
+    assert r["flops_per_chip"] > 1e6 and r["flops_global"] == 4 * r["flops_per_chip"]
+    assert r["step_s"] == pytest.approx(r["flops_per_chip"] / (197e12 * 0.5))
+    assert r["images_per_s"] == pytest.approx(8 / r["step_s"])
+
+
+def test_exceeding_hbm_exits_nonzero_with_a_clear_message():
+    # 256 images of 256x256 per v5e chip: the TPU compiler itself runs out of the 16 GiB.
+    proc = _aot("--config=configs/tiny_test.py:batch=1024,resolution=256", "--topology=v5e-4")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "phase1 does not fit in 16 GiB of HBM per chip on v5e:2x2" in proc.stderr
+    assert "out of HBM" in proc.stdout
+
+
+def test_uvit_is_not_available_yet():
+    proc = _aot("--config=configs/tiny_test.py", "--topology=v5e-4", "--uvit", timeout=60)
+    assert proc.returncode == 2 and "not available yet" in proc.stderr

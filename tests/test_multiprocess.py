@@ -1,0 +1,186 @@
+"""Multi-process CPU training through the real entry point: 2 and 4 local processes equal one process.
+
+Every job is `python -m dcae_jax.main --config=configs/tiny_test.py:...` with the environment that
+launch/local.sh sets (JAX_COORDINATOR_ADDRESS on loopback, JAX_NUM_PROCESSES, JAX_PROCESS_ID, K virtual
+CPU devices per process); each process reads only its own records. The reference is one uninterrupted
+single-process run. A 2-process job's checkpoint then continues in a new 2-process job (data iterator
+restored), a 1-process x 8-device job and a 4-process x 1-device job (resharded; the data order restarts
+at the step). A failing or hanging process gets the whole job killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dcae_jax.pretrained import DCAE
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny_test.py:fsdp=2,batch=8,checkpoint_every=2"
+JOB_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(
+    workdir: pathlib.Path, processes: int, devices: int, *flags: str, per_process=lambda i: [], cache=None
+) -> None:
+    """Runs one job of `processes` x `devices`; kills every process if one fails or the job times out.
+
+    `cache`: a persistent compilation cache shared by the jobs of this module (a job with an earlier job's
+    layout compiles nothing): CI time only.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    if cache is not None:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        )
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+    procs, logs = [], []
+    try:
+        for i in range(processes):
+            log = (workdir / f"log_{processes}x{devices}_{i}.txt").open("w")
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [*cmd, *per_process(i)],
+                    cwd=REPO,
+                    env={**env, "JAX_PROCESS_ID": str(i)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: killed with everything it started
+                )
+            )
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                what = f"process {failed[0]} exited with {procs[failed[0]].returncode}" if failed else "timed out"
+                pytest.fail(f"{processes}-process job {what}:\n{_tail(workdir, processes, devices, failed)}")
+            time.sleep(0.5)
+        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+        assert not failed, _tail(workdir, processes, devices, failed)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in logs:
+            log.close()
+
+
+def _tail(workdir: pathlib.Path, processes: int, devices: int, failed: list[int]) -> str:
+    i = failed[0] if failed else 0
+    text = (workdir / f"log_{processes}x{devices}_{i}.txt").read_text()
+    return "\n".join(line for line in text.splitlines() if not line.startswith(("W0000", "I0000")))[-4000:]
+
+
+def _params(path: pathlib.Path) -> dict:
+    return DCAE.from_pretrained(path).variables
+
+
+def _checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    path = (workdir / "checkpoints" / str(step) / "state").absolute()
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = dict(ckptr.metadata(path).item_metadata)
+        state = ckptr.restore(path, jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta))
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def assert_close(a: dict, b: dict) -> None:
+    """Parameters within 1e-5 absolute, BatchNorm running statistics within 1e-5 relative (values up to ~10)."""
+    for name, relative in (("params", False), ("batch_stats", True)):
+        la, lb = jax.tree_util.tree_leaves(a[name]), jax.tree_util.tree_leaves(b[name])
+        assert len(la) == len(lb) > 0
+        err = max(
+            float(np.max(np.abs(x - y) / (np.abs(x) + 1 if relative else 1))) for x, y in zip(la, lb, strict=True)
+        )
+        assert err <= 1e-5, (name, err)
+
+
+def _copy_checkpoint(src: pathlib.Path, dst: pathlib.Path, step: int) -> pathlib.Path:
+    shutil.copytree(src / "checkpoints" / str(step), dst / "checkpoints" / str(step))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache) -> pathlib.Path:
+    """The reference: one process (2 devices), 4 steps uninterrupted, checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("single")
+    run_job(workdir, 1, 2, "--config.num_steps=4", cache=cache)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_proc(tmp_path_factory, cache) -> pathlib.Path:
+    """2 processes x 2 devices (mesh data 2 x fsdp 2), 2 steps."""
+    workdir = tmp_path_factory.mktemp("two_proc")
+    run_job(workdir, 2, 2, "--config.num_steps=2", cache=cache)
+    return workdir
+
+
+def test_two_processes_train_like_one(single, two_proc):
+    assert_close(_params(two_proc / "export"), _checkpoint_params(single, 2))
+    assert sorted(p.name for p in (two_proc / "checkpoints" / "2" / "data_iter").glob("*.json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    result = json.loads((two_proc / "eval.json").read_text())
+    assert result["num_images"] == 3  # every process's held-out images, not only process 0's
+
+
+def test_checkpoint_continues_in_a_new_two_process_job(single, two_proc, tmp_path, cache):
+    workdir = _copy_checkpoint(two_proc, tmp_path, 2)
+    run_job(workdir, 2, 2, "--config.num_steps=4", cache=cache)
+    assert_close(_params(workdir / "export"), _params(single / "export"))
+    log = (workdir / "log_2x2_0.txt").read_text()
+    assert "resumed from step 2" in log and "the data restarts" not in log  # grain's iterator state restored
+
+
+@pytest.mark.parametrize("processes,devices", [(1, 8), (4, 1)], ids=["1proc_x8dev", "4proc_x1dev"])
+def test_checkpoint_reshards_to_another_layout(single, two_proc, tmp_path, cache, processes, devices):
+    workdir = _copy_checkpoint(two_proc, tmp_path, 2)
+    run_job(workdir, processes, devices, "--config.num_steps=4", cache=cache)
+    assert_close(_params(workdir / "export"), _params(single / "export"))
+    log = (workdir / f"log_{processes}x{devices}_0.txt").read_text()
+    assert "the data restarts at global batch 2" in log
+    assert json.loads((workdir / "eval.json").read_text())["num_images"] == 3
+
+
+def test_a_failing_process_stops_the_whole_job(tmp_path):
+    """Process 1 cannot create its workdir; process 0 would wait for it in a collective forever."""
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="process 1 exited with 1"):
+        run_job(tmp_path, 2, 1, per_process=lambda i: ["--workdir=/proc/not_writable"] if i == 1 else [])
+    assert time.monotonic() - start < 120  # not the coordination service's minutes-long timeouts
