@@ -24,8 +24,8 @@
 # Environment: PYTHON (interpreter, default "python"), DRY_RUN.
 #
 # Examples:
-#   launch/local.sh configs/phase1.py /tmp/run --config.num_steps=10
-#   launch/local.sh -n 2 --cpu-devices 4 configs/phase1.py /tmp/run2   # 2 processes x 4 CPU devices
+#   launch/local.sh configs/quickstart.py /tmp/run
+#   launch/local.sh -n 2 --cpu-devices 4 configs/tiny_test.py /tmp/run2   # 2 processes x 4 CPU devices
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
