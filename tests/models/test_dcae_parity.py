@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,11 +41,13 @@ def _check_diffusers_roundtrip(cfg: DCAEConfig, res: int, tmp_path, batch: int =
     model = make_torch_model(cfg)
     x = _images(res, batch)
     z_ref, y_ref = torch_encode_decode(model, x)
-    model.save_pretrained(tmp_path)
+    ckpt = tmp_path / "diffusers"
+    model.save_pretrained(ckpt)
     del model
     gc.collect()
-    ae = DCAE.from_pretrained(tmp_path, variant=cfg.name if cfg.name in VARIANTS else None)
+    ae = DCAE.from_pretrained(ckpt, variant=cfg.name if cfg.name in VARIANTS else None)
     _assert_close(ae, x, z_ref, y_ref)
+    shutil.rmtree(ckpt)  # released sizes are up to 4 GB each; CI disks are not unlimited
     return ae
 
 
