@@ -288,8 +288,8 @@ class _TrainDecode(grain.transforms.RandomMap):
 
 
 class _EvalDecode(grain.transforms.Map):
-    def __init__(self, resolution: int, min_side: int):
-        self.resolution, self.min_side = resolution, min_side
+    def __init__(self, resolution: int, min_side: int, label_fn: Callable[[Any], int] | None = None):
+        self.resolution, self.min_side, self.label_fn = resolution, min_side, label_fn
 
     def map(self, record):
         x = _decode(record, self.resolution, self.min_side, lambda img: center_crop_adm(img, self.resolution))
@@ -297,16 +297,22 @@ class _EvalDecode(grain.transforms.Map):
             x, mask, skipped = np.zeros((self.resolution, self.resolution, 3), np.float32), 0.0, 1
         else:
             mask, skipped = 1.0, 0
-        return {"image": x, "mask": np.float32(mask), "skipped": np.int32(skipped)}
+        out = {"image": x, "mask": np.float32(mask), "skipped": np.int32(skipped)}
+        if self.label_fn is not None:
+            out["label"] = np.int32(-1 if x is None else self.label_fn(record))
+        return out
 
 
 class _Padding(grain.transforms.Map):
-    def __init__(self, resolution: int):
-        self.resolution = resolution
+    def __init__(self, resolution: int, with_label: bool = False):
+        self.resolution, self.with_label = resolution, with_label
 
     def map(self, _):
         r = self.resolution
-        return {"image": np.zeros((r, r, 3), np.float32), "mask": np.float32(0.0), "skipped": np.int32(0)}
+        out = {"image": np.zeros((r, r, 3), np.float32), "mask": np.float32(0.0), "skipped": np.int32(0)}
+        if self.with_label:
+            out["label"] = np.int32(-1)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,10 +493,12 @@ def make_eval_loader(
     process_count: int = 1,
     min_side: int | None = None,
     read_threads: int = 16,
+    label_fn: Callable[[Any], int] | None = None,
 ) -> EvalLoader:
     """ADM-center-cropped evaluation batches {"image", "mask", "skipped"}; process p gets records p, p + n, ...
 
     All processes yield ceil(ceil(N / n) / batch_size) batches: the tail is padded with mask=0 entries.
+    With `label_fn` (record -> int class id), batches also hold "label" (B,) int32: -1 where mask is 0.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -498,10 +506,11 @@ def make_eval_loader(
     n = len(source)
     num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
     shard = grain.MapDataset.source(_SafeSource(source))[process_index::process_count]
-    ds = shard.map(_EvalDecode(resolution, min_side))
+    ds = shard.map(_EvalDecode(resolution, min_side, label_fn))
     pad = num_batches * batch_size - len(shard)
     if pad:
-        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.range(pad).map(_Padding(resolution))])
+        padding = grain.MapDataset.range(pad).map(_Padding(resolution, with_label=label_fn is not None))
+        ds = grain.MapDataset.concatenate([ds, padding])
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, read_threads))
     ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
     return EvalLoader(ds, num_batches, len(shard))
