@@ -118,3 +118,40 @@ def apply_phase(
         c.disc.enabled = True
         c.loss.gan_weight = 0.1
     return c
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+    """Every field the diffusion trainer reads, with the reference UViT recipe (ImageNet 512, DC-AE latents)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "diffusion"
+    c.seed = 0
+    c.objective = "epsilon"  # UViT; "velocity" for USiT
+    c.model = ml_collections.ConfigDict(
+        {"preset": "uvit-h", "patch_size": 1, "overrides": {}, "dtype": "bfloat16", "remat": True}
+    )
+    c.autoencoder = ""  # DC-AE that decodes sample grids (and encodes config.data.images when no latents given)
+    c.data = ml_collections.ConfigDict(
+        {
+            "latents": "",  # a `python -m dcae_jax.precompute_latents` folder
+            "images": "",  # else: encode these images into <workdir>/latents first (bundled | folder:DIR | tfds:NAME)
+            "images_split": "train",
+            "resolution": 512,
+            "encode_batch_size": 8,
+            "scaling_factor": "",  # for encoding images: "" = the autoencoder's, "auto" = 1/RMS, or a number
+            "latent_shape": (8, 8, 128),  # only for `dcae_jax.aot` (training reads the shape from the latents)
+            "num_workers": 0,
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {"learning_rate": 2e-4, "weight_decay": 0.03, "b1": 0.99, "b2": 0.99, "eps": 1e-8, "warmup_steps": 5000}
+    )
+    c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup_steps": 2000})
+    c.global_batch_size = 1024
+    c.num_steps = 500_000
+    c.sample = ml_collections.ConfigDict({"every": 20_000, "guidance_scale": 1.5})
+    c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})
+    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    return c

@@ -142,6 +142,10 @@ def phase_configs(config, config_path: str, overrides: dict[str, Any], phases: l
         if not chosen:
             raise ValueError(f"--phases={phases}: the chain has phases {[c.phase for _, c in members]}")
         return chosen
+    if config.get("trainer", "dcae") == "diffusion":
+        if phases:
+            raise ValueError(f"--phases={phases}: a diffusion config has no phases")
+        return [(f"{config.model.preset} ({config.objective})", config)]
     if not phases:
         return [(f"phase{config.phase}", config)]
     path, _, arg = config_path.partition(":")
@@ -168,7 +172,11 @@ def _load_config(path: str, arg: str):
 
 def _with_lpips_stand_in(config, tmpdir: str):
     """LPIPS configured but no weights file: random VGG16 weights of the right shapes (shape-only analysis)."""
-    if config.loss.lpips_weight <= 0 or (config.loss.lpips_weights and os.path.isfile(config.loss.lpips_weights)):
+    if (
+        "loss" not in config
+        or config.loss.lpips_weight <= 0
+        or (config.loss.lpips_weights and os.path.isfile(config.loss.lpips_weights))
+    ):
         return config, ""
     import jax
     import jax.numpy as jnp
@@ -191,9 +199,12 @@ def _with_lpips_stand_in(config, tmpdir: str):
 def analyze(config, topo: Topology, devices: list[Any], mfu: float) -> dict[str, Any]:
     """Compiles one phase's train step for `devices`; memory per chip in bytes, FLOPs per chip and step."""
     from dcae_jax import train
+    from dcae_jax.diffusion import train as diffusion_train
 
     t0 = time.time()
-    compiled = train.lower_train_step(config, devices=devices).compile()
+    diffusion = config.get("trainer", "dcae") == "diffusion"
+    lower = diffusion_train.lower_train_step if diffusion else train.lower_train_step
+    compiled = lower(config, devices=devices).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -207,7 +218,7 @@ def analyze(config, topo: Topology, devices: list[Any], mfu: float) -> dict[str,
     )
     step_s = flops / (topo.chip.peak_tflops * 1e12 * mfu)
     return {
-        "resolution": config.resolution,
+        "resolution": "x".join(map(str, config.data.latent_shape)) if diffusion else config.resolution,
         "global_batch": config.global_batch_size,
         "per_chip_batch": config.global_batch_size / topo.chips,
         "arguments": mem.argument_size_in_bytes,
@@ -266,8 +277,6 @@ def main(argv):
     opts = flags.FLAGS
     if len(argv) > 1:
         _die(f"unexpected arguments: {argv[1:]}")
-    if opts.uvit:
-        _die("--uvit: the UViT diffusion train step is not available yet (only the DC-AE phases)")
     if not opts.topology:
         _die("--topology is required, e.g. --topology=v5p-64")
     if not 0 < opts.mfu <= 1:
@@ -293,7 +302,8 @@ def main(argv):
                 if not _oom(err):
                     raise
                 first = str(err).strip().splitlines()[0][:300]
-                failed = {"resolution": config.resolution, "global_batch": config.global_batch_size, "fits": False}
+                res = config.get("resolution", "latents")
+                failed = {"resolution": res, "global_batch": config.global_batch_size, "fits": False}
                 rows.append((name, {**failed, "error": f"TPU compiler: out of HBM ({first})"}))
             print(f"aot: {name} compiled", file=sys.stderr, flush=True)
     print(_table(topo, opts.mfu, rows))
@@ -318,7 +328,6 @@ def _define_flags() -> None:
     flags.DEFINE_string("topology", None, "v5p-64, v5e-16, v4-32, v6e-8, or a string like v5p:2x4x4.")
     flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the projected step time.")
     flags.DEFINE_list("phases", [], "Phases to compile, e.g. 1,2,3 (default: the config as given).")
-    flags.DEFINE_bool("uvit", False, "Compile the UViT diffusion train step (not available yet).")
     flags.DEFINE_string("json", "", "Also write the numbers (bytes, FLOPs, seconds) per phase to this JSON file.")
 
 

@@ -18,15 +18,27 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dcae_jax import distributed
+
 FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 
 
-def run(config, workdir: pathlib.Path) -> dict:
+def _train_fn(config):
+    """The trainer a config names (`config.trainer`, default the autoencoder's)."""
     from dcae_jax import train
+    from dcae_jax.diffusion import train as diffusion_train
 
+    trainers = {"dcae": train.train_and_evaluate, "diffusion": diffusion_train.train_and_evaluate}
+    name = config.get("trainer", "dcae")
+    if name not in trainers:
+        raise KeyError(f"config.trainer={name!r}; valid: {sorted(trainers)}")
+    return trainers[name]
+
+
+def run(config, workdir: pathlib.Path) -> dict:
     if "chain" not in config:
-        return train.train_and_evaluate(config, workdir)
+        return _train_fn(config)(config, workdir)
     previous, result = None, {}
     for name in config.chain:
         phase = config[name]
@@ -36,10 +48,13 @@ def run(config, workdir: pathlib.Path) -> dict:
             logging.info("%s already finished, skipping", name)
             result = json.loads(done.read_text())
         else:
-            if previous is not None and not phase.init_from:
-                with phase.unlocked():
-                    phase.init_from = str(previous / "export")
-            result = train.train_and_evaluate(phase, phase_dir)
+            if previous is not None:
+                # An autoencoder phase starts from the previous export; a diffusion phase encodes with it.
+                field = "autoencoder" if phase.get("trainer", "dcae") == "diffusion" else "init_from"
+                if not phase[field]:
+                    with phase.unlocked():
+                        phase[field] = str((previous / "export").absolute())
+            result = _train_fn(phase)(phase, phase_dir)
         result = {**result, "phase": name}
         previous = phase_dir
     if jax.process_index() == 0:
@@ -55,27 +70,13 @@ def _write_eval_table(config, workdir: pathlib.Path) -> None:
     for name in config.chain:
         r = json.loads((workdir / name / "eval.json").read_text())
         c = config[name]
+        if c.get("trainer", "dcae") != "dcae":
+            continue
         rows.append(
             f"| {name} | {c.num_steps} | {c.resolution} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['num_images']} |"
         )
     (workdir / "eval.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
-
-
-def _initialize_distributed() -> None:
-    """`jax.distributed.initialize` when launch/local.sh or launch/gpu_slurm.sh set JAX_NUM_PROCESSES > 1.
-
-    The coordinator comes from JAX_COORDINATOR_ADDRESS. CPU processes need a cross-process collectives
-    implementation chosen before the backend starts; gloo (over TCP) is set explicitly on CPU, where it is
-    only jax 0.10's default, not a guarantee.
-    """
-    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-    if num_processes <= 1:
-        return
-    platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).lower().split(",")
-    if "cpu" in platforms:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(num_processes=num_processes, process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -90,7 +91,7 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    _initialize_distributed()
+    distributed.initialize_from_env()
     workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     try:

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -6,3 +7,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Tests import helpers such as `torch_reference` from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# diffusers imports torch._dynamo, which imports triton; triton 3.8 segfaults on import when TensorFlow (pulled in
+# by clu's metric writers) is already loaded, and the order in which pytest collects test modules decides that.
+# Importing the PyTorch side first makes collection order irrelevant.
+if importlib.util.find_spec("diffusers") is not None:
+    import diffusers  # noqa: F401

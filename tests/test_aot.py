@@ -88,6 +88,13 @@ def test_exceeding_hbm_exits_nonzero_with_a_clear_message():
     assert "out of HBM" in proc.stdout
 
 
-def test_uvit_is_not_available_yet():
-    proc = _aot("--config=configs/tiny_test.py", "--topology=v5e-4", "--uvit", timeout=60)
-    assert proc.returncode == 2 and "not available yet" in proc.stderr
+def test_uvit_train_step_compiles_for_a_tpu_slice(tmp_path):
+    """The UViT step (bf16, remat, FSDP over 2 of 4 chips) on f64c128-shaped latents, for v5e 2x2."""
+    out = tmp_path / "uvit.json"
+    proc = _aot("--config=configs/uvit.py:model=uvit-s,batch=16,fsdp=2,depth=2", "--topology=v5e-4", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ((name, row),) = json.loads(out.read_text())["phases"].items()
+    assert name == "uvit-s (epsilon)" and row["resolution"] == "8x8x128" and row["fits"]
+    assert row["per_chip_batch"] == 4 and row["flops_per_chip"] > 0
+    # Per chip: the 3-block UViT-S (~10M params) with AdamW + EMA, halved by FSDP, in float32.
+    assert 30 * 2**20 < row["arguments"] < 200 * 2**20

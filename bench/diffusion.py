@@ -1,0 +1,148 @@
+"""UViT throughput on DC-AE latents vs SD-VAE latents: the DC-AE paper's Table 3 question, on this machine.
+
+    python -m bench.diffusion --model uvit-s --batch 4 --repeats 3
+
+At 512x512, UViT sees DC-AE-f64 latents (8x8x128, patch 1: 64 tokens), DC-AE-f32 latents
+(16x16x32, patch 1: 256 tokens) or SD-VAE-f8 latents (64x64x4, patch 2: 1024 tokens), plus the
+label and time tokens. For each we time (median of interleaved repeats, compile excluded) the real
+sharded training step (`dcae_jax.diffusion.train.train_step`: epsilon objective, AdamW, EMA) and one
+sampling step (one guided model evaluation: conditional + unconditional batch, as DPM-Solver++ does
+30 times per image), count their FLOPs with XLA's cost analysis, and print throughput ratios against
+SD-VAE-f8 p2 next to the paper's (UViT-H, H100, fp16: 17.9x training, 19.1x inference for f64).
+fp32 on CPU; per-step compute, not the autoencoder, is what the latent choice changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# (name, latent (H, W, C), patch): the three latent spaces of the paper's comparison at 512x512.
+LATENTS = (
+    ("SD-VAE-f8 p2", (64, 64, 4), 2),
+    ("DC-AE-f32 p1", (16, 16, 32), 1),
+    ("DC-AE-f64 p1", (8, 8, 128), 1),
+)
+# Paper Table 3 (UViT-H, 512x512): images/s on H100, SD-VAE-f8p2 -> DC-AE-f64p1.
+PAPER = {"DC-AE-f64 p1": {"train": 984 / 55, "sample": 111.77 / 5.85}}
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
+    """Compiled train step and guided sampling step for one latent space, with their inputs."""
+    from configs import common
+    from dcae_jax import sharding
+    from dcae_jax.diffusion import train as dtrain
+    from dcae_jax.diffusion.samplers import classifier_free_guidance
+
+    config = common.diffusion_config()
+    config.model.preset, config.model.patch_size = model, patch
+    config.model.dtype, config.model.remat = "float32", False
+    config.global_batch_size = batch
+    cfg = dtrain.model_config(config, latent)
+    trainer = dtrain.build_trainer(config, cfg)
+    mesh = sharding.make_mesh((-1, 1), ("data", "fsdp"))
+    state, shardings = dtrain.create_train_state(config, trainer, cfg, mesh)
+    data = sharding.batch_sharding(mesh)
+    rng = np.random.default_rng(0)
+    batch_arrays = {
+        "latent": jax.device_put(rng.normal(size=(batch, *latent)).astype(np.float32), data),
+        "label": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), data),
+    }
+    step = jax.jit(
+        functools.partial(dtrain.train_step, trainer=trainer),
+        in_shardings=(shardings, data),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    train_compiled = step.lower(state, batch_arrays).compile()
+
+    def guided_eval(params, x, t, y):
+        def apply_fn(x, t, y):
+            return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
+
+        return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
+
+    x, t = batch_arrays["latent"], jnp.asarray(500.0)
+    sample_compiled = jax.jit(guided_eval).lower(state.params, x, t, batch_arrays["label"]).compile()
+    holder = {"state": state}
+
+    def run_train():
+        holder["state"], metrics = train_compiled(holder["state"], batch_arrays)
+        return metrics
+
+    def run_sample():
+        return sample_compiled(holder["state"].params, x, t, batch_arrays["label"])
+
+    return cfg, train_compiled, sample_compiled, run_train, run_sample
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    rows = {}
+    runners = {}
+    for name, latent, patch in LATENTS:
+        cfg, train_c, sample_c, run_train, run_sample = build(args.model, latent, patch, args.batch)
+        run_train(), run_sample()  # warm-up
+        runners[name] = (run_train, run_sample)
+        rows[name] = {
+            "tokens": cfg.seq_len,
+            "train_flops": _flops(train_c),
+            "sample_flops": _flops(sample_c),
+            "train_s": [],
+            "sample_s": [],
+        }
+    for _ in range(args.repeats):  # interleaved, so machine load drifts hit every row alike
+        for name, (run_train, run_sample) in runners.items():
+            rows[name]["train_s"] += _timed(run_train, 1)
+            rows[name]["sample_s"] += _timed(run_sample, 1)
+
+    base = rows[LATENTS[0][0]]
+    print(f"{args.model}, batch {args.batch}, fp32, {jax.devices()[0].platform}, median of {args.repeats}")
+    print(
+        "| latents | tokens | train GFLOP/img | train img/s | train speed-up (FLOP ratio) | sample-step GFLOP/img | "
+        "sample img/s | sample speed-up (FLOP ratio) | paper (UViT-H, H100) train / sample |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        train_ips = args.batch / statistics.median(r["train_s"])
+        sample_ips = args.batch / statistics.median(r["sample_s"])
+        base_train = args.batch / statistics.median(base["train_s"])
+        base_sample = args.batch / statistics.median(base["sample_s"])
+        paper = PAPER.get(name)
+        paper_txt = f"{paper['train']:.1f}x / {paper['sample']:.1f}x" if paper else ("1x / 1x" if r is base else "–")
+        print(
+            f"| {name} | {r['tokens']} | {r['train_flops'] / args.batch / 1e9:.1f} | {train_ips:.3g} | "
+            f"{train_ips / base_train:.2f}x ({base['train_flops'] / r['train_flops']:.2f}x) | "
+            f"{r['sample_flops'] / args.batch / 1e9:.1f} | {sample_ips:.3g} | "
+            f"{sample_ips / base_sample:.2f}x ({base['sample_flops'] / r['sample_flops']:.2f}x) | {paper_txt} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

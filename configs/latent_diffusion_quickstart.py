@@ -1,0 +1,38 @@
+"""Latent diffusion end to end on CPU: a small DC-AE, its latents, a small UViT, sample grids.
+
+    python -m dcae_jax.main --config=configs/latent_diffusion_quickstart.py --workdir=/tmp/ldm_quickstart
+    python -m dcae_jax.sample --model=/tmp/ldm_quickstart/export --num_samples=16 --out=/tmp/ldm_quickstart/samples
+
+Chain: `autoencoder` trains the quickstart's f16c16 residual DC-AE (phase 1, 64x64 crops of the
+bundled real photos); `diffusion` encodes the bundled photos at 128x128 with it (8x8x16 latents, the
+token grid of DC-AE-f64 at 512), stores them scaled by 1/RMS, trains a 6-block UViT (epsilon
+objective, DPM-Solver++ sampling with guidance) and writes `diffusion/samples/*.png`. Eight training
+photos: the model learns to reproduce them, which is what a few CPU minutes can show. Args: ae_steps,
+steps, batch, width (UViT hidden size), depth.
+"""
+
+import ml_collections
+
+from configs import common, quickstart
+
+
+def get_config(arg: str = ""):
+    a = common.parse_arg(arg, ae_steps=1000, steps=1500, batch=16, width=128, depth=6, sample_every=500)
+    c = ml_collections.ConfigDict()
+    c.chain = ["autoencoder", "diffusion"]
+    c.autoencoder = quickstart.phase_config(1, a.ae_steps, resolution=64, batch=8)
+    d = common.diffusion_config()
+    d.model.preset = "uvit-s"
+    d.model.overrides = {"hidden_size": a.width, "depth": a.depth, "num_heads": 4, "num_classes": 10}
+    d.model.dtype, d.model.remat = "float32", False
+    d.data.images, d.data.images_split = "bundled", "train"
+    d.data.resolution, d.data.encode_batch_size = 128, 4
+    d.data.scaling_factor = "auto"  # a freshly trained autoencoder: scale the latents to unit RMS
+    d.optim.learning_rate, d.optim.weight_decay, d.optim.warmup_steps = 1e-3, 0.0, 100
+    d.ema.decay, d.ema.warmup_steps = 0.999, 100
+    d.global_batch_size = a.batch
+    d.num_steps = a.steps
+    d.sample.every = a.sample_every
+    d.log_every, d.checkpoint_every = 50, 500
+    c.diffusion = d
+    return c

@@ -1,0 +1,301 @@
+"""`DCAEDiffusion`: a class-conditional latent diffusion model with its DC-AE, and guided sampling.
+
+    pipe = DCAEDiffusion.from_pretrained("/path/to/workdir/export")
+    images = pipe.generate([279, 388], guidance_scale=1.5, seed=0)   # (2, R, R, 3) in [-1, 1]
+
+The export is a folder with `diffusion_config.json` (UViT config, objective, latent scaling factor,
+sampler settings, the autoencoder's path or repo id) and an orbax checkpoint of the parameters.
+Sampling follows the reference: noise -> guided solver (DPM-Solver++ for UViT's epsilon objective,
+an ODE solver for USiT's velocity objective, 250-step DDPM for DiT; null class `num_classes`) ->
+latents / scaling_factor -> DC-AE decode. `from_pretrained` also loads the released DC-AE diffusion
+checkpoints (`dcae_jax.diffusion.released`).
+Batches are split over this process's devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dcae_jax.diffusion import gaussian_diffusion, objectives, samplers
+from dcae_jax.diffusion.dit import DiT, DiTConfig, init_dit_params
+from dcae_jax.diffusion.uvit import UViT, UViTConfig, init_uvit_params
+
+CONFIG_FILE = "diffusion_config.json"
+PARAMS_DIR = "params"
+FORMAT = "dcae_jax.diffusion/1"
+
+# The reference's evaluation samplers: DPM-Solver++ (3rd order, 30 NFE) for UViT, adaptive Dopri5 for USiT,
+# 250-step ancestral DDPM with the learned variance for DiT ("dit": GaussianDiffusion, epsilon + variance).
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "epsilon": {"name": "dpm_solver_pp", "steps": 30, "order": 3, "method": "singlestep", "guidance_scale": 1.5},
+    "velocity": {"name": "dopri5", "steps": 250, "atol": 1e-6, "rtol": 1e-3, "guidance_scale": 1.2},
+    "dit": {"name": "ddpm", "steps": 250, "guidance_scale": 1.3},
+}
+VALID_SAMPLERS = {"epsilon": ("dpm_solver_pp",), "velocity": ("euler", "heun", "dopri5"), "dit": ("ddpm",)}
+MODEL_TYPES = {"uvit": (UViTConfig, UViT, init_uvit_params), "dit": (DiTConfig, DiT, init_dit_params)}
+
+
+def sampler_settings(objective: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The objective's default sampler with `overrides`; unknown names raise with the valid ones."""
+    if objective not in SAMPLER_DEFAULTS:
+        raise KeyError(f"objective {objective!r}; valid: {sorted(SAMPLER_DEFAULTS)}")
+    s = {**SAMPLER_DEFAULTS[objective], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    valid = VALID_SAMPLERS[objective]
+    if s["name"] not in valid:
+        raise KeyError(f"sampler {s['name']!r} does not fit a {objective} model; valid: {list(valid)}")
+    return s
+
+
+def _model_type(config: Any) -> str:
+    for name, (cls, _, _) in MODEL_TYPES.items():
+        if isinstance(config, cls):
+            return name
+    raise TypeError(f"config must be one of {[c.__name__ for c, _, _ in MODEL_TYPES.values()]}, got {type(config)}")
+
+
+def make_sample_fn(model: UViT | DiT, objective: str, settings: dict[str, Any]) -> Callable:
+    """(params, noise (B, H, W, C), labels (B,), rng) -> latents (B, H, W, C); jit it (settings are static).
+
+    `rng` feeds the stochastic sampler (DDPM); the ODE samplers ignore it.
+    """
+    null_class = model.config.null_class
+    scale = float(settings["guidance_scale"])
+
+    def sample(params, noise, labels, rng):
+        def apply_fn(x, t, y):  # the solvers pass a scalar (or per-example) time
+            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+            return model.apply({"params": params}, x, t, y)
+
+        if objective == "dit":
+            guided = gaussian_diffusion.dit_classifier_free_guidance(
+                apply_fn, labels, null_class=null_class, scale=scale, guided_channels=model.config.in_channels
+            )
+            return gaussian_diffusion.ddpm_sample(guided, noise, rng, num_steps=int(settings["steps"]))
+        guided = samplers.classifier_free_guidance(apply_fn, labels, null_class=null_class, scale=scale)
+        if objective == "epsilon":
+            schedule = samplers.NoiseScheduleVP(objectives.scaled_linear_betas())
+            return samplers.dpm_solver_pp(
+                guided,
+                noise,
+                schedule=schedule,
+                steps=int(settings["steps"]),
+                order=int(settings.get("order", 3)),
+                method=settings.get("method", "singlestep"),
+            )
+        x1, _ = samplers.ode_sample(
+            guided,
+            noise,
+            method=settings["name"],
+            num_steps=int(settings["steps"]),
+            atol=float(settings.get("atol", 1e-6)),
+            rtol=float(settings.get("rtol", 1e-3)),
+        )
+        return x1
+
+    return sample
+
+
+def _local_batch_sharding() -> NamedSharding:
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
+    return NamedSharding(mesh, P("batch"))
+
+
+class DCAEDiffusion:
+    """A UViT (epsilon or velocity objective) or DiT on DC-AE latents, with its sampler and autoencoder."""
+
+    def __init__(
+        self,
+        config: UViTConfig | DiTConfig,
+        params: Any,
+        *,
+        objective: str = "epsilon",
+        scaling_factor: float = 1.0,
+        sampler: dict[str, Any] | None = None,
+        autoencoder: Any = "",
+        dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        self.objective = objective
+        self.scaling_factor = float(scaling_factor)
+        self.sampler = sampler_settings(objective, sampler)
+        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        self.model_type = _model_type(config)
+        self.model = MODEL_TYPES[self.model_type][1](config, dtype=dtype)
+        self._autoencoder = autoencoder  # a path / repo id (loaded on first use) or a DCAE
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and saving.
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, autoencoder: Any = None, dtype: Any = jnp.float32
+    ) -> DCAEDiffusion:
+        """Our export, or a released DC-AE diffusion checkpoint (a local folder or a Hugging Face repo id
+        such as `mit-han-lab/dc-ae-f64c128-in-1.0-uvit-h-in-512px`; see `dcae_jax.diffusion.released`).
+        `autoencoder` (a path, repo id or DCAE) overrides the one the checkpoint names or bundles."""
+        import orbax.checkpoint as ocp
+
+        root = pathlib.Path(path_or_repo_id).expanduser()
+        if not (root / CONFIG_FILE).exists():
+            from dcae_jax.diffusion import released
+
+            return released.load(path_or_repo_id, autoencoder=autoencoder, dtype=dtype)
+        cfg_path = root / CONFIG_FILE
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        model_type = raw.get("model_type", "uvit")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"{cfg_path}: model_type {model_type!r}; valid: {sorted(MODEL_TYPES)}")
+        config_cls, _, init_fn = MODEL_TYPES[model_type]
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = set(raw["model"]) - fields
+        if unknown:
+            raise ValueError(f"{cfg_path}: unknown {config_cls.__name__} fields {sorted(unknown)}")
+        config = config_cls(**raw["model"])
+        target = jax.eval_shape(lambda key: init_fn(config, key), jax.random.key(0))
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore((root / PARAMS_DIR).absolute(), target)
+        return cls(
+            config,
+            params,
+            objective=raw["objective"],
+            scaling_factor=raw["scaling_factor"],
+            sampler=raw.get("sampler"),
+            autoencoder=autoencoder if autoencoder is not None else raw.get("autoencoder", ""),
+            dtype=dtype,
+        )
+
+    def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
+        """Writes the export (every process calls it: orbax saves collectively; process 0 writes the config)."""
+        import orbax.checkpoint as ocp
+
+        out = pathlib.Path(out).absolute()
+        out.mkdir(parents=True, exist_ok=True)
+        params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / PARAMS_DIR, params, force=True)
+            ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            ae = self._autoencoder if isinstance(self._autoencoder, str) else ""
+            raw = {
+                "format": FORMAT,
+                "model_type": self.model_type,
+                "model": dataclasses.asdict(self.config),
+                "objective": self.objective,
+                "scaling_factor": self.scaling_factor,
+                "sampler": self.sampler,
+                "autoencoder": ae,
+            }
+            tmp = out / (CONFIG_FILE + ".tmp")
+            tmp.write_text(json.dumps(raw, indent=2))
+            tmp.replace(out / CONFIG_FILE)  # atomic: no config, no loadable export
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"DCAEDiffusion.save_pretrained {out}")
+        return out
+
+    @property
+    def autoencoder(self):
+        """The DC-AE that decodes the latents (loaded on first use)."""
+        if not self._autoencoder:
+            raise ValueError("this diffusion model names no autoencoder: pass autoencoder=... to from_pretrained")
+        if isinstance(self._autoencoder, str | os.PathLike):
+            from dcae_jax.pretrained import DCAE
+
+            self._autoencoder = DCAE.from_pretrained(self._autoencoder)
+        return self._autoencoder
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.input_size, c.input_size, c.in_channels)
+
+    # ------------------------------------------------------------------------------------------
+    # Sampling.
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 -- one compiled sampler per setting; pipelines are few
+    def _sample_fn(self, settings_json: str):
+        settings = json.loads(settings_json)
+        data = _local_batch_sharding()
+        fn = make_sample_fn(self.model, self.objective, settings)
+        return jax.jit(fn, in_shardings=(None, data, data, None), out_shardings=data)
+
+    def noise(self, seed: int, n: int, chunk: int = 0) -> jax.Array:
+        """The initial noise of `n` samples: a function of (seed, chunk) only, so runs are resumable."""
+        key = jax.random.fold_in(jax.random.key(seed), chunk)
+        return jax.random.normal(key, (n, *self.latent_shape), jnp.float32)
+
+    @staticmethod
+    def sampler_key(seed: int, chunk: int = 0) -> jax.Array:
+        """The stochastic sampler's key (DDPM's per-step noise), also a function of (seed, chunk) only."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), chunk), 1 << 30)
+
+    def generate_latents(
+        self,
+        class_ids: Sequence[int],
+        *,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        chunk: int = 0,
+        **sampler_overrides: Any,
+    ) -> np.ndarray:
+        """Scaled latents (N, H, W, C) for `class_ids`; the batch is padded to the local device count."""
+        ids = np.asarray(class_ids, np.int32).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("class_ids is empty")
+        if ids.min() < 0 or ids.max() > self.config.null_class:
+            raise ValueError(f"class ids must be in [0, {self.config.null_class}] (the last one is the null class)")
+        settings = sampler_settings(
+            self.objective, {**self.sampler, "guidance_scale": guidance_scale, **sampler_overrides}
+        )
+        n, d = ids.size, jax.local_device_count()
+        padded = -(-n // d) * d
+        noise = self.noise(seed, n, chunk)
+        if padded != n:
+            noise = jnp.concatenate([noise, jnp.zeros((padded - n, *self.latent_shape), noise.dtype)])
+            ids = np.concatenate([ids, np.full((padded - n,), self.config.null_class, np.int32)])
+        fn = self._sample_fn(json.dumps(settings, sort_keys=True))
+        return np.asarray(fn(self.params, noise, jnp.asarray(ids), self.sampler_key(seed, chunk)))[:n]
+
+    def decode(self, latents: Any) -> np.ndarray:
+        """Scaled latents -> images in [-1, 1] (N, R, R, 3), as the reference: latents / scaling_factor."""
+        return np.asarray(self.autoencoder.decode(jnp.asarray(latents) / self.scaling_factor))
+
+    def generate(
+        self, class_ids: Sequence[int], guidance_scale: float | None = None, seed: int = 0, **sampler_overrides: Any
+    ) -> np.ndarray:
+        """Class-conditional images (N, R, R, 3) in [-1, 1]."""
+        return self.decode(
+            self.generate_latents(class_ids, guidance_scale=guidance_scale, seed=seed, **sampler_overrides)
+        )
+
+
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows*H, columns*W, 3) image; missing cells are black (-1)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    full = np.full((rows * columns, h, w, c), -1.0, np.float32)
+    full[:n] = images
+    return full.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
+
+
+def sample_grid(pipe: DCAEDiffusion, path: str | os.PathLike, *, num_classes: int, seed: int = 0, n: int = 16) -> None:
+    """`n` samples of classes 0, 1, ... (cycling over `num_classes`) as a PNG grid."""
+    from dcae_jax.data import images as image_io
+
+    ids = np.arange(n) % max(num_classes, 1)
+    image_io.save_image(np.clip(image_grid(pipe.generate(ids, seed=seed), columns=min(n, 8)), -1, 1), path)

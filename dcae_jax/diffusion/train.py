@@ -1,0 +1,352 @@
+"""UViT / USiT training on precomputed DC-AE latents: the reference recipe on a sharded JAX step.
+
+The same machinery as the autoencoder trainer (`dcae_jax.train`): a `data x fsdp` mesh with sharding
+rules from the config, a jitted `train_step(state, batch)` with donated state, orbax checkpoints that
+hold the state and the data iterator (exact resume), clu metrics fetched only at log steps.
+
+What differs is the model and objective: `config.objective` "epsilon" (UViT, SD scaled-linear
+1000-step schedule, integer time input) or "velocity" (USiT, SiT linear interpolant, t in [0, 1]);
+AdamW on every parameter (the reference applies weight decay to all of them); an EMA with the
+reference's warm-up, decay_k = decay * (1 - exp(-k / ema.warmup_steps)); periodic class-conditional
+sample grids decoded by the autoencoder. The final model goes to `<workdir>/export`
+(`DCAEDiffusion.from_pretrained` loads it).
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
+
+from dcae_jax import sharding
+from dcae_jax.diffusion import objectives
+from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
+
+OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class DiffusionState:
+    """Everything that changes during training; a pytree, checkpointed as a whole."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any  # {} when EMA is off
+    rng: jax.Array  # raw uint32 key data; step keys are fold_in(rng, step), so a resume is exact
+
+
+@flax.struct.dataclass
+class DiffusionMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainer:
+    """The static pieces a step closes over (hashable by identity, never traced)."""
+
+    model: UViT
+    objective: Any  # EpsilonObjective | VelocityObjective
+    tx: optax.GradientTransformation
+    ema_decay: float
+    ema_warmup_steps: int
+
+
+def get_objective(name: str):
+    if name not in OBJECTIVES:
+        raise KeyError(f"config.objective={name!r}; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]()
+
+
+def model_config(config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int]) -> UViTConfig:
+    """The UViT for latents of shape (H, W, C): preset + patch size + overrides from the config."""
+    h, w, c = latent_shape
+    if h != w:
+        raise ValueError(f"UViT needs square latents, the data has {h}x{w}")
+    overrides = dict(config.model.get("overrides", {}) or {})
+    return get_uvit_config(
+        config.model.preset, in_channels=c, input_size=h, patch_size=config.model.patch_size, **overrides
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, cfg: UViTConfig) -> UViT:
+    dtype = config.model.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise KeyError(f"config.model.dtype={dtype!r}; valid: {sorted(DTYPES)}")
+    return UViT(cfg, dtype=DTYPES[dtype], remat=config.model.get("remat", False))
+
+
+def learning_rate_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
+    """The reference's constant-with-warm-up: lr * (k + 1) / warmup for k < warmup, then lr."""
+    lr, warmup = o.learning_rate, max(o.warmup_steps, 1)
+    return lambda count: lr * jnp.minimum((count + 1) / warmup, 1.0)
+
+
+def build_trainer(config: ml_collections.ConfigDict, cfg: UViTConfig) -> DiffusionTrainer:
+    o = config.optim
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.get("grad_clip", 0.0) > 0 else []
+    parts.append(optax.adamw(learning_rate_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    return DiffusionTrainer(
+        model=build_model(config, cfg),
+        objective=get_objective(config.objective),
+        tx=optax.chain(*parts),
+        ema_decay=config.ema.decay,
+        ema_warmup_steps=config.ema.warmup_steps,
+    )
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup_steps: int) -> jax.Array:
+    """decay * (1 - exp(-step / warmup)): early EMA follows the weights, later it averages them."""
+    if warmup_steps <= 0:
+        return jnp.asarray(decay, jnp.float32)
+    return decay * -jnp.expm1(-step.astype(jnp.float32) / warmup_steps)  # 1 - exp(-x), exact for small x
+
+
+def train_step(state: DiffusionState, batch: dict[str, jax.Array], *, trainer: DiffusionTrainer):
+    """One AdamW step on the objective's loss (label dropout inside the model), then the EMA update."""
+    t = trainer
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_objective, k_dropout = jax.random.split(key)
+    latents, labels = batch["latent"], batch["label"]  # (B, H, W, C) scaled latents, (B,) int32
+
+    def loss_fn(params):
+        def apply_fn(x_t, time):  # time: (B,) as the objective feeds it to the network
+            return t.model.apply({"params": params}, x_t, time, labels, train=True, rngs={"label_dropout": k_dropout})
+
+        return t.objective.loss(apply_fn, latents, k_objective)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = t.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema = state.ema_params
+    if t.ema_decay > 0:
+        d = ema_decay_at(step, t.ema_decay, t.ema_warmup_steps)
+        ema = jax.tree_util.tree_map(lambda e, p: e - (1.0 - d) * (e - p), ema, params)
+    new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
+    metrics = DiffusionMetrics.single_from_model_output(loss=loss, grad_norm=optax.global_norm(grads))
+    return new_state, metrics
+
+
+def _init_state_fn(trainer: DiffusionTrainer, cfg: UViTConfig):
+    from dcae_jax.diffusion.uvit import init_uvit_params
+
+    def init(rng_data, params):
+        rng = jax.random.wrap_key_data(rng_data)
+        k_params, k_state = jax.random.split(rng)
+        if params is None:
+            params = init_uvit_params(cfg, k_params)
+        return DiffusionState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=trainer.tx.init(params),
+            ema_params=params if trainer.ema_decay > 0 else {},
+            rng=jax.random.key_data(k_state),
+        )
+
+    return init
+
+
+def _state_shardings(config, trainer, cfg, mesh):
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    init = _init_state_fn(trainer, cfg)
+    abstract = jax.eval_shape(init, rng, None)
+    rules = [tuple(r) for r in config.sharding.rules]
+    return init, rng, abstract, sharding.tree_shardings(abstract, mesh, rules, min_size=config.sharding.min_size)
+
+
+def create_train_state(config, trainer: DiffusionTrainer, cfg: UViTConfig, mesh):
+    """Shape-first, sharded init: each device materialises only its shard."""
+    init, rng, _, shardings = _state_shardings(config, trainer, cfg, mesh)
+    state = jax.jit(init, static_argnums=(1,), out_shardings=shardings)(rng, None)
+    return state, shardings
+
+
+def lower_train_step(config: ml_collections.ConfigDict, devices=None):
+    """The train step lowered for abstract inputs (no data, no weights), for `dcae_jax.aot`."""
+    from dcae_jax.train import _abstract_with_shardings, _mesh
+
+    mesh = _mesh(config, devices)
+    h, w, c = config.data.latent_shape
+    cfg = model_config(config, (h, w, c))
+    trainer = build_trainer(config, cfg)
+    _, _, abstract, shardings = _state_shardings(config, trainer, cfg, mesh)
+    data_sharding = sharding.batch_sharding(mesh)
+    b = config.global_batch_size
+    batch = {
+        "latent": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=data_sharding),
+        "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sharding),
+    }
+    step_fn = jax.jit(
+        functools.partial(train_step, trainer=trainer),
+        in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    return step_fn.lower(_abstract_with_shardings(abstract, shardings), batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents: precomputed, or computed into the workdir from images and an autoencoder.
+
+
+def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    if config.data.latents:
+        return pathlib.Path(config.data.latents)
+    if not config.autoencoder:
+        raise ValueError(
+            "config.data.latents is empty and there is no config.autoencoder to compute them with: run "
+            "`python -m dcae_jax.precompute_latents` and set config.data.latents, or set config.autoencoder "
+            "and config.data.images"
+        )
+    from dcae_jax import precompute_latents
+
+    out = workdir / "latents"
+    precompute_latents.precompute(
+        model=config.autoencoder,
+        data=config.data.images,
+        split=config.data.get("images_split", "train"),
+        resolution=config.data.resolution,
+        out=out,
+        batch_size=config.data.get("encode_batch_size", 8),
+        scaling_factor=config.data.get("scaling_factor") or None,  # "" -> the autoencoder's (else 1/RMS)
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs (or resumes) UViT training in `workdir`; returns the final summary."""
+    from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
+    from dcae_jax.train import _abstract_with_shardings, _checkpoint_manager, _mesh, _restore, _save
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+
+    latents_dir = _latents_dir(config, workdir)
+    dataset = LatentDataset(latents_dir)
+    cfg = model_config(config, dataset.latent_shape)
+    if dataset.num_classes > cfg.num_classes:
+        raise ValueError(
+            f"{latents_dir} has {dataset.num_classes} classes, the model's label table {cfg.num_classes}: set "
+            f"config.model.overrides.num_classes"
+        )
+    mesh = _mesh(config)
+    data_sharding = sharding.batch_sharding(mesh)
+    trainer = build_trainer(config, cfg)
+    if config.global_batch_size % jax.process_count():
+        raise ValueError(f"config.global_batch_size={config.global_batch_size} not divisible by processes")
+    train_iter = iter(
+        make_latent_train_loader(
+            latents_dir,
+            global_batch_size=config.global_batch_size,
+            seed=config.seed,
+            worker_count=config.data.num_workers,
+        )
+    )
+
+    mngr = _checkpoint_manager(workdir, config.keep_checkpoints)
+    latest = mngr.latest_step()
+    state, shardings = create_train_state(config, trainer, cfg, mesh)
+    if latest is not None:
+        abstract = _abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+        state = _restore(mngr, latest, abstract, train_iter)
+        logging.info("resumed from step %d", latest)
+    logging.info("%s: %.2fM parameters, %d tokens", cfg.name, _num_params(state.params) / 1e6, cfg.seq_len)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, trainer=trainer),
+        in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+
+    def export() -> DCAEDiffusion:
+        params = state.ema_params if trainer.ema_decay > 0 else state.params
+        params = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+        return DCAEDiffusion(
+            cfg,
+            params,
+            objective=config.objective,
+            scaling_factor=dataset.scaling_factor,
+            sampler=config.sample.to_dict(),
+            autoencoder=config.autoencoder or dataset.metadata.get("model", ""),
+        )
+
+    def write_samples(step: int, pipe: DCAEDiffusion | None = None) -> None:
+        if not config.autoencoder:
+            return
+        pipe = pipe or export()  # every process: the export gathers the parameters
+        if not is_main:
+            return
+        path = workdir / "samples" / f"step{step:07d}.png"
+        sample_grid(pipe, path, num_classes=dataset.num_classes, seed=config.seed)
+        logging.info("samples at step %d: %s", step, path)
+
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
+    start = int(jax.device_get(state.step))
+    metrics, last_summary = None, {}
+    last_good = latest
+    t_log, n_seen = time.time(), 0
+    lr = learning_rate_schedule(config.optim)
+    logging.info("training %s (%s) from step %d to %d", cfg.name, config.objective, start, config.num_steps)
+    for step in range(start + 1, config.num_steps + 1):
+        local = next(train_iter)
+        batch = sharding.global_batch({"latent": local["latent"], "label": local["label"]}, data_sharding)
+        state, step_metrics = step_fn(state, batch)
+        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+        n_seen += config.global_batch_size
+        if is_main:
+            report(step)
+        is_last = step == config.num_steps
+        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
+            summary = {k: float(v) for k, v in metrics.compute().items()}
+            if not np.isfinite(summary["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
+                    f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
+                )
+            summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
+            summary["learning_rate"] = float(lr(step - 1))
+            writer.write_scalars(step, summary)
+            last_summary = summary
+            metrics, t_log, n_seen = None, time.time(), 0
+        if step % config.checkpoint_every == 0 or is_last:
+            _save(mngr, step, state, train_iter)
+            last_good = step
+        if config.sample.every and step % config.sample.every == 0 and not is_last:
+            write_samples(step)
+    mngr.wait_until_finished()
+
+    pipe = export()
+    pipe.save_pretrained(workdir / "export")  # every process: the save is collective
+    write_samples(config.num_steps, pipe)
+    result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
+    if is_main:
+        (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+    writer.flush()
+    return result
+
+
+def _num_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,92 @@
+"""Loading released DC-AE diffusion checkpoints (reference key names, HF layout) into DCAEDiffusion."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from dcae_jax import DCAEDiffusion
+from dcae_jax.diffusion import released
+from dcae_jax.diffusion.convert import uvit_params_to_state_dict
+from dcae_jax.diffusion.uvit import count_params, init_uvit_params
+from dcae_jax.models import dcae
+from dcae_jax.models.dcae import tiny_config
+from dcae_jax.pretrained import DCAE
+
+
+def test_registry_matches_the_reference_table():
+    assert len(released.RELEASED) == 11
+    r = released.get_release("dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k")
+    assert (r.latent_shape, r.scaling_factor, r.objective, r.guidance_scale) == ((8, 8, 128), 0.2889, "epsilon", 1.5)
+    assert released.get_release("dc-ae-f32c32-in-1.0-usit-2b-in-512px").objective == "velocity"
+    cfg = released.model_config(released.get_release("dc-ae-f32c32-in-1.0-uvit-h-in-512px"), "x")
+    assert round(count_params(cfg) / 1e6, 2) == 500.87 and cfg.seq_len == 258
+    with pytest.raises(KeyError, match="valid names"):
+        released.get_release("dc-ae-f32c32-in-1.0-uvit-xl")
+
+
+@pytest.fixture
+def tiny_release(monkeypatch):
+    """A release entry whose autoencoder is the tiny DC-AE (f8, 32 latent channels -> 64x64x32 at 512)."""
+    ae_cfg = tiny_config(latent_channels=32, scaling_factor=0.7, name="tiny-ae")
+    real_get_config = dcae.get_config
+    monkeypatch.setattr(dcae, "get_config", lambda name: ae_cfg if name == "tiny-ae" else real_get_config(name))
+    name = "tiny-ae-uvit-tiny-in-512px"
+    release = released.Release("tiny-ae", 0.7, "uvit-tiny", "epsilon", 1.5, (0.0, 0.0))
+    monkeypatch.setitem(released.RELEASED, name, release)
+    return name, release, ae_cfg
+
+
+def _write_release(root, name, release, ae_cfg, *, bundle_ae: bool):
+    """config.json + model.safetensors as DCAE_Diffusion_HF saves it (reference key names)."""
+    cfg = released.model_config(release, name)
+    params = init_uvit_params(cfg, jax.random.key(3))
+    tensors = {
+        f"diffusion_model.{k}": np.ascontiguousarray(v) for k, v in uvit_params_to_state_dict(params, cfg).items()
+    }
+    if bundle_ae:  # efficientvit's DC-AE keys, from a diffusers model with random weights
+        from torch_reference import make_torch_model, to_efficientvit_state_dict
+
+        ev = to_efficientvit_state_dict(make_torch_model(ae_cfg).state_dict(), ae_cfg)
+        tensors.update({f"autoencoder.{k}": v.detach().numpy().copy() for k, v in ev.items()})
+    root.mkdir()
+    save_file(tensors, str(root / "model.safetensors"))
+    (root / "config.json").write_text(json.dumps({"model_name": name}))
+    return params
+
+
+def test_released_uvit_with_bundled_autoencoder_loads_and_samples(tiny_release, tmp_path):
+    name, release, ae_cfg = tiny_release
+    params = _write_release(tmp_path / "ckpt", name, release, ae_cfg, bundle_ae=True)
+    pipe = DCAEDiffusion.from_pretrained(tmp_path / "ckpt")
+    assert pipe.objective == "epsilon" and pipe.scaling_factor == 0.7 and pipe.sampler["guidance_scale"] == 1.5
+    for a, b in zip(jax.tree_util.tree_leaves(pipe.params), jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert pipe.autoencoder.config.name == "tiny-ae"  # the bundled one, no download
+    assert isinstance(pipe.autoencoder, DCAE)
+    images = pipe.generate([1, 999], seed=0, steps=3)
+    assert images.shape == (2, 512, 512, 3) and np.all(np.isfinite(images))
+
+
+def test_released_without_bundled_autoencoder_names_the_diffusers_repo(tiny_release, tmp_path):
+    name, release, ae_cfg = tiny_release
+    _write_release(tmp_path / name, name, release, ae_cfg, bundle_ae=False)
+    (tmp_path / name / "config.json").unlink()  # the folder name identifies the release
+    pipe = DCAEDiffusion.from_pretrained(tmp_path / name)
+    assert pipe._autoencoder == "mit-han-lab/tiny-ae-diffusers"
+
+
+def test_wrong_keys_name_the_file(tiny_release, tmp_path):
+    name, release, ae_cfg = tiny_release
+    _write_release(tmp_path / "ckpt", name, release, ae_cfg, bundle_ae=False)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    tensors.pop("diffusion_model.pos_embed")
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*pos_embed"):
+        DCAEDiffusion.from_pretrained(tmp_path / "ckpt")

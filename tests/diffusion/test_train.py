@@ -1,0 +1,213 @@
+"""The diffusion trainer: the reference schedule/EMA formulas, the step's wiring, learning, resume, sharding."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from dcae_jax.diffusion import train as dtrain
+
+LATENT_SHAPE = (4, 4, 8)
+
+
+def tiny_config(objective: str = "epsilon", **changes):
+    c = common.diffusion_config()
+    c.objective = objective
+    c.model.preset = "uvit-tiny"
+    c.model.dtype, c.model.remat = "float32", False
+    c.model.overrides = {"num_classes": 4}
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.weight_decay = 1e-3, 10, 0.03
+    c.ema.decay, c.ema.warmup_steps = 0.99, 5
+    c.global_batch_size = 8
+    c.num_steps = 6
+    c.sample.every = 0
+    c.log_every, c.checkpoint_every = 2, 3
+    c.mesh.shape = (-1, 1)
+    for k, v in changes.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _batch(seed: int = 0, n: int = 8):
+    rng = np.random.default_rng(seed)
+    return {
+        "latent": jnp.asarray(rng.normal(size=(n, *LATENT_SHAPE)).astype(np.float32)),
+        "label": jnp.asarray(rng.integers(0, 4, n).astype(np.int32)),
+    }
+
+
+def test_learning_rate_is_the_reference_constant_with_warmup():
+    o = tiny_config().optim
+    o.learning_rate, o.warmup_steps = 2e-4, 5000
+    lr = dtrain.learning_rate_schedule(o)
+    for k in (0, 1, 2499, 4998, 4999, 5000, 10**6):
+        expected = 2e-4 * (k + 1) / 5000 if k < 5000 else 2e-4
+        np.testing.assert_allclose(float(lr(k)), expected, rtol=1e-6)
+
+
+def test_ema_decay_follows_the_reference_warmup():
+    for step in (1, 10, 2000, 20000):
+        got = float(dtrain.ema_decay_at(jnp.asarray(step), 0.9999, 2000))
+        np.testing.assert_allclose(got, 0.9999 * (1 - np.exp(-step / 2000)), rtol=1e-6)
+    assert float(dtrain.ema_decay_at(jnp.asarray(7), 0.9, 0)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "velocity"])
+def test_train_step_is_loss_gradient_adamw_then_ema(objective):
+    """One step equals the hand-written composition: same keys, optax AdamW, EMA with the warm-up decay."""
+    config = tiny_config(objective)
+    cfg = dtrain.model_config(config, LATENT_SHAPE)
+    trainer = dtrain.build_trainer(config, cfg)
+    init = dtrain._init_state_fn(trainer, cfg)
+    state = jax.jit(init, static_argnums=1)(jax.random.key_data(jax.random.key(0)), None)
+    state = state.replace(step=jnp.asarray(3, jnp.int32))  # EMA decay and lr depend on the step
+    batch = _batch()
+    new_state, metrics = jax.jit(functools.partial(dtrain.train_step, trainer=trainer))(state, batch)
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 3)
+    k_obj, k_drop = jax.random.split(key)
+
+    def loss_fn(p):
+        def apply_fn(x_t, t):
+            return trainer.model.apply(
+                {"params": p}, x_t, t, batch["label"], train=True, rngs={"label_dropout": k_drop}
+            )
+
+        return trainer.objective.loss(apply_fn, batch["latent"], k_obj)[0]
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state.params)
+    updates, _ = trainer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = 0.99 * (1 - np.exp(-4 / 5))
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
+    np.testing.assert_allclose(float(metrics.compute()["loss"]), float(loss), rtol=1e-5)
+    assert int(new_state.step) == 4
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.params), jax.tree_util.tree_leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree_util.tree_leaves(new_state.ema_params), jax.tree_util.tree_leaves(ema), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_lowers_the_loss_on_a_fixed_set():
+    config = tiny_config("epsilon", **{"optim.warmup_steps": 1})
+    cfg = dtrain.model_config(config, LATENT_SHAPE)
+    trainer = dtrain.build_trainer(config, cfg)
+    state = jax.jit(dtrain._init_state_fn(trainer, cfg), static_argnums=1)(jax.random.key_data(jax.random.key(1)), None)
+    step = jax.jit(functools.partial(dtrain.train_step, trainer=trainer))
+    # Latents with structure (class-dependent means), so there is something to learn beyond noise.
+    batch = _batch(n=16)
+    batch["latent"] = 0.3 * batch["latent"] + jnp.asarray(batch["label"], jnp.float32)[:, None, None, None] - 1.5
+    losses = []
+    for _ in range(150):
+        state, m = step(state, batch)
+        losses.append(m.compute()["loss"])
+    losses = np.asarray(jax.device_get(losses))
+    assert losses[-20:].mean() < 0.6 * losses[:10].mean(), (losses[:10].mean(), losses[-20:].mean())
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """Bundled real photos encoded at 32x32 by a tiny random DC-AE (4x4x8 latents, scaled to unit RMS)."""
+    from dcae_jax import precompute_latents
+    from dcae_jax.models.dcae import init_variables
+    from dcae_jax.models.dcae import tiny_config as ae_config
+    from dcae_jax.pretrained import DCAE
+
+    root = tmp_path_factory.mktemp("latents")
+    cfg = ae_config()
+    ae_dir = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(root / "ae")
+    meta = precompute_latents.precompute(
+        str(ae_dir), "bundled", 32, root / "latents", batch_size=4, scaling_factor="auto", verbose=False
+    )
+    assert tuple(meta["latent_shape"]) == LATENT_SHAPE
+    return root
+
+
+def _run(config, workdir):
+    return dtrain.train_and_evaluate(config, workdir)
+
+
+def _params(workdir):
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion
+
+    return DCAEDiffusion.from_pretrained(workdir / "export").params
+
+
+def test_resume_continues_exactly_and_exports(latents, tmp_path):
+    kw = {"data.latents": str(latents / "latents"), "autoencoder": str(latents / "ae")}
+    straight = tmp_path / "straight"
+    result = _run(tiny_config(**kw), straight)
+    assert result["steps"] == 6 and np.isfinite(result["train"]["loss"])
+    assert (straight / "samples" / "step0000006.png").exists()  # decoded by the autoencoder
+    resumed = tmp_path / "resumed"
+    _run(tiny_config(num_steps=3, **kw), resumed)  # "crash" after step 3 (checkpoint at 3)
+    _run(tiny_config(**kw), resumed)
+    a, b = _params(straight), _params(resumed)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_training_matches_single_device_on_8_cpu_devices(latents, tmp_path):
+    """data x fsdp = 4 x 2 over 8 fake CPU devices: the same parameters as one device (float noise)."""
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        import jax, numpy as np
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from tests.diffusion.test_train import tiny_config
+        from dcae_jax.diffusion import train as dtrain
+        from dcae_jax.diffusion.pipeline import DCAEDiffusion
+        kw = {{"data.latents": {str(latents / "latents")!r}}}
+        out = {{}}
+        for name, shape, n in (("one", (1, 1), 1), ("mesh", (4, 2), 0)):
+            c = tiny_config(**kw, **{{"mesh.shape": shape, "mesh.num_devices": n, "sharding.min_size": 1}})
+            dtrain.train_and_evaluate(c, {str(tmp_path)!r} + "/" + name)
+            p = DCAEDiffusion.from_pretrained({str(tmp_path)!r} + "/" + name + "/export").params
+            out[name] = [np.asarray(x) for x in jax.tree_util.tree_leaves(p)]
+        print(json.dumps(max(float(np.max(np.abs(a - b))) for a, b in zip(out["one"], out["mesh"]))))
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_latent_diffusion_quickstart_end_to_end(tmp_path):
+    """configs/latent_diffusion_quickstart.py through `python -m dcae_jax.main`: autoencoder -> latents ->
+    UViT -> sample grids -> an export that `DCAEDiffusion.from_pretrained` loads and samples from."""
+    from dcae_jax.data.latents import LatentDataset
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion
+
+    workdir = tmp_path / "ldm"
+    config = "--config=configs/latent_diffusion_quickstart.py:ae_steps=10,steps=10,sample_every=5,width=32,depth=2"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "dcae_jax.main", config, f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = LatentDataset(workdir / "diffusion" / "latents")
+    assert data.latent_shape == (8, 8, 16) and len(data) == 8
+    assert data.metadata["stats"]["rms"] == pytest.approx(1.0, rel=1e-3)  # "auto": scaled by 1/RMS
+    assert sorted(p.name for p in (workdir / "diffusion" / "samples").glob("*.png")) == [
+        "step0000005.png",
+        "step0000010.png",
+    ]
+    pipe = DCAEDiffusion.from_pretrained(workdir / "export")
+    assert pipe.scaling_factor == pytest.approx(data.scaling_factor)
+    images = pipe.generate([0, 2], seed=0, steps=3)
+    assert images.shape == (2, 128, 128, 3) and np.all(np.isfinite(images))
