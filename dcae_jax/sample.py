@@ -2,7 +2,9 @@
 
     python -m dcae_jax.sample --model=/runs/uvit/export --num_samples=50000 --batch_size=64 \\
         --fid_stats=imagenet_512_train.npz --fid_weights=fid_inception.npz --out=/runs/uvit/fid50k
-    python -m dcae_jax.sample --model=/runs/uvit/export --classes=279,388,207,360 --guidance_scale=6 --out=demo
+    # The DC-AE authors' demo: 16 ImageNet classes, guidance 6.0, seed 0, a 4x4 grid.
+    python -m dcae_jax.sample --model=mit-han-lab/dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k \
+        --classes=279,333,979,936,933,145,497,1,248,360,793,12,387,437,938,978 --guidance_scale=6 --seed=0 --out=demo
 
 The 50k-sample protocol of the reference evaluator: class ids drawn uniformly from the model's classes
 with a generator seeded `--seed`, noise per chunk of `--batch_size` samples from (seed, chunk index),
@@ -164,7 +166,8 @@ def run(args) -> dict:
     if jax.process_index() == 0:
         grid = _grid_images(out, len(chunks), args.grid)
         if grid is not None:
-            image_io.save_image(image_grid(grid.astype(np.float32) / 127.5 - 1.0, columns=8), out / "grid.png")
+            columns = int(np.ceil(np.sqrt(len(grid))))  # square-ish, like torchvision save_image(nrow=sqrt(n))
+            image_io.save_image(image_grid(grid.astype(np.float32) / 127.5 - 1.0, columns=columns), out / "grid.png")
         (out / "results.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
     return result

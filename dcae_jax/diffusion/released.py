@@ -46,6 +46,9 @@ class Release:
         return (512 // ae.spatial_compression_ratio, 512 // ae.spatial_compression_ratio, ae.latent_channels)
 
 
+# The authors' demo (efficientvit README): these classes, guidance 6.0, seed 0, a 4x4 grid.
+DEMO_CLASSES = (279, 333, 979, 936, 933, 145, 497, 1, 248, 360, 793, 12, 387, 437, 938, 978)
+
 _F32, _F64 = ("dc-ae-f32c32-in-1.0", 0.3189), ("dc-ae-f64c128-in-1.0", 0.2889)
 RELEASED: dict[str, Release] = {
     "dc-ae-f32c32-in-1.0-dit-xl-in-512px": Release(*_F32, "dit-xl", "dit", 1.3, (9.56, 2.84)),

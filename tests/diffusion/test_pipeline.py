@@ -105,3 +105,21 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     # Another sampler setting in the same folder is refused, not mixed in.
     third = _sample(*args[:-2], "--guidance_scale=3", cache=tmp_path / "cache")
     assert third.returncode == 2 and "different run" in third.stderr
+
+
+def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):
+    """A DiT export (learned sigma, DDPM with guidance on the epsilon channels) loads and samples."""
+    from dcae_jax.diffusion.dit import get_dit_config, init_dit_params
+
+    ae_cfg = tiny_config()
+    ae = DCAE(ae_cfg, init_variables(ae_cfg, jax.random.key(0)))
+    cfg = get_dit_config("dit-tiny", in_channels=ae_cfg.latent_channels, input_size=4, num_classes=5)
+    pipe = DCAEDiffusion(cfg, init_dit_params(cfg, jax.random.key(2)), objective="dit", sampler={"steps": 5})
+    pipe.save_pretrained(tmp_path / "dit")
+    loaded = DCAEDiffusion.from_pretrained(tmp_path / "dit", autoencoder=ae)
+    assert loaded.model_type == "dit" and loaded.sampler == sampler_settings("dit", {"steps": 5})
+    z = loaded.generate_latents([0, 3], seed=1)
+    assert z.shape == (2, 4, 4, ae_cfg.latent_channels) and np.all(np.isfinite(z))
+    np.testing.assert_array_equal(z, loaded.generate_latents([0, 3], seed=1))  # DDPM noise from (seed, chunk)
+    assert not np.allclose(z, loaded.generate_latents([0, 3], seed=1, chunk=1))
+    assert loaded.generate([4], seed=0).shape == (1, 32, 32, 3)

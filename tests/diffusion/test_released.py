@@ -11,10 +11,10 @@ from safetensors.numpy import save_file
 
 from dcae_jax import DCAEDiffusion
 from dcae_jax.diffusion import released
-from dcae_jax.diffusion.convert import uvit_params_to_state_dict
+from dcae_jax.diffusion.convert import dit_params_to_state_dict, uvit_params_to_state_dict
+from dcae_jax.diffusion.dit import init_dit_params
 from dcae_jax.diffusion.uvit import count_params, init_uvit_params
 from dcae_jax.models import dcae
-from dcae_jax.models.dcae import tiny_config
 from dcae_jax.pretrained import DCAE
 
 
@@ -29,14 +29,23 @@ def test_registry_matches_the_reference_table():
         released.get_release("dc-ae-f32c32-in-1.0-uvit-xl")
 
 
-@pytest.fixture
-def tiny_release(monkeypatch):
-    """A release entry whose autoencoder is the tiny DC-AE (f8, 32 latent channels -> 64x64x32 at 512)."""
-    ae_cfg = tiny_config(latent_channels=32, scaling_factor=0.7, name="tiny-ae")
+@pytest.fixture(params=["uvit", "dit"])
+def tiny_release(monkeypatch, request):
+    """A release entry whose autoencoder is a narrow f32c32 DC-AE (16x16x32 latents at 512, as the real one)."""
+    ae_cfg = dcae.get_config("dc-ae-f32c32-in-1.0").replace(
+        encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+        decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+        encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+        decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
+        attention_head_dim=8,
+        scaling_factor=0.7,
+        name="tiny-ae",
+    )
     real_get_config = dcae.get_config
     monkeypatch.setattr(dcae, "get_config", lambda name: ae_cfg if name == "tiny-ae" else real_get_config(name))
-    name = "tiny-ae-uvit-tiny-in-512px"
-    release = released.Release("tiny-ae", 0.7, "uvit-tiny", "epsilon", 1.5, (0.0, 0.0))
+    name = f"tiny-ae-{request.param}-tiny-in-512px"
+    objective = "epsilon" if request.param == "uvit" else "dit"
+    release = released.Release("tiny-ae", 0.7, f"{request.param}-tiny", objective, 1.5, (0.0, 0.0))
     monkeypatch.setitem(released.RELEASED, name, release)
     return name, release, ae_cfg
 
@@ -44,10 +53,13 @@ def tiny_release(monkeypatch):
 def _write_release(root, name, release, ae_cfg, *, bundle_ae: bool):
     """config.json + model.safetensors as DCAE_Diffusion_HF saves it (reference key names)."""
     cfg = released.model_config(release, name)
-    params = init_uvit_params(cfg, jax.random.key(3))
-    tensors = {
-        f"diffusion_model.{k}": np.ascontiguousarray(v) for k, v in uvit_params_to_state_dict(params, cfg).items()
-    }
+    if release.objective == "dit":
+        params = init_dit_params(cfg, jax.random.key(3))
+        state = dit_params_to_state_dict(params, cfg)
+    else:
+        params = init_uvit_params(cfg, jax.random.key(3))
+        state = uvit_params_to_state_dict(params, cfg)
+    tensors = {f"diffusion_model.{k}": np.ascontiguousarray(v) for k, v in state.items()}
     if bundle_ae:  # efficientvit's DC-AE keys, from a diffusers model with random weights
         from torch_reference import make_torch_model, to_efficientvit_state_dict
 
@@ -63,13 +75,13 @@ def test_released_uvit_with_bundled_autoencoder_loads_and_samples(tiny_release, 
     name, release, ae_cfg = tiny_release
     params = _write_release(tmp_path / "ckpt", name, release, ae_cfg, bundle_ae=True)
     pipe = DCAEDiffusion.from_pretrained(tmp_path / "ckpt")
-    assert pipe.objective == "epsilon" and pipe.scaling_factor == 0.7 and pipe.sampler["guidance_scale"] == 1.5
+    assert pipe.objective == release.objective and pipe.scaling_factor == 0.7 and pipe.sampler["guidance_scale"] == 1.5
     for a, b in zip(jax.tree_util.tree_leaves(pipe.params), jax.tree_util.tree_leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert pipe.autoencoder.config.name == "tiny-ae"  # the bundled one, no download
     assert isinstance(pipe.autoencoder, DCAE)
-    images = pipe.generate([1, 999], seed=0, steps=3)
-    assert images.shape == (2, 512, 512, 3) and np.all(np.isfinite(images))
+    images = pipe.generate([999], seed=0, steps=2)
+    assert images.shape == (1, 512, 512, 3) and np.all(np.isfinite(images))
 
 
 def test_released_without_bundled_autoencoder_names_the_diffusers_repo(tiny_release, tmp_path):
@@ -86,7 +98,8 @@ def test_wrong_keys_name_the_file(tiny_release, tmp_path):
     from safetensors.numpy import load_file
 
     tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    tensors.pop("diffusion_model.pos_embed")
+    missing = next(k for k in tensors if k.endswith("blocks.0.attn.qkv.weight"))
+    tensors.pop(missing)
     save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*pos_embed"):
+    with pytest.raises(ValueError, match=r"model\.safetensors.*attn\.qkv\.weight"):
         DCAEDiffusion.from_pretrained(tmp_path / "ckpt")
