@@ -39,14 +39,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax.diffusion.uvit import patchify, timestep_embedding, unpatchify
+from dcae_jax.diffusion.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    check_latents,
+    dense,
+    init_params,
+    layer_norm,
+    num_params,
+    timestep_embedding,
+    unpatchify,
+)
 
 Array = jax.Array
 Dtype = Any
 
 # DiT `initialize_weights`: every Linear xavier_uniform / bias 0, the patch conv xavier on its (D, C*p*p) view.
 _xavier = nn.initializers.xavier_uniform()
+_patch_xavier = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)  # kernel (p, p, C, D)
 _zeros = nn.initializers.zeros
+# torch `nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)`
+_layer_norm = functools.partial(layer_norm, epsilon=1e-6, affine=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,46 +157,6 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1.0 + scale[:, None]) + shift[:, None]
 
 
-def _dense(features: int, name: str, dtype: Dtype, kernel_init=_xavier) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=_zeros, name=name)
-
-
-def _layer_norm(name: str) -> nn.LayerNorm:
-    """torch `nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)`, two-pass variance, in float32."""
-    return nn.LayerNorm(
-        epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False, dtype=jnp.float32, name=name
-    )
-
-
-class PatchConv(nn.Module):
-    """torch `Conv2d(C, D, kernel=stride=p)` as a matmul over flattened patches; kernel in conv layout (p, p, C, D)."""
-
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        p, c = self.patch_size, x.shape[-1]
-        init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)  # xavier on the (D, C*p*p) view
-        kernel = self.param("kernel", init, (p, p, c, self.features), jnp.float32)
-        bias = self.param("bias", _zeros, (self.features,), jnp.float32)
-        patches = patchify(x, p).astype(self.dtype)  # (B, L, p*p*C), features (p1, p2, C) like the kernel
-        return patches @ kernel.reshape(p * p * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
-
-
-class PatchEmbed(nn.Module):
-    """Latents to raster-ordered patch tokens (a wrapper so params sit at x_embedder/proj like torch)."""
-
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return PatchConv(self.features, self.patch_size, self.dtype, name="proj")(x)  # (B, L, D)
-
-
 class TimestepEmbedder(nn.Module):
     """GLIDE sinusoid of the (possibly fractional) timestep -> Linear -> SiLU -> Linear."""
 
@@ -193,57 +168,8 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t: Array) -> Array:
         freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32, cos first
         init = nn.initializers.normal(stddev=0.02)
-        h = nn.silu(_dense(self.features, "mlp_0", self.dtype, init)(freq))
-        return _dense(self.features, "mlp_2", self.dtype, init)(h)  # (B, D)
-
-
-class LabelEmbedder(nn.Module):
-    """Class embedding with label dropout to the null class (index num_classes) for CFG training."""
-
-    num_classes: int
-    features: int
-    dropout_prob: float
-
-    @nn.compact
-    def __call__(self, y: Array, train: bool) -> Array:
-        if train and self.dropout_prob > 0:
-            drop = jax.random.uniform(self.make_rng("label_dropout"), y.shape) < self.dropout_prob  # torch: rand < p
-            y = jnp.where(drop, self.num_classes, y)
-        table = nn.Embed(
-            self.num_classes + int(self.dropout_prob > 0),
-            self.features,
-            embedding_init=nn.initializers.normal(stddev=0.02),
-            name="embedding_table",
-        )
-        return table(y)  # (B, D) float32
-
-
-class Attention(nn.Module):
-    """timm `Attention(qkv_bias=True)`: qkv features laid out (3, heads, head_dim), proj with bias."""
-
-    num_heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, n, d = x.shape
-        head_dim = d // self.num_heads
-        qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd) each
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)  # (B, N, H, hd), float32 softmax
-        return _dense(d, "proj", self.dtype)(out.reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """timm `Mlp` with DiT's tanh-approximate GELU."""
-
-    hidden_features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = nn.gelu(_dense(self.hidden_features, "fc1", self.dtype)(x), approximate=True)
-        return _dense(x.shape[-1], "fc2", self.dtype)(h)
+        h = nn.silu(dense(self.features, "mlp_0", self.dtype, init)(freq))
+        return dense(self.features, "mlp_2", self.dtype, init)(h)  # (B, D)
 
 
 class DiTBlock(nn.Module):
@@ -256,12 +182,14 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         d = x.shape[-1]
-        mod = _dense(6 * d, "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c)).astype(jnp.float32)  # (B, 6D)
+        mod = dense(6 * d, "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c)).astype(jnp.float32)  # (B, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(_layer_norm("norm1")(x), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * Attention(self.num_heads, self.dtype, name="attn")(h)
+        attn = Attention(self.num_heads, qkv_bias=True, kernel_init=_xavier, dtype=self.dtype, name="attn")
+        x = x + gate_msa[:, None] * attn(h)
         h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
-        return x + gate_mlp[:, None] * Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
+        mlp = Mlp(int(d * self.mlp_ratio), approximate_gelu=True, kernel_init=_xavier, dtype=self.dtype, name="mlp")
+        return x + gate_mlp[:, None] * mlp(h)
 
 
 class FinalLayer(nn.Module):
@@ -273,10 +201,10 @@ class FinalLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
         d = x.shape[-1]
-        mod = _dense(2 * d, "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c)).astype(jnp.float32)
+        mod = dense(2 * d, "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c)).astype(jnp.float32)
         shift, scale = jnp.split(mod, 2, axis=-1)
         h = modulate(_layer_norm("norm_final")(x), shift, scale)
-        return _dense(self.out_features, "linear", self.dtype, _zeros)(h)  # (B, N, p*p*out)
+        return dense(self.out_features, "linear", self.dtype, _zeros)(h)  # (B, N, p*p*out)
 
 
 class DiT(nn.Module):
@@ -297,14 +225,20 @@ class DiT(nn.Module):
         """x: (B, H, W, C) latents; t: (B,) float diffusion step (0..999, may be fractional); y: (B,) int labels."""
         cfg = self.config
         d, p = cfg.hidden_size, cfg.patch_size
-        if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
-            raise ValueError(
-                f"expected latents (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}), got {x.shape}"
-            )
-        tokens = PatchEmbed(d, p, self.dtype, name="x_embedder")(x).astype(jnp.float32)  # (B, L, D)
+        check_latents(x, cfg)
+        x_embedder = PatchEmbed(d, p, self.dtype, kernel_init=_patch_xavier, bias_init=_zeros, name="x_embedder")
+        tokens = x_embedder(x).astype(jnp.float32)  # (B, L, D)
         h = tokens + jnp.asarray(sincos_pos_embed_2d(d, cfg.grid_size))[None]
         t_emb = TimestepEmbedder(d, cfg.frequency_embedding_size, self.dtype, name="t_embedder")(t)
-        y_emb = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
+        y_embedder = LabelEmbedder(
+            cfg.num_classes,
+            d,
+            cfg.class_dropout_prob,
+            null_row=cfg.class_dropout_prob > 0,  # the reference's `use_cfg_embedding`
+            embedding_init=nn.initializers.normal(stddev=0.02),
+            name="y_embedder",
+        )
+        y_emb = y_embedder(y, train)
         c = t_emb.astype(jnp.float32) + y_emb  # (B, D)
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
@@ -314,20 +248,14 @@ class DiT(nn.Module):
         return unpatchify(out.astype(jnp.float32), p, cfg.out_channels)  # (B, H, W, out)
 
 
-def _dummy_inputs(config: DiTConfig) -> tuple[Array, Array, Array]:
-    x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels), jnp.float32)
-    return x, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
-
-
 def init_dit_params(config: DiTConfig, rng: Array) -> dict:
     """Freshly initialised float32 params as the reference's `initialize_weights` (adaLN and head zeroed)."""
-    return DiT(config).init({"params": rng}, *_dummy_inputs(config), train=False)["params"]
+    return init_params(DiT(config), rng)
 
 
 def count_params(config: DiTConfig) -> int:
     """Number of (trainable) parameters, from shapes only (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda r: init_dit_params(config, r), jax.random.key(0))
-    return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+    return num_params(DiT(config))
 
 
 def param_count_closed_form(config: DiTConfig) -> int:

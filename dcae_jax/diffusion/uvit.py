@@ -30,20 +30,34 @@ time sinusoid run in float32, and the residual stream is promoted like torch aut
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from dcae_jax.diffusion.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    check_latents,
+    dense,
+    init_params,
+    layer_norm,
+    num_params,
+    timestep_embedding,
+    unpatchify,
+)
 
 Array = jax.Array
 Dtype = Any
 
 # timm `trunc_normal_(std=0.02)` truncates at *absolute* +-2 (= +-100 sigma): effectively N(0, 0.02^2).
 # Flax's `truncated_normal` would truncate at +-2 sigma instead, a different distribution.
-_linear_init = nn.initializers.normal(stddev=0.02)
+_linear_init = nn.initializers.normal(stddev=0.02)  # every Linear (bias 0) and pos_embed
+_layer_norm = functools.partial(layer_norm, epsilon=1e-5)  # torch `nn.LayerNorm(D)`: affine, eps 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,133 +114,6 @@ def get_uvit_config(name: str, *, in_channels: int, input_size: int, patch_size:
     )
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-    """GLIDE/ADM sinusoid, cos first, in float32: (B,) -> (B, dim). `t` is used as given (may be fractional)."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # (half,)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]  # (B, half)
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def patchify(x: Array, p: int) -> Array:
-    """(B, H, W, C) -> (B, (H/p)(W/p), p*p*C), raster patch order, features laid out (p1, p2, C)."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p1, p2, C)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: Array, p: int, channels: int) -> Array:
-    """(B, h*w, p*p*C) -> (B, h*p, w*p, C); the inverse of `patchify` (square grids)."""
-    b, n, _ = x.shape
-    h = w = math.isqrt(n)
-    x = x.reshape(b, h, w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)  # (B, h, p1, w, p2, C)
-    return x.reshape(b, h * p, w * p, channels)
-
-
-def _torch_uniform_fan_in(fan_in: int) -> nn.initializers.Initializer:
-    """torch Conv2d's default init for weight and bias: U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    """A torch `nn.Linear` as initialised by UViT `_init_weights`."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=_linear_init, name=name)
-
-
-def _layer_norm(name: str) -> nn.LayerNorm:
-    """torch `nn.LayerNorm(D)`: eps 1e-5 and two-pass variance, always in float32."""
-    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name=name)
-
-
-class PatchConv(nn.Module):
-    """torch `Conv2d(C, D, kernel=stride=p)` as a matmul over flattened patches; kernel in conv layout (p, p, C, D)."""
-
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        p, c = self.patch_size, x.shape[-1]
-        fan_in = c * p * p
-        kernel = self.param("kernel", _torch_uniform_fan_in(fan_in), (p, p, c, self.features), jnp.float32)
-        bias = self.param("bias", _torch_uniform_fan_in(fan_in), (self.features,), jnp.float32)
-        patches = patchify(x, p).astype(self.dtype)  # (B, L, p*p*C)
-        # (p, p, C, D) flattens to (p1 p2 C, D), the same order as the patch features.
-        y = patches @ kernel.reshape(fan_in, self.features).astype(self.dtype)  # (B, L, D)
-        return y + bias.astype(self.dtype)
-
-
-class PatchEmbed(nn.Module):
-    """Latents to raster-ordered patch tokens (a wrapper so params sit at patch_embed/proj like torch)."""
-
-    features: int
-    patch_size: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return PatchConv(self.features, self.patch_size, self.dtype, name="proj")(x)  # (B, L, D)
-
-
-class LabelEmbedder(nn.Module):
-    """Class-label token with label dropout to the null class (index num_classes) for CFG training."""
-
-    num_classes: int
-    features: int
-    dropout_prob: float
-
-    @nn.compact
-    def __call__(self, y: Array, train: bool) -> Array:
-        if train and self.dropout_prob > 0:
-            # torch: `rand(B) < p` -> null class.
-            drop = jax.random.uniform(self.make_rng("label_dropout"), y.shape) < self.dropout_prob
-            y = jnp.where(drop, self.num_classes, y)
-        table = nn.Embed(
-            self.num_classes + 1,
-            self.features,
-            embedding_init=nn.initializers.normal(stddev=1.0),  # torch nn.Embedding default N(0, 1)
-            name="embedding_table",
-        )
-        return table(y)  # (B, D) float32
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: qkv without bias (features (3, heads, head_dim)), proj with bias."""
-
-    num_heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, n, d = x.shape
-        head_dim = d // self.num_heads
-        qkv = _dense(3 * d, "qkv", self.dtype, use_bias=False)(x)  # (B, N, 3D)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd) each
-        # implementation=None lets JAX choose (XLA in jax 0.10); its softmax runs in float32 for any dtype.
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)  # (B, N, H, hd)
-        return _dense(d, "proj", self.dtype)(out.reshape(b, n, d))  # (B, N, D), heads major
-
-
-class Mlp(nn.Module):
-    """timm `Mlp`: Linear -> exact (erf) GELU -> Linear."""
-
-    hidden_features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
-        h = nn.gelu(_dense(self.hidden_features, "fc1", self.dtype)(x), approximate=False)
-        return _dense(d, "fc2", self.dtype)(h)
-
-
 class Block(nn.Module):
     """Pre-LN transformer block; out-blocks first fuse the long skip (concat + Linear, not a sum)."""
 
@@ -239,9 +126,14 @@ class Block(nn.Module):
     def __call__(self, x: Array, skip: Array | None = None) -> Array:
         d = x.shape[-1]
         if self.has_skip:
-            x = _dense(d, "skip_linear", self.dtype)(jnp.concatenate([x, skip], axis=-1))  # (B, N, 2D) -> (B, N, D)
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1")(x))
-        x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm("norm2")(x))
+            skip_linear = dense(d, "skip_linear", self.dtype, _linear_init)
+            x = skip_linear(jnp.concatenate([x, skip], axis=-1))  # (B, N, 2D) -> (B, N, D)
+        attn = Attention(self.num_heads, qkv_bias=False, kernel_init=_linear_init, dtype=self.dtype, name="attn")
+        x = x + attn(_layer_norm("norm1")(x))
+        mlp = Mlp(
+            int(d * self.mlp_ratio), approximate_gelu=False, kernel_init=_linear_init, dtype=self.dtype, name="mlp"
+        )
+        x = x + mlp(_layer_norm("norm2")(x))
         return x
 
 
@@ -263,13 +155,11 @@ class UViT(nn.Module):
         """x: (B, H, W, C) latents; t: (B,) float time fed to the sinusoid as is; y: (B,) int in [0, num_classes]."""
         cfg = self.config
         d, p = cfg.hidden_size, cfg.patch_size
-        if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
-            raise ValueError(
-                f"expected latents (B, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}), got {x.shape}"
-            )
+        check_latents(x, cfg)
 
-        patches = PatchEmbed(d, p, self.dtype, name="patch_embed")(x)  # (B, L, D)
+        patches = PatchEmbed(d, p, self.dtype, name="patch_embed")(x)  # (B, L, D), torch Conv2d default init
         time_token = timestep_embedding(t, d)[:, None]  # (B, 1, D) float32
+        # Default LabelEmbedder: N(0, 1) table (torch nn.Embedding) that always has the null row.
         label_token = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="label_emb")(y, train)[:, None]
         tokens = jnp.concatenate([label_token, time_token, patches.astype(jnp.float32)], axis=1)  # (B, 2 + L, D)
         pos_embed = self.param("pos_embed", _linear_init, (1, cfg.seq_len, d), jnp.float32)
@@ -288,21 +178,15 @@ class UViT(nn.Module):
             )
 
         h = _layer_norm("norm")(h)
-        out = _dense(p * p * cfg.in_channels, "decoder_pred", self.dtype)(h)  # (B, 2 + L, p*p*C)
+        out = dense(p * p * cfg.in_channels, "decoder_pred", self.dtype, _linear_init)(h)  # (B, 2 + L, p*p*C)
         return unpatchify(out[:, 2:].astype(jnp.float32), p, cfg.in_channels)  # (B, H, W, C)
-
-
-def _dummy_inputs(config: UViTConfig) -> tuple[Array, Array, Array]:
-    x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels), jnp.float32)
-    return x, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
 
 
 def init_uvit_params(config: UViTConfig, rng: Array) -> dict:
     """Freshly initialised float32 params (no "label_dropout" rng needed: init runs with train=False)."""
-    return UViT(config).init({"params": rng}, *_dummy_inputs(config), train=False)["params"]
+    return init_params(UViT(config), rng)
 
 
 def count_params(config: UViTConfig) -> int:
     """Number of parameters, from shapes only (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda r: init_uvit_params(config, r), jax.random.key(0))
-    return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+    return num_params(UViT(config))
