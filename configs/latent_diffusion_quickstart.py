@@ -6,9 +6,10 @@
 Chain: `autoencoder` trains the quickstart's f16c16 residual DC-AE (phase 1, 64x64 crops of the
 bundled real photos); `diffusion` encodes the bundled photos at 128x128 with it (8x8x16 latents, the
 token grid of DC-AE-f64 at 512), stores them scaled by 1/RMS, trains a 6-block UViT (epsilon
-objective, DPM-Solver++ sampling with guidance) and writes `diffusion/samples/*.png`. Eight training
-photos: the model learns to reproduce them, which is what a few CPU minutes can show. Args: ae_steps,
-steps, batch, width (UViT hidden size), depth.
+objective, DPM-Solver++ sampling with guidance) and writes `diffusion/samples/*.png`. It shows the
+pipeline, not image quality: at this budget the UViT learns the photos' colours and rough layout, not
+their detail (docs/diffusion.md has the measured numbers). Args: ae_steps, steps, batch, width (UViT
+hidden size), depth, sample_every.
 """
 
 import ml_collections
