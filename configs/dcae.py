@@ -9,7 +9,9 @@
 
 Args: variant = f32c32 | f64c128 | f128c512 | sana (architectures of the released models),
 phase = 1 | 2 | 3, data = imagenet | bundled | folder:/path, adapt_stages / head_stages (how many
-stages next to the latent / the head phases 2 / 3 also train), runlocal (tiny batch, few steps).
+stages next to the latent / the head phases 2 / 3 also train), fsdp (size of the mesh's FSDP axis:
+parameters and optimizer state are sharded over it; 1 = pure data parallel, the default),
+runlocal (tiny batch, few steps).
 Resolutions, batch sizes and step counts are our choices (the paper publishes only the learning
 rates, via a second-hand review): phase 1 and 3 at 256x256, phase 2 at 1024x1024.
 """
@@ -26,7 +28,9 @@ DATA = {"imagenet": ("tfds:imagenet2012", "train", "tfds:imagenet2012", "validat
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, variant="f32c32", phase=1, data="imagenet", adapt_stages=0, head_stages=0, runlocal=False)
+    a = common.parse_arg(
+        arg, variant="f32c32", phase=1, data="imagenet", adapt_stages=0, head_stages=0, fsdp=1, runlocal=False
+    )
     if a.variant not in VARIANTS:
         raise KeyError(f"variant={a.variant!r}; valid: {sorted(VARIANTS)}")
     name, num_stages = VARIANTS[a.variant]
@@ -47,6 +51,7 @@ def get_config(arg: str = ""):
     c.eval_every = 5000
     c.checkpoint_every = 2000
     c.log_every = 100
+    c.mesh.shape = (-1, a.fsdp)
     if a.runlocal:
         c.global_batch_size, c.eval_batch_size, c.num_steps = 2, 2, 10
         c.resolution = c.eval_resolution = c.model and 64 if a.phase != 2 else 128

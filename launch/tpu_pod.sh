@@ -25,6 +25,16 @@
 #                           DRY_RUN=1 does the same
 #   -h, --help              show this help
 # Environment: PYTHON (interpreter on the workers, default "python3"), DRY_RUN.
+#
+# Examples (check the fit first, on any machine with jax[tpu]: `python -m dcae_jax.aot --config=CONFIG
+# --topology=v5p-64`, which exits 1 when the step does not fit; docs/scaling.md has the measured configs):
+#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --setup --allow-local-workdir \
+#     configs/dcae.py:variant=f64c128,phase=1 /mnt/shared/runs/f64c128_p1 \
+#     --config.loss.lpips_weights=/mnt/shared/lpips_vgg.npz
+#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --allow-local-workdir \
+#     configs/uvit.py:model=uvit-h,latents=/mnt/shared/latents/f64c128 /mnt/shared/runs/uvit_h
+# (/mnt/shared: a filesystem mounted at the same path on every worker, e.g. Filestore or Cloud Storage
+# FUSE; the trainer writes WORKDIR with local file APIs, so today a gs:// WORKDIR stays on each worker.)
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
