@@ -63,3 +63,34 @@ def to_efficientvit_state_dict(diffusers_sd: dict[str, torch.Tensor], cfg: DCAEC
                 if e.diffusers[0] == k.replace("num_batches_tracked", "running_mean"):
                     out[e.efficientvit[0].replace("running_mean", "num_batches_tracked")] = v.clone()
     return out
+
+
+def make_diffusers_dit(cfg, seed: int = 0, *, dit_time_embedding: bool = True):
+    """A diffusers DiT with cfg's architecture and random weights everywhere (adaLN and head included).
+
+    diffusers keeps a copy of the t/y embedders in every block: all copies get block 0's weights (as in
+    converted DiT checkpoints). `dit_time_embedding` sets its sinusoid to DiT's (downscale_freq_shift 0).
+    """
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.depth,
+        sample_size=cfg.input_size,
+        patch_size=cfg.patch_size,
+        num_embeds_ada_norm=cfg.num_classes,
+        norm_eps=1e-6,
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.15 * torch.randn_like(p))
+        emb0 = model.transformer_blocks[0].norm1.emb
+        for block in model.transformer_blocks:
+            block.norm1.emb.load_state_dict(emb0.state_dict())
+            if dit_time_embedding:
+                block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return model

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import make_diffusers_dit as _diffusers_dit
 
 from dcae_jax.diffusion import convert
 from dcae_jax.diffusion.dit import DiT, get_dit_config, init_dit_params
@@ -230,29 +231,6 @@ REFERENCE_DIT_KEYS = {
     "final_layer.linear.weight": (P * P * 2 * C, D),
     "final_layer.linear.bias": (P * P * 2 * C,),
 }
-
-
-def _diffusers_dit(cfg, seed=0):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        sample_size=cfg.input_size,
-        patch_size=cfg.patch_size,
-        norm_eps=1e-6,
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.15 * torch.randn_like(p))
-        for block in model.transformer_blocks:  # one shared embedder (as converted checkpoints), DiT's sinusoid
-            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-            block.norm1.emb.time_proj.downscale_freq_shift = 0
-    return model
 
 
 def test_dit_reference_keys_and_hf_release_file_against_diffusers(tmp_path):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import make_diffusers_dit as _diffusers_dit
 
 from dcae_jax.diffusion import convert, dit
 from dcae_jax.diffusion.dit import DIT_PRESETS, DiT, DiTConfig, count_params, get_dit_config, init_dit_params
@@ -16,37 +17,6 @@ from dcae_jax.diffusion.dit import DIT_PRESETS, DiT, DiTConfig, count_params, ge
 
 def _tiny(patch_size: int = 1, input_size: int = 8, **kw) -> DiTConfig:
     return get_dit_config("dit-tiny", in_channels=4, input_size=input_size, patch_size=patch_size, **kw)
-
-
-def _diffusers_dit(cfg: DiTConfig, seed: int = 0, *, dit_time_embedding: bool = True):
-    """A diffusers DiT with cfg's architecture and random weights everywhere (adaLN and head included).
-
-    diffusers keeps a copy of the t/y embedders in every block: all copies get block 0's weights (as in
-    converted DiT checkpoints). `dit_time_embedding` sets its sinusoid to DiT's (downscale_freq_shift 0).
-    """
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.depth,
-        sample_size=cfg.input_size,
-        patch_size=cfg.patch_size,
-        num_embeds_ada_norm=cfg.num_classes,
-        norm_eps=1e-6,
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.15 * torch.randn_like(p))
-        emb0 = model.transformer_blocks[0].norm1.emb
-        for block in model.transformer_blocks:
-            block.norm1.emb.load_state_dict(emb0.state_dict())
-            if dit_time_embedding:
-                block.norm1.emb.time_proj.downscale_freq_shift = 0
-    return model
 
 
 @functools.cache
