@@ -74,3 +74,28 @@ def test_spectral_error_sees_blur_but_not_identity():
     blur_abs, blur_signed = measure.spectral_error(x, blurred)
     assert np.allclose(same_abs, 0) and np.allclose(same_signed, 0)
     assert np.all(blur_abs > 3) and np.all(blur_signed < -3)  # blur removes high-frequency energy
+
+
+def test_lpips_and_rfid_go_through_the_evaluation_modules(tmp_path):
+    """With weights files (random here), the study's LPIPS and rFID equal the metrics modules' own."""
+    import jax
+    import jax.numpy as jnp
+
+    from dcae_jax.metrics import fid as fid_lib
+    from dcae_jax.metrics import lpips as lpips_lib
+
+    lpips_vars = jax.jit(lpips_lib.LPIPS(net="vgg").init)(jax.random.key(0), *[jnp.zeros((1, 64, 64, 3))] * 2)
+    lpips_lib.save_lpips_weights(lpips_vars, tmp_path / "lpips.npz", "vgg")
+    fid_lib.save_fid_weights(fid_lib.init_fid_variables(0), tmp_path / "fid.npz")
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(-1, 1, (16, 64, 64, 3)).astype(np.float32)
+    pred = np.clip(0.7 * ref + rng.normal(0, 0.1, ref.shape), -1, 1).astype(np.float32)
+    p = measure.Perceptual(str(tmp_path / "lpips.npz"), str(tmp_path / "fid.npz"))
+
+    module, variables = lpips_lib.load_lpips(tmp_path / "lpips.npz")
+    np.testing.assert_allclose(p.lpips(ref, pred), np.asarray(jax.jit(module.apply)(variables, ref, pred)), rtol=1e-5)
+    net, fid_vars = fid_lib.load_fid_inception(tmp_path / "fid.npz")
+    features = jax.jit(net.apply)
+    stats = [fid_lib.FeatureStats().update(np.asarray(features(fid_vars, x))) for x in (ref, pred)]
+    expected = fid_lib.frechet_distance(*stats[0].mu_sigma(), *stats[1].mu_sigma())
+    assert p.rfid(ref, pred) == pytest.approx(expected, rel=1e-6)
