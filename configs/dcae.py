@@ -1,11 +1,11 @@
 """DC-AE training, any released architecture, any phase.
 
-    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=1,data=imagenet --workdir=gs://bucket/f64_p1 \
+    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=1,data=imagenet --workdir=/mnt/shared/runs/f64_p1 \
         --config.loss.lpips_weights=lpips_vgg.npz
-    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=2,data=imagenet --workdir=gs://bucket/f64_p2 \
-        --config.init_from=gs://bucket/f64_p1/export --config.loss.lpips_weights=lpips_vgg.npz
-    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=3,data=imagenet --workdir=gs://bucket/f64_p3 \
-        --config.init_from=gs://bucket/f64_p2/export --config.loss.lpips_weights=lpips_vgg.npz
+    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=2,data=imagenet --workdir=/mnt/shared/runs/f64_p2 \
+        --config.init_from=/mnt/shared/runs/f64_p1/export --config.loss.lpips_weights=lpips_vgg.npz
+    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=3,data=imagenet --workdir=/mnt/shared/runs/f64_p3 \
+        --config.init_from=/mnt/shared/runs/f64_p2/export --config.loss.lpips_weights=lpips_vgg.npz
 
 Args: variant = f32c32 | f64c128 | f128c512 | sana (architectures of the released models),
 phase = 1 | 2 | 3, data = imagenet | bundled | folder:/path, adapt_stages / head_stages (how many
