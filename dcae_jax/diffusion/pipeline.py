@@ -133,7 +133,8 @@ class DCAEDiffusion:
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.model_type = _model_type(config)
         self.model = MODEL_TYPES[self.model_type][1](config, dtype=dtype)
-        self._autoencoder = autoencoder  # a path / repo id (loaded on first use) or a DCAE
+        self._autoencoder = autoencoder  # a path / repo id (loaded on first use, kept for the export) or a DCAE
+        self._loaded_autoencoder = None if isinstance(autoencoder, str | os.PathLike) else autoencoder
 
     # ------------------------------------------------------------------------------------------
     # Loading and saving.
@@ -189,7 +190,7 @@ class DCAEDiffusion:
             ckptr.save(out / PARAMS_DIR, params, force=True)
             ckptr.wait_until_finished()
         if jax.process_index() == 0:
-            ae = self._autoencoder if isinstance(self._autoencoder, str) else ""
+            ae = str(self._autoencoder) if isinstance(self._autoencoder, str | os.PathLike) else ""
             raw = {
                 "format": FORMAT,
                 "model_type": self.model_type,
@@ -213,11 +214,11 @@ class DCAEDiffusion:
         """The DC-AE that decodes the latents (loaded on first use)."""
         if not self._autoencoder:
             raise ValueError("this diffusion model names no autoencoder: pass autoencoder=... to from_pretrained")
-        if isinstance(self._autoencoder, str | os.PathLike):
+        if self._loaded_autoencoder is None:
             from dcae_jax.pretrained import DCAE
 
-            self._autoencoder = DCAE.from_pretrained(self._autoencoder)
-        return self._autoencoder
+            self._loaded_autoencoder = DCAE.from_pretrained(self._autoencoder)
+        return self._loaded_autoencoder
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
