@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dcae_jax import distributed
+from dcae_jax import distributed, paths
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -91,8 +91,12 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        workdir = paths.local_dir(flags.FLAGS.workdir, "--workdir")
+    except ValueError as err:
+        print(f"main: error: {err}", file=sys.stderr)
+        sys.exit(2)
     distributed.initialize_from_env()
-    workdir = pathlib.Path(flags.FLAGS.workdir)
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     try:
         run(flags.FLAGS.config, workdir)

@@ -539,10 +539,11 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the report
-    from dcae_jax import distributed
+    from dcae_jax import distributed, paths
 
     distributed.initialize_from_env()
     try:
+        paths.local_dir(FLAGS.out, "--out")
         precompute(
             FLAGS.model,
             FLAGS.data,

@@ -220,10 +220,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from dcae_jax import distributed
+    from dcae_jax import distributed, paths
 
     distributed.initialize_from_env()
     try:
+        paths.local_dir(FLAGS.out, "--out")
         run(FLAGS)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"sample: error: {err}", file=sys.stderr)

@@ -4,10 +4,14 @@
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [options] CONFIG WORKDIR [--config.key=value ...] [-- flags]
 #
 # runs on all workers at once:
-#   cd REMOTE_DIR && python3 -m dcae_jax.main --config=CONFIG --workdir=WORKDIR [extra flags]
-# JAX finds the other hosts of the slice from the TPU runtime (no coordinator variables are needed).
-# CONFIG is a path inside REMOTE_DIR. WORKDIR must be shared by all workers (checkpoints are written
-# collectively), i.e. a gs:// bucket path unless --allow-local-workdir (e.g. an NFS/Filestore mount).
+#   cd REMOTE_DIR && JAX_NUM_PROCESSES=auto python3 -m dcae_jax.main --config=CONFIG --workdir=WORKDIR [extra flags]
+# JAX_NUM_PROCESSES=auto makes the trainer call jax.distributed.initialize(), which finds the slice's
+# hosts and coordinator from the TPU VM's metadata (no addresses to pass); orbax's multi-host checkpoint
+# barriers need the distributed system it starts.
+# CONFIG is a path inside REMOTE_DIR. WORKDIR must be an absolute path on a file system mounted at the same
+# path on every worker (checkpoints are written collectively): Filestore/NFS, or a bucket through Cloud
+# Storage FUSE. The trainer writes with local file APIs, so a gs:// URL is refused (it would stay on each
+# worker's own disk).
 # The repository must already be at REMOTE_DIR on every worker (e.g. git clone it with a
 # `gcloud compute tpus tpu-vm ssh NAME --worker=all --command 'git clone URL dcae_jax'`).
 #
@@ -20,7 +24,6 @@
 #   --setup                 first install "jax[tpu]==<version pinned in requirements.txt>" and
 #                           requirements.txt on all workers, then train
 #   --setup-only            only the install step
-#   --allow-local-workdir   accept a WORKDIR that is not gs://
 #   --dry-run               print the commands (one per line, prefixed by "+ ") instead of running them;
 #                           DRY_RUN=1 does the same
 #   -h, --help              show this help
@@ -28,13 +31,12 @@
 #
 # Examples (check the fit first, on any machine with jax[tpu]: `python -m dcae_jax.aot --config=CONFIG
 # --topology=v5p-64`, which exits 1 when the step does not fit; docs/scaling.md has the measured configs):
-#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --setup --allow-local-workdir \
+#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --setup \
 #     configs/dcae.py:variant=f64c128,phase=1 /mnt/shared/runs/f64c128_p1 \
 #     --config.loss.lpips_weights=/mnt/shared/lpips_vgg.npz
-#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --allow-local-workdir \
+#   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" \
 #     configs/uvit.py:model=uvit-h,latents=/mnt/shared/latents/f64c128 /mnt/shared/runs/uvit_h
-# (/mnt/shared: a filesystem mounted at the same path on every worker, e.g. Filestore or Cloud Storage
-# FUSE; the trainer writes WORKDIR with local file APIs, so today a gs:// WORKDIR stays on each worker.)
+# (/mnt/shared: a file system mounted at the same path on every worker.)
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
@@ -72,7 +74,6 @@ project=""
 remote_dir=dcae_jax
 setup=0
 train=1
-allow_local=0
 positional=()
 extra=()
 while (($#)); do
@@ -81,7 +82,6 @@ while (($#)); do
     --dry-run) dry_run=1 ;;
     --setup) setup=1 ;;
     --setup-only) setup=1; train=0 ;;
-    --allow-local-workdir) allow_local=1 ;;
     --tpu | --zone | --project | --remote-dir)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in
@@ -113,9 +113,10 @@ if ((train)); then
   config=${positional[0]}
   workdir=${positional[1]}
   [[ -n $config ]] || die "CONFIG is empty"
-  if [[ $workdir != gs://?* ]] && ((!allow_local)); then
-    die "WORKDIR must be a gs:// path shared by all workers, got '$workdir' (or pass --allow-local-workdir)"
+  if [[ $workdir =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+    die "WORKDIR '$workdir' is a URL: the trainer writes with local file APIs; mount the bucket (Cloud Storage FUSE) or a Filestore share at the same path on every worker and pass that path"
   fi
+  [[ $workdir == /* ]] || die "WORKDIR must be an absolute path on a file system shared by all workers, got '$workdir'"
 else
   ((${#positional[@]} == 0)) || die "--setup-only takes no CONFIG/WORKDIR"
 fi
@@ -138,6 +139,7 @@ if ((setup)); then
     "jax[tpu]==$jax_version" -r requirements.txt)"
 fi
 if ((train)); then
-  run "${ssh[@]}" --command "$(remote_cmd cd "$remote_dir" "&&" "$python" -m dcae_jax.main "--config=$config" \
+  run "${ssh[@]}" --command "$(remote_cmd cd "$remote_dir" "&&" JAX_NUM_PROCESSES=auto "$python" -m dcae_jax.main \
+    "--config=$config" \
     "--workdir=$workdir" ${extra[@]+"${extra[@]}"})"
 fi

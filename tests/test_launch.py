@@ -151,7 +151,7 @@ def test_local_argument_errors(config, args, message):
 
 def test_tpu_dry_run(config):
     args = ["--tpu", "pod-1", "--zone", "us-central2-b", "--project", "proj", "--setup"]
-    result = launch("tpu_pod.sh", "--dry-run", *args, config, "gs://bucket/run", "--", "--config.lr=1e-4")
+    result = launch("tpu_pod.sh", "--dry-run", *args, config, "/mnt/shared/run", "--", "--config.lr=1e-4")
     setup, train = commands(result)
     prefix = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-1", "--zone", "us-central2-b", "--project", "proj"]
     assert setup[:-2] == train[:-2] == [*prefix, "--worker=all"]
@@ -163,20 +163,20 @@ def test_tpu_dry_run(config):
         *["-r", "requirements.txt"],
     ]
     assert shlex.split(train[-1]) == [
-        *["cd", "dcae_jax", "&&", "python3", "-m", "dcae_jax.main"],
-        *[f"--config={config}", "--workdir=gs://bucket/run", "--config.lr=1e-4"],
+        *["cd", "dcae_jax", "&&", "JAX_NUM_PROCESSES=auto", "python3", "-m", "dcae_jax.main"],
+        *[f"--config={config}", "--workdir=/mnt/shared/run", "--config.lr=1e-4"],
     ]
 
 
 def test_tpu_setup_only_and_errors(config):
     [cmd] = commands(launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", "--setup-only"))
     assert "--worker=all" in cmd and "pip" in cmd[-1] and "dcae_jax.main" not in cmd[-1]
-    local = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "/tmp/run")
-    assert local.returncode == 2 and "WORKDIR must be a gs:// path" in local.stderr
-    assert commands(
-        launch("tpu_pod.sh", "--dry-run", "--tpu=p", "--zone=z", "--allow-local-workdir", config, "/nfs/run")
-    )
-    missing = launch("tpu_pod.sh", "--dry-run", "--zone", "z", config, "gs://b/r")
+    url = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "gs://bucket/run")
+    assert url.returncode == 2 and "WORKDIR 'gs://bucket/run' is a URL" in url.stderr and not url.stdout
+    relative = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "runs/r")
+    assert relative.returncode == 2 and "WORKDIR must be an absolute path" in relative.stderr
+    assert commands(launch("tpu_pod.sh", "--dry-run", "--tpu=p", "--zone=z", config, "/nfs/run"))
+    missing = launch("tpu_pod.sh", "--dry-run", "--zone", "z", config, "/nfs/run")
     assert missing.returncode == 2 and "--tpu NAME is required" in missing.stderr
 
 

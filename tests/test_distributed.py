@@ -1,0 +1,125 @@
+"""dcae_jax.distributed: what JAX_NUM_PROCESSES starts, and a real 2-process start-up detected by JAX itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dcae_jax import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records jax.distributed.initialize / gloo selection instead of starting anything."""
+    seen: list = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: seen.append(("initialize", kw)))
+    monkeypatch.setattr(distributed, "_use_gloo_on_cpu", lambda: seen.append(("gloo", {})))
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("value", [None, "", "1", "0"])
+def test_single_process_starts_nothing(calls, monkeypatch, value):
+    if value is not None:
+        monkeypatch.setenv("JAX_NUM_PROCESSES", value)
+    distributed.initialize_from_env()
+    assert calls == []
+
+
+def test_explicit_and_auto(calls, monkeypatch):
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    distributed.initialize_from_env()
+    assert calls == [("gloo", {}), ("initialize", {"num_processes": 4, "process_id": 3})]
+    calls.clear()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", " Auto ")
+    distributed.initialize_from_env()
+    assert calls == [("gloo", {}), ("initialize", {})]  # JAX detects the cluster (TPU metadata, Slurm, MPI)
+
+
+def test_bad_values_name_the_variable(calls, monkeypatch):
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two': expected a process count or 'auto'"):
+        distributed.initialize_from_env()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(ValueError, match="needs JAX_PROCESS_ID"):
+        distributed.initialize_from_env()
+    assert calls == []
+
+
+def _free_slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX's Slurm rule: 61440 + id % 4096) is free on loopback."""
+    for _ in range(100):
+        job_id = random.randrange(4096)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 61440 + job_id))
+            except OSError:
+                continue
+            return job_id
+    pytest.skip("no free port in 61440-65535")
+
+
+WORKER = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from dcae_jax import distributed
+    distributed.initialize_from_env()
+    import jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    local = np.arange(jax.local_device_count(), dtype=np.float32) + 10 * jax.process_index()
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+    print(json.dumps({"index": jax.process_index(), "count": jax.process_count(),
+                      "devices": jax.device_count(), "sum": float(total)}))
+    """
+)
+
+
+def test_auto_detects_a_cluster_for_real():
+    """JAX_NUM_PROCESSES=auto with nothing but a (loopback) Slurm allocation's variables: JAX's own detection
+    finds 2 processes and the coordinator, and a collective over the 4 devices of both gives the global sum."""
+    job_id = _free_slurm_job_id()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_"))}
+    base.update(
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_NUM_PROCESSES="auto",
+        SLURM_JOB_ID=str(job_id),
+        SLURM_STEP_NODELIST="127.0.0.1",
+        SLURM_NTASKS="2",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["index"])
+    # Device values: process 0 holds 0, 1; process 1 holds 10, 11.
+    assert results == [{"index": i, "count": 2, "devices": 4, "sum": 22.0} for i in range(2)]
