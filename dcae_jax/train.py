@@ -466,12 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             h(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = {k: float(v) for k, v in metrics.compute().items()}
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
-                    f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
-                )
+            summary = fetch_summary(metrics, step, last_good, workdir)
             dt = time.time() - t_log
             summary["images_per_sec"] = n_images / max(dt, 1e-9)
             summary["skipped_images"] = skipped
@@ -499,6 +494,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
     writer.flush()
     return final
+
+
+def fetch_summary(metrics, step: int, last_good: int | None, workdir: pathlib.Path) -> dict[str, float]:
+    """The accumulated metrics on the host (a log step's one device fetch); stops on a non-finite loss.
+
+    Stopping before the step's checkpoint keeps the last good one as the latest, so a rerun resumes there.
+    """
+    summary = {k: float(v) for k, v in metrics.compute().items()}
+    if not np.isfinite(summary["loss"]):
+        raise FloatingPointError(
+            f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
+            f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
+        )
+    return summary
 
 
 def _mesh(config, devices=None):

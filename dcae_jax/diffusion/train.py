@@ -236,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Runs (or resumes) UViT training in `workdir`; returns the final summary."""
     from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
-    from dcae_jax.train import _abstract_with_shardings, _checkpoint_manager, _mesh, _restore, _save
+    from dcae_jax.train import _abstract_with_shardings, _checkpoint_manager, _mesh, _restore, _save, fetch_summary
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -328,12 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             report(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = {k: float(v) for k, v in metrics.compute().items()}
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
-                    f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
-                )
+            summary = fetch_summary(metrics, step, last_good, workdir)
             summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
             summary["learning_rate"] = float(lr(step - 1))
             writer.write_scalars(step, summary)
