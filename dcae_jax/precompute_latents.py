@@ -541,9 +541,9 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the report
     from dcae_jax import distributed, paths
 
-    distributed.initialize_from_env()
     try:
-        paths.local_dir(FLAGS.out, "--out")
+        paths.local_dir(FLAGS.out, "--out")  # before joining a pod's other processes
+        distributed.initialize_from_env()
         precompute(
             FLAGS.model,
             FLAGS.data,

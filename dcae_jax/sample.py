@@ -222,9 +222,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from dcae_jax import distributed, paths
 
-    distributed.initialize_from_env()
     try:
-        paths.local_dir(FLAGS.out, "--out")
+        paths.local_dir(FLAGS.out, "--out")  # before joining a pod's other processes
+        distributed.initialize_from_env()
         run(FLAGS)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"sample: error: {err}", file=sys.stderr)

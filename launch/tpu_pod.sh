@@ -4,7 +4,7 @@
 #   launch/tpu_pod.sh --tpu NAME --zone ZONE [options] CONFIG WORKDIR [--config.key=value ...] [-- flags]
 #
 # runs on all workers at once:
-#   cd REMOTE_DIR && JAX_NUM_PROCESSES=auto python3 -m dcae_jax.main --config=CONFIG --workdir=WORKDIR [extra flags]
+#   cd REMOTE_DIR && env JAX_NUM_PROCESSES=auto python3 -m dcae_jax.main --config=CONFIG --workdir=WORKDIR [extra flags]
 # JAX_NUM_PROCESSES=auto makes the trainer call jax.distributed.initialize(), which finds the slice's
 # hosts and coordinator from the TPU VM's metadata (no addresses to pass); orbax's multi-host checkpoint
 # barriers need the distributed system it starts.
@@ -114,7 +114,8 @@ if ((train)); then
   workdir=${positional[1]}
   [[ -n $config ]] || die "CONFIG is empty"
   if [[ $workdir =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
-    die "WORKDIR '$workdir' is a URL: the trainer writes with local file APIs; mount the bucket (Cloud Storage FUSE) or a Filestore share at the same path on every worker and pass that path"
+    die "WORKDIR '$workdir' is a URL: the trainer writes with local file APIs; mount the bucket \
+(Cloud Storage FUSE) or a Filestore share at the same path on every worker and pass that path"
   fi
   [[ $workdir == /* ]] || die "WORKDIR must be an absolute path on a file system shared by all workers, got '$workdir'"
 else
@@ -139,7 +140,7 @@ if ((setup)); then
     "jax[tpu]==$jax_version" -r requirements.txt)"
 fi
 if ((train)); then
-  run "${ssh[@]}" --command "$(remote_cmd cd "$remote_dir" "&&" JAX_NUM_PROCESSES=auto "$python" -m dcae_jax.main \
+  run "${ssh[@]}" --command "$(remote_cmd cd "$remote_dir" "&&" env JAX_NUM_PROCESSES=auto "$python" -m dcae_jax.main \
     "--config=$config" \
     "--workdir=$workdir" ${extra[@]+"${extra[@]}"})"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -58,15 +59,29 @@ def test_bad_values_name_the_variable(calls, monkeypatch):
     assert calls == []
 
 
+def _port_is_free(port: int) -> bool:
+    """Free for IPv4 and, where the machine has it, IPv6 (JAX's coordinator listens on [::])."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family)
+        except OSError:  # no IPv6
+            continue
+        with s:
+            try:
+                s.bind((host, port))
+            except OSError as err:
+                if family == socket.AF_INET6 and err.errno == errno.EADDRNOTAVAIL:
+                    continue
+                return False
+    return True
+
+
 def _free_slurm_job_id() -> int:
-    """A job id whose coordinator port (JAX's Slurm rule: 61440 + id % 4096) is free on loopback."""
+    """A job id whose coordinator port (JAX's Slurm rule: 61440 + id % 4096, above Linux's ephemeral
+    range) is free."""
     for _ in range(100):
         job_id = random.randrange(4096)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 61440 + job_id))
-            except OSError:
-                continue
+        if _port_is_free(61440 + job_id):
             return job_id
     pytest.skip("no free port in 61440-65535")
 
@@ -93,7 +108,9 @@ def test_auto_detects_a_cluster_for_real():
     """JAX_NUM_PROCESSES=auto with nothing but a (loopback) Slurm allocation's variables: JAX's own detection
     finds 2 processes and the coordinator, and a collective over the 4 devices of both gives the global sum."""
     job_id = _free_slurm_job_id()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_"))}
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_", "OMPI_", "PMI_"))
+    }
     base.update(
         PYTHONPATH=str(REPO),
         JAX_PLATFORMS="cpu",

@@ -163,7 +163,7 @@ def test_tpu_dry_run(config):
         *["-r", "requirements.txt"],
     ]
     assert shlex.split(train[-1]) == [
-        *["cd", "dcae_jax", "&&", "JAX_NUM_PROCESSES=auto", "python3", "-m", "dcae_jax.main"],
+        *["cd", "dcae_jax", "&&", "env", "JAX_NUM_PROCESSES=auto", "python3", "-m", "dcae_jax.main"],
         *[f"--config={config}", "--workdir=/mnt/shared/run", "--config.lr=1e-4"],
     ]
 

@@ -31,6 +31,10 @@ def test_local_dir():
             "main: error: --workdir=",
         ),
         (["-m", "dcae_jax.sample", "--model=m", "--out=gs://bucket/samples"], "sample: error: --out="),
+        (
+            ["-m", "dcae_jax.precompute_latents", "--model=m", "--data=bundled", "--resolution=64", "--out=gs://b/l"],
+            "precompute_latents: error: --out=",
+        ),
     ],
 )
 def test_entry_points_refuse_urls(tmp_path, args, message):
