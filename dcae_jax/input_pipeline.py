@@ -48,7 +48,6 @@ guard, and with absl flags parsed (e.g. from `absl.app.run`).
 from __future__ import annotations
 
 import importlib.util
-import io
 import math
 import os
 import pathlib
@@ -58,12 +57,13 @@ from typing import Any
 import grain
 import numpy as np
 from absl import logging
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dcae_jax.data.images import (
     ImageReadError,
     _to_rgb,
     center_crop_adm,
+    decode_image_bytes,
     list_images,
     open_image,
     pil_to_array,
@@ -183,23 +183,6 @@ def make_source(spec: str, split: str):
 # Records -> images.
 
 
-def _open_bytes(data: bytes, what: str) -> Image.Image:
-    """`open_image` for encoded bytes (tfds records)."""
-    if not data:
-        raise ImageReadError(what, "empty image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.width == 0 or img.height == 0:
-                raise ImageReadError(what, "zero-size image")
-            return _to_rgb(img)
-    except ImageReadError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
-
-
 def _open_array(a: np.ndarray, what: str) -> Image.Image:
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -221,7 +204,7 @@ def open_record(record: Any) -> Image.Image:
         if isinstance(image, np.ndarray) and image.dtype.kind in "SO" and image.size == 1:
             image = image.item()  # a scalar bytes array
         if isinstance(image, bytes):
-            return _open_bytes(image, what)
+            return decode_image_bytes(image, what)
         return _open_array(image, what)
     raise ImageReadError("?", f"unsupported record type {type(record).__name__}")
 

@@ -10,6 +10,7 @@ report and skip them.
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 import warnings
@@ -62,20 +63,35 @@ def open_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Im
     """Decodes the whole file into an RGB PIL image (any mode converted); raises `ImageReadError`."""
     p = pathlib.Path(path)
     try:
-        if p.stat().st_size == 0:
-            raise ImageReadError(p, "empty file")
-        with Image.open(p) as img:
+        empty = p.stat().st_size == 0
+    except OSError as err:  # missing file, permissions
+        raise ImageReadError(p, f"{type(err).__name__}: {err}") from err
+    if empty:
+        raise ImageReadError(p, "empty file")
+    return _decode(p, p, exif_transpose)
+
+
+def decode_image_bytes(data: bytes, what: str, exif_transpose: bool = True) -> Image.Image:
+    """`open_image` for encoded bytes (e.g. tfds records); `what` names the record in errors."""
+    if not data:
+        raise ImageReadError(what, "empty image bytes")
+    return _decode(io.BytesIO(data), what, exif_transpose)
+
+
+def _decode(fp, what, exif_transpose: bool) -> Image.Image:
+    try:
+        with Image.open(fp) as img:
             img.load()  # decode now: truncated or corrupt data fails here, not later
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
             if img.width == 0 or img.height == 0:
-                raise ImageReadError(p, "zero-size image")
+                raise ImageReadError(what, "zero-size image")
             return _to_rgb(img)
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         # OSError covers missing files, PIL.UnidentifiedImageError and "image file is truncated".
-        raise ImageReadError(p, f"{type(err).__name__}: {err}") from err
+        raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
 
 
 def center_crop_adm(pil_img: Image.Image, size: int) -> Image.Image:

@@ -7,6 +7,7 @@ from PIL import Image
 from dcae_jax.data.images import (
     ImageReadError,
     center_crop_adm,
+    decode_image_bytes,
     list_images,
     load_image,
     open_image,
@@ -72,6 +73,12 @@ def test_broken_files_raise_image_read_error(tmp_path):
             load_image(tmp_path / name)
         assert info.value.path.name == name and name in str(info.value)
     assert open_image(tmp_path / "full.png").size == (64, 48)
+    # The same checks for encoded bytes (tfds records), named by the record.
+    for name in ["empty.png", "garbage.jpg", "truncated.png", "truncated.jpg"]:
+        with pytest.raises(ImageReadError, match=f"train/{name}: cannot read image"):
+            decode_image_bytes((tmp_path / name).read_bytes(), f"train/{name}")
+    decoded = decode_image_bytes((tmp_path / "full.jpg").read_bytes(), "train/full.jpg")
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(open_image(tmp_path / "full.jpg")))
 
 
 @pytest.mark.parametrize("size_wh", [(64, 48), (300, 200), (97, 1000), (50, 50)])
