@@ -281,25 +281,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         donate_argnums=(0,),
     )
 
-    pipes: list[DCAEDiffusion] = []  # one pipeline: its autoencoder and compiled sampler are reused
+    sampling_pipe: DCAEDiffusion | None = None  # built once: its autoencoder and compiled sampler are reused
 
     def export() -> DCAEDiffusion:
+        nonlocal sampling_pipe
         params = state.ema_params if trainer.ema_decay > 0 else state.params
         params = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
-        if pipes:
-            pipes[0].params = jax.tree_util.tree_map(jnp.asarray, params)
-        else:
-            pipes.append(
-                DCAEDiffusion(
-                    cfg,
-                    params,
-                    objective=config.objective,
-                    scaling_factor=dataset.scaling_factor,
-                    sampler=config.sample.to_dict(),
-                    autoencoder=config.autoencoder or dataset.metadata.get("model", ""),
-                )
+        if sampling_pipe is None:
+            sampling_pipe = DCAEDiffusion(
+                cfg,
+                params,
+                objective=config.objective,
+                scaling_factor=dataset.scaling_factor,
+                sampler=config.sample.to_dict(),
+                autoencoder=config.autoencoder or dataset.metadata.get("model", ""),
             )
-        return pipes[0]
+        else:
+            sampling_pipe.params = jax.tree_util.tree_map(jnp.asarray, params)
+        return sampling_pipe
 
     def write_samples(step: int, pipe: DCAEDiffusion | None = None) -> None:
         if not config.autoencoder:
