@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         {
             "l1_weight": 1.0,
             "lpips_weight": 0.0,
-            "lpips_weights": "",
+            "lpips_weights": "",  # empty: the genuine VGG16 file (python -m dcae_jax.fetch_weights), made on first use
             "gan_weight": 0.0,
             "gan_loss": "hinge",
             "adaptive_gan_weight": True,
@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
             "b2": 0.9,
         }
     )
+    # Held-out evaluation beside PSNR/SSIM: LPIPS (AlexNet) and rFID with the genuine networks (fetch_weights).
+    c.eval_lpips = True
+    c.eval_rfid = True
+    c.eval_rfid_crop = 0  # 0: whole images; s > 0: s x s crops on a stride-s/2 grid (patch rFID, tiny eval sets)
     c.ema_decay = 0.0
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})  # 0: all
     c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})

@@ -1,11 +1,10 @@
 """DC-AE training, any released architecture, any phase.
 
-    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=1,data=imagenet --workdir=/mnt/shared/runs/f64_p1 \
-        --config.loss.lpips_weights=lpips_vgg.npz
+    python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=1,data=imagenet --workdir=/mnt/shared/runs/f64_p1
     python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=2,data=imagenet --workdir=/mnt/shared/runs/f64_p2 \
-        --config.init_from=/mnt/shared/runs/f64_p1/export --config.loss.lpips_weights=lpips_vgg.npz
+        --config.init_from=/mnt/shared/runs/f64_p1/export
     python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=3,data=imagenet --workdir=/mnt/shared/runs/f64_p3 \
-        --config.init_from=/mnt/shared/runs/f64_p2/export --config.loss.lpips_weights=lpips_vgg.npz
+        --config.init_from=/mnt/shared/runs/f64_p2/export
 
 Args: variant = f32c32 | f64c128 | f128c512 | sana (architectures of the released models),
 phase = 1 | 2 | 3, data = imagenet | bundled | folder:/path, adapt_stages / head_stages (how many
@@ -37,7 +36,7 @@ def get_config(arg: str = ""):
     c = common.base_config()
     c.model.variant = name
     common.apply_phase(c, a.phase, num_stages, a.adapt_stages, a.head_stages)
-    c.loss.lpips_weight = 1.0  # L1 + LPIPS (the maintainers' statement); needs config.loss.lpips_weights
+    c.loss.lpips_weight = 1.0  # L1 + LPIPS (the maintainers' statement); genuine VGG16 weights by default
     c.resolution = 1024 if a.phase == 2 else 256
     c.global_batch_size = {1: 256, 2: 64, 3: 256}[a.phase]
     c.num_steps = {1: 200_000, 2: 20_000, 3: 20_000}[a.phase]

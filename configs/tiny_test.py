@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
     c.num_steps = a.steps
     c.log_every, c.checkpoint_every, c.eval_every = 1, a.checkpoint_every, 0
     c.keep_checkpoints = 10
+    c.eval_lpips = c.eval_rfid = False  # no perceptual networks in multi-process / AOT smoke runs
     c.optim.learning_rate, c.optim.eps = 1e-4, 1e-3
     c.disc.base_features, c.disc.num_layers = 16, 2
     c.mesh.shape = (-1, a.fsdp)

@@ -181,12 +181,21 @@ def detect_format(keys: Iterator[str] | list[str]) -> str:
     )
 
 
+WRAPPER_PREFIXES = ("module.", "model.")  # PyTorch DDP / DataParallel; efficientvit's trainer
+
+
 def _strip_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accepts `{"state_dict": ...}` wrappers and a `model.` prefix (efficientvit .pt files)."""
+    """Accepts `{"state_dict": ...}` wrappers and `module.` (DDP) / `model.` (efficientvit .pt) prefixes on every
+    key, in any nesting (`module.model.encoder...`)."""
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
+    stripped = True
+    while state and stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
     return state
 
 

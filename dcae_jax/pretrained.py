@@ -113,7 +113,7 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
     except Exception as err:  # offline, missing repo, auth
         raise FileNotFoundError(
             f"{s}: not a local path, and downloading it from the Hugging Face hub failed ({err}). "
-            "Download it on a machine that is online (huggingface-cli download REPO --local-dir DIR) "
+            "Download it on a machine that is online (hf download REPO --local-dir DIR) "
             "and pass the directory."
         ) from err
 

@@ -1,7 +1,7 @@
 """Class-conditional samples from a latent diffusion model: PNG grids and generation FID.
 
     python -m dcae_jax.sample --model=/runs/uvit/export --num_samples=50000 --batch_size=64 \\
-        --fid_stats=imagenet_512_train.npz --fid_weights=fid_inception.npz --out=/runs/uvit/fid50k
+        --fid_stats=imagenet_512_train.npz --out=/runs/uvit/fid50k
     # The DC-AE authors' demo: 16 ImageNet classes, guidance 6.0, seed 0, a 4x4 grid.
     python -m dcae_jax.sample --model=mit-han-lab/dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k \
         --classes=279,333,979,936,933,145,497,1,248,360,793,12,387,437,938,978 --guidance_scale=6 --seed=0 --out=demo
@@ -48,7 +48,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the class ids and the noise.")
     flags.DEFINE_integer("grid", 64, "Samples shown in grid.png (the first ones).")
     flags.DEFINE_string("fid_stats", None, "Reference statistics (.npz with mu, sigma) for FID.")
-    flags.DEFINE_string("fid_weights", None, "Converted FID-Inception weights (see `python -m dcae_jax.metrics.fid`).")
+    flags.DEFINE_string("fid_weights", None, "FID-Inception weights .npz (default: the genuine file, fetch_weights).")
     flags.DEFINE_bool("save_images", False, "Keep every sample's uint8 pixels in the chunk files.")
 
 
@@ -100,11 +100,11 @@ def run(args) -> dict:
     num_classes = pipe.config.num_classes
     ids = class_ids(args.num_samples, num_classes, args.seed, [int(c) for c in args.classes])
     want_fid = bool(args.fid_stats)
-    if want_fid and not args.fid_weights:
-        raise ValueError("--fid_stats needs --fid_weights (converted FID-Inception weights)")
     fid_fn = None
     if want_fid:
-        fid_net, fid_vars = fid_lib.load_fid_inception(args.fid_weights)
+        from dcae_jax.metrics import weights
+
+        fid_net, fid_vars = fid_lib.load_fid_inception(weights.resolve("fid_inception", args.fid_weights))
         fid_fn = jax.jit(lambda v, x: fid_net.apply(v, x))
     ref = fid_lib.load_stats(args.fid_stats) if want_fid else None
 

@@ -191,15 +191,48 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux_vars: dict[st
     return new_state, TrainMetrics.single_from_model_output(**metrics)
 
 
-def eval_step(params, batch_stats, batch, aux_vars, *, model: DCAEModel, lpips=None):
-    """Reconstructions and per-image PSNR/SSIM (reference evaluator conventions), LPIPS when weights are given."""
+@dataclasses.dataclass(frozen=True)
+class EvalNets:
+    """The evaluation networks (genuine weights): LPIPS AlexNet and the FID Inception; None when switched off."""
+
+    lpips: Any = None
+    fid: Any = None
+    rfid_crop: int = 0  # 0: whole images; s: s x s crops on a stride-s/2 grid (patch rFID for tiny held-out sets)
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+def crops(x: jax.Array, size: int) -> jax.Array:
+    """(B, H, W, C) -> (B * K, size, size, C): the size x size windows on a stride size/2 grid, image-major."""
+    if size <= 0:
+        return x
+    h, w = x.shape[1:3]
+    if size > min(h, w):
+        raise ValueError(f"config.eval_rfid_crop={size} is larger than the {h}x{w} evaluation images")
+    stride = max(size // 2, 1)
+    windows = [
+        x[:, i : i + size, j : j + size] for i in range(0, h - size + 1, stride) for j in range(0, w - size + 1, stride)
+    ]
+    return jnp.stack(windows, axis=1).reshape(-1, size, size, x.shape[-1])
+
+
+def eval_step(params, batch_stats, batch, aux_vars, *, model: DCAEModel, nets: EvalNets):
+    """Reconstructions, per-image PSNR/SSIM (reference evaluator conventions: on uint8-quantized images), LPIPS
+    (AlexNet) and Inception pool3 features of real and reconstructed images (or of aligned crops of them)."""
     from dcae_jax.metrics import image as image_metrics
 
     x = batch["image"]
     y, z = model.apply({"params": params, "batch_stats": batch_stats}, x)
     psnr, ssim = image_metrics.psnr_ssim(x, y)
-    lp = lpips.apply(aux_vars["lpips"], y, x) if lpips is not None else jnp.full(x.shape[:1], jnp.nan)
-    return y, z, psnr, ssim, lp
+    xq, yq = image_metrics.quantize_uint8(x), image_metrics.quantize_uint8(y)
+    out = {"psnr": psnr, "ssim": ssim}
+    if nets.lpips is not None:
+        out["lpips"] = nets.lpips.apply(aux_vars["eval_lpips"], *(u.astype(jnp.float32) / 127.5 - 1 for u in (yq, xq)))
+    if nets.fid is not None:
+        out["fid_real"] = nets.fid.apply(aux_vars["fid"], crops(xq, nets.rfid_crop))
+        out["fid_recon"] = nets.fid.apply(aux_vars["fid"], crops(yq, nets.rfid_crop))
+    return y, z, out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,15 +258,9 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
     loss_cfg = config.loss
     lpips_module = None
     if loss_cfg.lpips_weight > 0:
-        if not loss_cfg.lpips_weights:
-            raise ValueError(
-                "config.loss.lpips_weight > 0 but config.loss.lpips_weights is empty: a perceptual loss needs "
-                "the converted VGG16 LPIPS weights (see README, 'LPIPS weights'). Set lpips_weight=0 to train "
-                "with L1 only."
-            )
         from dcae_jax.metrics import lpips as lpips_lib
 
-        lpips_module, _ = lpips_lib.load_lpips(loss_cfg.lpips_weights)
+        lpips_module, _ = lpips_lib.load_lpips(lpips_weights_path(config))
     disc = disc_tx = None
     if config.disc.enabled:
         from dcae_jax.models.discriminator import PatchDiscriminator
@@ -359,13 +386,35 @@ def _load_init_from(path: str) -> dict[str, Any]:
     return jax.tree_util.tree_map(np.asarray, ae.variables)
 
 
+def lpips_weights_path(config) -> str:
+    """`config.loss.lpips_weights`, or (empty) the genuine VGG16 LPIPS file, made on first use (metrics.weights)."""
+    from dcae_jax.metrics import weights
+
+    return weights.resolve("lpips_vgg", config.loss.lpips_weights)
+
+
 def _lpips_aux(config) -> dict[str, Any]:
     if config.loss.lpips_weight > 0:
         from dcae_jax.metrics import lpips as lpips_lib
 
-        _, variables = lpips_lib.load_lpips(config.loss.lpips_weights)
+        _, variables = lpips_lib.load_lpips(lpips_weights_path(config))
         return {"lpips": variables}
     return {}
+
+
+def eval_nets(config) -> tuple[EvalNets, dict[str, Any]]:
+    """LPIPS (AlexNet) and FID Inception for the held-out evaluation (`config.eval_lpips`, `config.eval_rfid`),
+    with the genuine weights (made on first use); their variables go beside the LPIPS loss's in `aux`."""
+    from dcae_jax.metrics import fid as fid_lib
+    from dcae_jax.metrics import lpips as lpips_lib
+    from dcae_jax.metrics import weights
+
+    nets, variables = {}, {}
+    if config.get("eval_lpips", False):
+        nets["lpips"], variables["eval_lpips"] = lpips_lib.load_lpips(weights.resolve("lpips_alex"))
+    if config.get("eval_rfid", False):
+        nets["fid"], variables["fid"] = fid_lib.load_fid_inception(weights.resolve("fid_inception"))
+    return EvalNets(**nets, rfid_crop=config.get("eval_rfid_crop", 0)), variables
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -433,16 +482,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             )
         logging.info("resumed from step %d", latest)
 
-    aux = jax.device_put(_lpips_aux(config), sharding.replicated(mesh))
+    nets, eval_vars = eval_nets(config)
+    aux = jax.device_put({**_lpips_aux(config), **eval_vars}, sharding.replicated(mesh))
     step_fn = jax.jit(
         functools.partial(train_step, trainer=trainer),
         in_shardings=(shardings, data_sharding, None),
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    eval_fn = functools.partial(
-        jax.jit(functools.partial(eval_step, model=trainer.model, lpips=trainer.lpips)), aux_vars=aux
-    )
+    eval_fn = functools.partial(jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets)), aux_vars=aux)
 
     hooks = []
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
@@ -557,9 +605,14 @@ def _learning_rate(config, step: int) -> float:
 
 
 def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = True) -> dict[str, float]:
-    """Held-out PSNR/SSIM (and a reconstruction grid) with running BatchNorm statistics."""
+    """Held-out PSNR/SSIM, LPIPS (AlexNet) and rFID (and a reconstruction grid) with running BatchNorm statistics.
+
+    rFID: Frechet distance between the Inception features of the real and the reconstructed held-out images (or
+    of aligned crops of them, `config.eval_rfid_crop`), float64 statistics over every process.
+    """
     from dcae_jax import input_pipeline
     from dcae_jax.data import images as image_io
+    from dcae_jax.metrics import fid as fid_lib
 
     source = input_pipeline.make_source(config.data.eval, config.data.eval_split)
     loader = input_pipeline.make_eval_loader(
@@ -571,10 +624,16 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
     )
     params = state.ema_params if config.ema_decay > 0 else state.params
     per_batch, grid = [], None  # (psnr, ssim, lpips, mask) rows: same shapes and count on every process
+    fid_stats = {"fid_real": fid_lib.FeatureStats(), "fid_recon": fid_lib.FeatureStats()}
     for batch in loader:
         mask = np.asarray(batch["mask"]) > 0
-        y, _, psnr, ssim, lp = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
-        per_batch.append(np.stack([np.asarray(v, np.float32) for v in (psnr, ssim, lp, mask)]))
+        y, _, m = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
+        lp = m.get("lpips", jnp.full(mask.shape, jnp.nan))
+        per_batch.append(np.stack([np.asarray(v, np.float32) for v in (m["psnr"], m["ssim"], lp, mask)]))
+        for k, s in fid_stats.items():
+            if k in m:
+                f = np.asarray(m[k])
+                s.update(f, np.repeat(mask, f.shape[0] // mask.shape[0]))
         if grid is None and mask.any():  # a process can get only padding (more processes than images)
             x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
@@ -583,8 +642,12 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
         values = np.concatenate(list(np.asarray(multihost_utils.process_allgather(values))), axis=1)
     psnrs, ssims, lpipss = values[:3, values[3] > 0]
     out = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
-    if not np.all(np.isnan(lpipss)):  # NaN marks "no LPIPS weights configured"
+    if not np.all(np.isnan(lpipss)):  # NaN marks "LPIPS switched off"
         out["lpips"] = float(np.mean(lpipss))
+    real, recon = (fid_lib.allreduce_stats(s) for s in fid_stats.values()) if config.get("eval_rfid") else (None, None)
+    if real is not None and real.count >= 2:
+        out["rfid"] = fid_lib.frechet_distance(*real.mu_sigma(), *recon.mu_sigma())
+        out["rfid_features"] = real.count
     out["num_images"] = int(psnrs.size)
     if write and jax.process_index() == 0:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in out.items()})

@@ -32,9 +32,8 @@
 #   -h, --help              show this help
 # Environment: PYTHON (interpreter on the nodes, default "python"), DRY_RUN.
 #
-# Examples (WORKDIR, LPIPS weights and latents on a filesystem every node sees):
-#   launch/gpu_slurm.sh --nodes 4 configs/dcae.py:variant=f64c128,phase=1 /shared/runs/f64c128_p1 \
-#     --config.loss.lpips_weights=/shared/lpips_vgg.npz
+# Examples (WORKDIR and latents on a filesystem every node sees; each node makes the default LPIPS weights):
+#   launch/gpu_slurm.sh --nodes 4 configs/dcae.py:variant=f64c128,phase=1 /shared/runs/f64c128_p1
 #   launch/gpu_slurm.sh --nodes 8 configs/uvit.py:model=uvit-h,latents=/shared/latents/f64c128 /shared/runs/uvit_h
 set -euo pipefail
 

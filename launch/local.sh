@@ -26,7 +26,7 @@
 # Examples:
 #   launch/local.sh configs/quickstart.py /tmp/run
 #   launch/local.sh -n 2 --cpu-devices 4 configs/tiny_test.py /tmp/run2   # 2 processes x 4 CPU devices
-#   launch/local.sh configs/dcae.py:variant=f32c32,phase=1 /runs/f32_p1 --config.loss.lpips_weights=lpips_vgg.npz
+#   launch/local.sh configs/dcae.py:variant=f32c32,phase=1 /runs/f32_p1
 #   launch/local.sh configs/uvit.py:model=uvit-h,latents=/data/latents/f64c128 /runs/uvit_h   # this host's GPUs/TPUs
 set -euo pipefail
 

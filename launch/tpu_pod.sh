@@ -32,8 +32,7 @@
 # Examples (check the fit first, on any machine with jax[tpu]: `python -m dcae_jax.aot --config=CONFIG
 # --topology=v5p-64`, which exits 1 when the step does not fit; docs/scaling.md has the measured configs):
 #   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" --setup \
-#     configs/dcae.py:variant=f64c128,phase=1 /mnt/shared/runs/f64c128_p1 \
-#     --config.loss.lpips_weights=/mnt/shared/lpips_vgg.npz
+#     configs/dcae.py:variant=f64c128,phase=1 /mnt/shared/runs/f64c128_p1
 #   launch/tpu_pod.sh --tpu dcae-v5p-64 --zone "$ZONE" \
 #     configs/uvit.py:model=uvit-h,latents=/mnt/shared/latents/f64c128 /mnt/shared/runs/uvit_h
 # (/mnt/shared: a file system mounted at the same path on every worker.)

