@@ -499,7 +499,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     start = int(jax.device_get(state.step))
     metrics = None
     skipped = 0
-    last_good = latest
     last_summary: dict[str, float] = {}
     t_log, n_images = time.time(), 0
     logging.info("training phase %s from step %d to %d", config.phase, start, config.num_steps)
@@ -514,7 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             h(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = fetch_summary(metrics, step, last_good, workdir)
+            summary = fetch_summary(metrics, step, mngr, workdir)
             dt = time.time() - t_log
             summary["images_per_sec"] = n_images / max(dt, 1e-9)
             summary["skipped_images"] = skipped
@@ -523,8 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             last_summary = summary
             metrics, t_log, n_images = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
-            _save(mngr, step, state, train_iter)
-            last_good = step
+            save_checked(mngr, step, state, train_iter, workdir)
         if config.eval_every and step % config.eval_every == 0 and not is_last:
             evaluate(config, state, eval_fn, workdir, writer, step, mesh)
     mngr.wait_until_finished()
@@ -544,18 +542,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return final
 
 
-def fetch_summary(metrics, step: int, last_good: int | None, workdir: pathlib.Path) -> dict[str, float]:
+def _stop_non_finite(what: str, step: int, mngr, workdir: pathlib.Path) -> None:
+    """Waits for any checkpoint still being written (so it really is on disk), then stops naming the newest one."""
+    mngr.wait_until_finished()
+    latest = mngr.latest_step()
+    kept = f"the last good checkpoint, step {latest}, is in" if latest is not None else "no checkpoint was written to"
+    raise FloatingPointError(
+        f"{what} at step {step}; stopped, nothing non-finite saved; {kept} {workdir / 'checkpoints'}"
+    )
+
+
+def fetch_summary(metrics, step: int, mngr, workdir: pathlib.Path) -> dict[str, float]:
     """The accumulated metrics on the host (a log step's one device fetch); stops on a non-finite loss.
 
     Stopping before the step's checkpoint keeps the last good one as the latest, so a rerun resumes there.
     """
     summary = {k: float(v) for k, v in metrics.compute().items()}
     if not np.isfinite(summary["loss"]):
-        raise FloatingPointError(
-            f"non-finite loss {summary['loss']} at step {step}; the last good checkpoint "
-            f"(step {last_good}) is kept in {workdir / 'checkpoints'}"
-        )
+        _stop_non_finite(f"non-finite loss {summary['loss']}", step, mngr, workdir)
     return summary
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def save_checked(mngr, step: int, state, data_iter, workdir: pathlib.Path) -> None:
+    """Checkpoints `state` unless a parameter (or EMA / BatchNorm statistic) is non-finite; then stops instead.
+
+    A loss can be finite while the update it produced is not: this check (one scalar fetch per checkpoint) keeps
+    such a state out of checkpoints and exports.
+    """
+    watched = {k: getattr(state, k) for k in ("params", "ema_params", "batch_stats") if hasattr(state, k)}
+    if not bool(_all_finite(watched)):
+        _stop_non_finite("non-finite parameters after the update", step, mngr, workdir)
+    _save(mngr, step, state, data_iter)
 
 
 def _mesh(config, devices=None):

@@ -140,9 +140,23 @@ def test_perceptual_loss_defaults_to_the_genuine_vgg_file(tmp_path, monkeypatch)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = tiny_train_config(1, steps=6, checkpoint_every=2, **{"optim.learning_rate": 1e30})
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    config = tiny_train_config(1, steps=6, checkpoint_every=1, **{"optim.learning_rate": 1e30})
+    with pytest.raises(FloatingPointError, match="non-finite loss") as err:
         train.train_and_evaluate(config, tmp_path)
+    # The checkpoint named in the message is really on disk (the save in flight was awaited), none half-written.
+    step = int(str(err.value).split("checkpoint, step ")[1].split(",")[0])
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / str(step)).is_dir() and not [p for p in ckpts.iterdir() if "tmp" in p.name]
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_non_finite_update_is_never_checkpointed_or_exported(tmp_path):
+    """The loss before the update is finite; the parameters after it are not (learning rate inf in float32)."""
+    config = tiny_train_config(1, steps=1, checkpoint_every=1, **{"optim.learning_rate": 1e39})
+    with pytest.raises(FloatingPointError, match="non-finite parameters after the update at step 1") as err:
+        train.train_and_evaluate(config, tmp_path)
+    assert "no checkpoint was written" in str(err.value)
+    assert not (tmp_path / "export").exists() and not list((tmp_path / "checkpoints").iterdir())
 
 
 SHARDED = """

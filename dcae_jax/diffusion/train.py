@@ -236,7 +236,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Runs (or resumes) UViT training in `workdir`; returns the final summary."""
     from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
-    from dcae_jax.train import _abstract_with_shardings, _checkpoint_manager, _mesh, _restore, _save, fetch_summary
+    from dcae_jax.train import (
+        _abstract_with_shardings,
+        _checkpoint_manager,
+        _mesh,
+        _restore,
+        fetch_summary,
+        save_checked,
+    )
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
     start = int(jax.device_get(state.step))
     metrics, last_summary = None, {}
-    last_good = latest
     t_log, n_seen = time.time(), 0
     lr = learning_rate_schedule(config.optim)
     logging.info("training %s (%s) from step %d to %d", cfg.name, config.objective, start, config.num_steps)
@@ -327,15 +333,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             report(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = fetch_summary(metrics, step, last_good, workdir)
+            summary = fetch_summary(metrics, step, mngr, workdir)
             summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
             summary["learning_rate"] = float(lr(step - 1))
             writer.write_scalars(step, summary)
             last_summary = summary
             metrics, t_log, n_seen = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
-            _save(mngr, step, state, train_iter)
-            last_good = step
+            save_checked(mngr, step, state, train_iter, workdir)
         if config.sample.every and step % config.sample.every == 0 and not is_last:
             write_samples(step)
     mngr.wait_until_finished()

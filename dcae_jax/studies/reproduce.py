@@ -170,6 +170,7 @@ def train_config(
     discriminator off (the head-only L1 control).
     """
     c = common.base_config()
+    c.eval_lpips = c.eval_rfid = False  # the study measures LPIPS / rFID itself (studies.measure), on its own crops
     c.model.variant = "tiny"
     c.model.overrides = {k: _listify(v) for k, v in cfg.to_dict().items()}
     common.apply_phase(c, phase, num_stages=cfg.num_stages)
