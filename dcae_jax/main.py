@@ -106,8 +106,13 @@ def main(argv):
         sys.exit(2)
     distributed.initialize_from_env()
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
+    from dcae_jax.train import ConfigError
+
     try:
         run(flags.FLAGS.config, workdir)
+    except (ConfigError, paths.WorkdirBusy) as err:  # user mistakes: one message, no traceback
+        print(f"main: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except BaseException:
         if jax.process_count() == 1:
             raise

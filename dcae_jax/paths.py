@@ -1,9 +1,14 @@
-"""Output folders given on the command line: local or mounted file systems only."""
+"""Output folders given on the command line (local or mounted file systems only) and the one-trainer workdir lock."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import pathlib
 import re
+import socket
+import time
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -21,3 +26,39 @@ def local_dir(value: str, flag: str) -> pathlib.Path:
             "bucket (e.g. Cloud Storage FUSE) at the same path on every host and pass that path"
         )
     return pathlib.Path(value)
+
+
+class WorkdirBusy(RuntimeError):
+    """Another trainer holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path, owner: bool = True):
+    """One trainer per workdir: an exclusive `flock` on `<workdir>/.lock` for the life of the run.
+
+    Two runs in one workdir would delete each other's in-progress checkpoints and overwrite each other's export
+    and `eval.json`. The lock dies with its process (kill -9 included), so nothing stale is left. Only the
+    `owner` (process 0 of a multi-process job) takes it. The file records who holds it, for the error message.
+    """
+    if not owner:
+        yield
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / ".lock"
+    f = open(path, "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirBusy(
+                f"{workdir} is in use by another trainer ({holder}); wait for it, stop it, or use another --workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock

@@ -418,19 +418,29 @@ def eval_nets(config) -> tuple[EvalNets, dict[str, Any]]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs (or resumes) one training phase in `workdir`; returns the final evaluation summary."""
+    """Runs (or resumes) one training phase in `workdir`; returns the final evaluation summary.
+
+    The config is checked before anything is written; the workdir is locked for the run (one trainer per workdir).
+    """
+    from dcae_jax import paths
+
+    check_config(config, model_config(config), _mesh(config))
+    workdir = pathlib.Path(workdir)
+    with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
+        return _train_phase(config, workdir)
+
+
+def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     from dcae_jax import input_pipeline
     from dcae_jax.pretrained import DCAE
 
-    workdir = pathlib.Path(workdir)
+    # Mesh and model (the config was checked by `train_and_evaluate`).
+    mesh = _mesh(config)
+    cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
-
-    # Mesh and model.
-    mesh = _mesh(config)
     data_sharding = sharding.batch_sharding(mesh)
-    cfg = model_config(config)
     res = config.resolution
     abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))
     trainer = build_trainer(config, cfg, abstract_vars["params"])
@@ -579,6 +589,54 @@ def save_checked(mngr, step: int, state, data_iter, workdir: pathlib.Path) -> No
     if not bool(_all_finite(watched)):
         _stop_non_finite("non-finite parameters after the update", step, mngr, workdir)
     _save(mngr, step, state, data_iter)
+
+
+class ConfigError(ValueError):
+    """A config value a trainer cannot run with (a user mistake: reported in one message, no traceback)."""
+
+
+def check_loop_config(config, mesh) -> None:
+    """The loop fields both trainers share: one ValueError naming the field, before anything is written or compiled."""
+    problems = []
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
+        v = config.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"config.{key}={v!r} must be a positive integer")
+    every = config.get("eval_every", 0)
+    if not isinstance(every, int) or every < 0:
+        problems.append(f"config.eval_every={every!r} must be 0 (off) or a positive integer")
+    batch = config.get("global_batch_size")
+    if isinstance(batch, int) and batch >= 1:
+        if batch % jax.process_count():
+            problems.append(f"config.global_batch_size={batch} is not divisible by the {jax.process_count()} processes")
+        elif batch % mesh.size:
+            problems.append(
+                f"config.global_batch_size={batch} is not divisible by the {mesh.size} devices of the mesh "
+                f"{dict(mesh.shape)} (the batch is split over all of them)"
+            )
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def check_config(config, cfg: DCAEConfig, mesh) -> None:
+    """Autoencoder fields, then the shared loop fields; raises naming every bad field."""
+    problems = []
+    if config.get("phase") not in (1, 2, 3):
+        problems.append(f"config.phase={config.get('phase')!r} must be 1, 2 or 3 (set it with the config's phase arg)")
+    f = cfg.spatial_compression_ratio
+    for key in ("resolution", "eval_resolution"):
+        v = config.get(key) or 0
+        if (key == "resolution" and v < 1) or v % f:
+            problems.append(f"config.{key}={v} must be a positive multiple of the model's compression factor {f}")
+    crop = config.get("eval_rfid_crop", 0)
+    if config.get("eval_rfid") and crop and crop > (config.get("eval_resolution") or config.get("resolution") or 0):
+        problems.append(f"config.eval_rfid_crop={crop} is larger than the evaluation resolution")
+    try:
+        check_loop_config(config, mesh)
+    except ConfigError as err:
+        problems += str(err).splitlines()[1:]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(p.strip() for p in problems))
 
 
 def _mesh(config, devices=None):

@@ -228,3 +228,56 @@ def test_crops_are_aligned_windows():
     assert train.crops(x, 0) is x
     with pytest.raises(ValueError, match="eval_rfid_crop=9"):
         train.crops(x, 9)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"phase": 7}, "config.phase=7 must be 1, 2 or 3"),
+        ({"num_steps": -5}, "config.num_steps=-5 must be a positive integer"),
+        ({"checkpoint_every": 0}, "config.checkpoint_every=0 must be a positive integer"),
+        ({"resolution": 36}, "config.resolution=36 must be a positive multiple of the model's compression factor"),
+    ],
+)
+def test_bad_config_values_fail_before_anything_is_written(overrides, message, tmp_path):
+    config = tiny_train_config(1)
+    for key, value in overrides.items():
+        config[key] = value
+    with pytest.raises(train.ConfigError, match=message.replace("(", r"\(")):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_must_divide_the_mesh():
+    class FakeMesh:  # a 2-device mesh's size and shape, without 2 devices
+        size, shape = 2, {"data": 2, "fsdp": 1}
+
+    with pytest.raises(train.ConfigError, match=r"global_batch_size=3 is not divisible by the 2 devices"):
+        train.check_loop_config(tiny_train_config(1, global_batch_size=3), FakeMesh())
+    train.check_loop_config(tiny_train_config(1, global_batch_size=4), FakeMesh())
+
+
+def test_main_reports_a_config_mistake_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcae_jax.main", "--config=configs/tiny_test.py", f"--workdir={tmp_path / 'w'}"]
+        + ["--config.num_steps=0"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "main: error: invalid config:" in proc.stderr and "config.num_steps=0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
+def test_one_trainer_per_workdir(tmp_path):
+    from dcae_jax import paths
+
+    busy = rf"{tmp_path / 'run'} is in use by another trainer \(pid {os.getpid()}"
+    with paths.workdir_lock(tmp_path / "run"), pytest.raises(paths.WorkdirBusy, match=busy):  # held as by another run
+        train.train_and_evaluate(tiny_train_config(1, steps=1), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train.train_and_evaluate(tiny_train_config(1, steps=1), tmp_path / "run")  # free again: runs
+    assert (tmp_path / "run" / "export").is_dir()

@@ -233,7 +233,18 @@ def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs (or resumes) UViT training in `workdir`; returns the final summary."""
+    """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
+    anything is written; the workdir is locked for the run (one trainer per workdir)."""
+    from dcae_jax import paths
+    from dcae_jax.train import _mesh, check_loop_config
+
+    check_loop_config(config, _mesh(config))
+    workdir = pathlib.Path(workdir)
+    with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
     from dcae_jax.train import (
@@ -245,7 +256,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         save_checked,
     )
 
-    workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
