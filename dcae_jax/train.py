@@ -29,6 +29,7 @@ from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
 from dcae_jax import losses, optim, sharding
+from dcae_jax.metrics import history
 from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 
 # ----------------------------------------------------------------------------------------------
@@ -511,6 +512,10 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     skipped = 0
     last_summary: dict[str, float] = {}
     t_log, n_images = time.time(), 0
+    # Metrics that are zero by construction in this phase are not logged (no LPIPS term, no discriminator).
+    unused = set() if trainer.lpips is not None else {"lpips"}
+    if trainer.disc is None:
+        unused |= {"gen_loss", "disc_loss", "gan_weight", "disc_grad_norm"}
     logging.info("training phase %s from step %d to %d", config.phase, start, config.num_steps)
     for step in range(start + 1, config.num_steps + 1):
         local = next(train_iter)
@@ -524,11 +529,14 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
             summary = fetch_summary(metrics, step, mngr, workdir)
+            summary = {k: v for k, v in summary.items() if k not in unused}
             dt = time.time() - t_log
             summary["images_per_sec"] = n_images / max(dt, 1e-9)
             summary["skipped_images"] = skipped
             summary["learning_rate"] = float(_learning_rate(config, step))
             writer.write_scalars(step, summary)
+            if is_main:
+                history.append(workdir, step, summary)
             last_summary = summary
             metrics, t_log, n_images = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
@@ -548,6 +556,8 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     DCAE(cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
+        keys = ["loss", "l1", "lpips", "gen_loss", "disc_loss", "gan_weight", "grad_norm", "learning_rate"]
+        history.plot(workdir, keys, f"{cfg.name}, phase {config.phase}")
     writer.flush()
     return final
 

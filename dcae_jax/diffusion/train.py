@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from dcae_jax import sharding
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
+from dcae_jax.metrics import history
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -347,6 +348,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
             summary["learning_rate"] = float(lr(step - 1))
             writer.write_scalars(step, summary)
+            if is_main:
+                history.append(workdir, step, summary)
             last_summary = summary
             metrics, t_log, n_seen = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
@@ -361,6 +364,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+        history.plot(workdir, ["loss", "grad_norm", "learning_rate"], f"{cfg.name} ({config.objective})")
     writer.flush()
     return result
 

@@ -200,6 +200,11 @@ def test_latent_diffusion_quickstart_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "dcae_jax.main", config, f"--workdir={workdir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Progress through the chain, curves per phase, and a closing summary naming what was written and what next.
+    assert "== 1/2 autoencoder (phase 1, 10 steps)" in proc.stdout and "== 2/2 diffusion (diffusion" in proc.stdout
+    assert f"model       {workdir / 'export'}" in proc.stdout and f"tensorboard --logdir {workdir}" in proc.stdout
+    assert "Next: python -m dcae_jax.sample --model=" in proc.stdout
+    assert (workdir / "autoencoder" / "curves.png").is_file() and (workdir / "diffusion" / "curves.png").is_file()
     data = LatentDataset(workdir / "diffusion" / "latents")
     assert data.latent_shape == (8, 8, 16) and len(data) == 8
     assert data.metadata["stats"]["rms"] == pytest.approx(1.0, rel=1e-3)  # "auto": scaled by 1/RMS
