@@ -30,8 +30,10 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dcae_jax import cli
 
 GIB = 1024**3
 
@@ -333,4 +335,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run_absl("aot", main)

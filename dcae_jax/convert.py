@@ -23,6 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from dcae_jax import cli
 from dcae_jax.models.dcae import DCAEConfig
 
 # A torch BatchNorm buffer with no Flax counterpart; accepted and dropped.
@@ -289,4 +290,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse("convert", main)

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from dcae_jax import cli
 from dcae_jax.metrics import fid as fid_lib
 from dcae_jax.metrics import image as image_metrics
 from dcae_jax.metrics import lpips as lpips_lib
@@ -378,4 +379,4 @@ def load_fid_or_note(path: str | None, notes: list[str]):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_argparse("evaluate", main)

@@ -12,10 +12,9 @@ read with restricted unpicklers and converted to the project's .npz files (about
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
+from dcae_jax import cli
 from dcae_jax.metrics import weights
 
 _OUT = flags.DEFINE_string(
@@ -32,11 +31,7 @@ def main(argv: list[str]) -> int:
     unknown = [n for n in _NAMES.value if n not in weights.FILES]
     if unknown:
         raise app.UsageError(f"unknown --names {unknown}; valid: {', '.join(weights.FILES)}")
-    try:
-        paths = weights.prepare(_NAMES.value, _OUT.value, download=_DOWNLOAD.value, force=_FORCE.value)
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    paths = weights.prepare(_NAMES.value, _OUT.value, download=_DOWNLOAD.value, force=_FORCE.value)
     for name, path in paths.items():
         print(f"{weights.FILES[name].what:14s} {path}")
     print(
@@ -46,4 +41,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run_absl("fetch_weights", main)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dcae_jax import evaluate
+from dcae_jax import cli, evaluate
 from dcae_jax.metrics import fid as fid_lib
 from dcae_jax.metrics import weights
 from dcae_jax.metrics.image import quantize_uint8
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_argparse("fid_stats", main)

@@ -176,7 +176,11 @@ def make_source(spec: str, split: str):
                 "bundled: none of the bundled photos is installed (scikit-image, scikit-learn, matplotlib)"
             )
         return ImageFileSource(paths, name=f"bundled/{split}")
-    raise ValueError(f"unknown data spec {spec!r}: use folder:DIR, tfds:NAME[@DATA_DIR] or bundled")
+    if pathlib.Path(spec).expanduser().is_dir():  # a plain existing directory means folder:DIR
+        return _folder_source(spec, split)
+    raise ValueError(
+        f"unknown data spec {spec!r}: use folder:DIR (or an existing directory), tfds:NAME[@DATA_DIR] or bundled"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,6 +225,21 @@ def random_crop_adm(img: Image.Image, size: int, rng: np.random.Generator) -> Im
     return img.crop((left, top, left + size, top + size))
 
 
+_NAMED: set[str] = set()
+_MAX_NAMED = 1000
+
+
+def warn_skipped_once(key: str, message: str) -> None:
+    """Names every skipped record once per process (the first 1000; then one line saying the rest go unnamed)."""
+    if key in _NAMED or len(_NAMED) > _MAX_NAMED:
+        return
+    _NAMED.add(key)
+    if len(_NAMED) > _MAX_NAMED:
+        logging.warning("more than %d records skipped: further ones are counted but not named", _MAX_NAMED)
+    else:
+        logging.warning("skipping %s", message)
+
+
 class _SafeSource:
     """Wraps a source so a failing read becomes None (dropped and counted later) instead of an exception."""
 
@@ -234,7 +253,7 @@ class _SafeSource:
         try:
             return self._source[index]
         except Exception as err:  # any source failure is one skipped record
-            logging.log_every_n_seconds(logging.WARNING, "skipping record %d: %r", 10, index, err)
+            warn_skipped_once(f"record {index}", f"record {index}: {err!r}")
             return None
 
     def __repr__(self) -> str:
@@ -251,7 +270,7 @@ def _decode(record, resolution: int, min_side: int, crop) -> np.ndarray | None:
             raise ImageReadError(what, f"too small {img.size}, short side < {min_side}")
         return pil_to_array(crop(img))
     except ImageReadError as err:
-        logging.log_every_n_seconds(logging.WARNING, "skipping image: %s", 10, err)
+        warn_skipped_once(str(err.path), f"image: {err}")
         return None
 
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
-import os
 import pathlib
 import shutil
-import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dcae_jax import distributed, paths
+from dcae_jax import cli, distributed, paths
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -154,29 +152,11 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    try:
-        workdir = paths.local_dir(flags.FLAGS.workdir, "--workdir")
-    except ValueError as err:
-        print(f"main: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    workdir = paths.local_dir(flags.FLAGS.workdir, "--workdir")
     distributed.initialize_from_env()
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
-    from dcae_jax.train import ConfigError
-
-    try:
-        run(flags.FLAGS.config, workdir)
-    except (ConfigError, paths.WorkdirBusy) as err:  # user mistakes: one message, no traceback
-        print(f"main: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except BaseException:
-        if jax.process_count() == 1:
-            raise
-        # A normal exit would wait minutes in jax's shutdown barrier for the other processes (which wait for
-        # this one): exit now, so launchers and the coordination service see the failure and stop the rest.
-        logging.exception("process %d failed", jax.process_index())
-        sys.stderr.flush()
-        os._exit(1)
+    run(flags.FLAGS.config, workdir)  # failures: dcae_jax.cli's policy (one line for user mistakes, exit 2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl("main", main)

@@ -28,7 +28,7 @@ def local_dir(value: str, flag: str) -> pathlib.Path:
     return pathlib.Path(value)
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(OSError):
     """Another trainer holds the workdir."""
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from dcae_jax import cli
 from dcae_jax.data import latents as fmt
 
 FLAGS = flags.FLAGS
@@ -565,4 +566,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run_absl("precompute_latents", main)

@@ -103,7 +103,10 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
         return p
     s = str(path_or_repo_id)
     if s.count("/") != 1 or s.startswith((".", "/")):
-        raise FileNotFoundError(f"{s}: no such file or directory (and not a Hugging Face repo id 'owner/name')")
+        from dcae_jax.models.dcae import VARIANTS
+
+        hint = f"; for the released model use its repo id, e.g. mit-han-lab/{s}-diffusers" if s in VARIANTS else ""
+        raise FileNotFoundError(f"{s}: no such file or directory (and not a Hugging Face repo id 'owner/name'){hint}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:
@@ -111,8 +114,10 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
     try:
         return pathlib.Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # offline, missing repo, auth
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise FileNotFoundError(
-            f"{s}: not a local path, and downloading it from the Hugging Face hub failed ({err}). "
+            f"{s}: not a local path, and downloading it from the Hugging Face hub failed ({type(err).__name__}: "
+            f"{reason}). "
             "Download it on a machine that is online (hf download REPO --local-dir DIR) "
             "and pass the directory."
         ) from err

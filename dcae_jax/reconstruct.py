@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dcae_jax import cli
 from dcae_jax.data.images import ImageReadError, list_images, load_image, save_image, to_uint8
 from dcae_jax.metrics.image import SSIM_WINDOW, psnr, psnr_ssim
 
@@ -168,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_argparse("reconstruct", main)

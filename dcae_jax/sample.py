@@ -30,6 +30,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from dcae_jax import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -233,4 +235,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run_absl("sample", main)

@@ -147,7 +147,7 @@ def test_evaluate_without_weights(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(weights.WEIGHTS_DIR_ENV, str(tmp_path / "no_weights"))
 
     def offline(*a, **k):
-        raise RuntimeError("could not obtain the package (offline)")
+        raise ConnectionError("could not obtain the package (offline)")
 
     monkeypatch.setattr(weights, "prepare", offline)
     out = tmp_path / "results.json"

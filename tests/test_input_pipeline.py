@@ -58,8 +58,9 @@ def test_count_skipped_semantics_and_state():
     assert [(e["x"], int(e["skipped"])) for e in it2] == [(2, 2), (3, 1), (4, 0)]
 
 
-def test_folder_source_skips_and_counts_bad_images(tmp_path):
+def test_folder_source_skips_and_counts_bad_images(tmp_path, caplog):
     good = {"a.png": "RGB", "sub/b.jpg": "L", "sub/deeper/c.webp": "RGBA", "d.bmp": "P", "sub/e.PNG": "LA"}
+    good["f.gif"] = "P"  # GIF (first frame) is read, not silently ignored
     photo = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     for rel, mode in good.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -69,11 +70,16 @@ def test_folder_source_skips_and_counts_bad_images(tmp_path):
     Image.fromarray(photo[:3, :5]).save(tmp_path / "sub" / "deeper" / "tiny.png")  # short side 3 < R / 4
     (tmp_path / "notes.txt").write_text("not an image")
     source = ip.make_source(f"folder:{tmp_path}", "train")
-    assert len(source) == 8 and ip.make_source(f"folder:{tmp_path}", "validation").paths == source.paths
+    assert len(source) == 9 and ip.make_source(f"folder:{tmp_path}", "validation").paths == source.paths
+    assert ip.make_source(str(tmp_path), "train").paths == source.paths  # a plain directory is folder:DIR
 
+    ip._NAMED.clear()
+    caplog.set_level("WARNING")
     it = _loader(source, global_batch_size=1, num_epochs=3)
     batches = list(it)
-    assert len(batches) == 3 * 5  # every readable image once per epoch, the bad ones never
+    assert len(batches) == 3 * 6  # every readable image once per epoch, the bad ones never
+    for bad in ("corrupt.jpg", "empty.png", "tiny.png"):  # each skipped file named, once, over three epochs
+        assert sum(bad in r.getMessage() for r in caplog.records) == 1, bad
     for b in batches:
         assert b["image"].shape == (1, R, R, 3) and b["image"].dtype == np.float32 and b["skipped"].dtype == np.int32
         assert b["image"].min() >= -1 and b["image"].max() <= 1

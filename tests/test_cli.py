@@ -1,0 +1,75 @@
+"""Every command's --help exits 0; a user mistake is one line and exit 2 (a traceback only with DCAE_JAX_DEBUG=1)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMMANDS = [
+    "dcae_jax.main",
+    "dcae_jax.evaluate",
+    "dcae_jax.fid_stats",
+    "dcae_jax.reconstruct",
+    "dcae_jax.convert",
+    "dcae_jax.sample",
+    "dcae_jax.precompute_latents",
+    "dcae_jax.aot",
+    "dcae_jax.fetch_weights",
+    "dcae_jax.studies.reproduce",
+    "dcae_jax.metrics.lpips",
+    "dcae_jax.metrics.fid",
+]
+
+
+def _run(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_exits_zero(module):
+    proc = _run(module, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in (proc.stdout + proc.stderr).lower() or "flags" in (proc.stdout + proc.stderr).lower()
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        (
+            "dcae_jax.evaluate",
+            ["--model", "/no/such_dir", "--data", "bundled", "--resolution", "64", "--output", "/tmp/x.json"],
+            "no/such_dir",
+        ),
+        ("dcae_jax.sample", ["--model=/no/such/export", "--out=/tmp/x_never_written"], "/no/such/export"),
+        ("dcae_jax.convert", ["--src", "/no/such/ckpt.safetensors", "--out", "/tmp/x_never"], "/no/such/ckpt"),
+    ],
+)
+def test_user_mistakes_are_one_line(module, args, message, tmp_path):
+    proc = _run(module, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    name = module.rsplit(".", 1)[-1]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"{name}: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_env_shows_the_traceback():
+    proc = _run("dcae_jax.convert", "--src", "/no/such/ckpt.safetensors", "--out", "/tmp/x_never", DCAE_JAX_DEBUG="1")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_short_model_name_suggests_the_repo_id():
+    from dcae_jax.pretrained import DCAE
+
+    with pytest.raises(FileNotFoundError, match=r"use its repo id, e\.g\. mit-han-lab/dc-ae-f32c32-in-1\.0-diffusers"):
+        DCAE.from_pretrained("dc-ae-f32c32-in-1.0")
