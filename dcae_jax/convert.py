@@ -239,7 +239,17 @@ def convert_state_dict(
     variables: dict[str, Any] = {}
     if not problems:
         for e in table:
-            tensors = [_as_numpy(state[k]) for k in getattr(e, fmt)]
+            keys = getattr(e, fmt)
+            bad = [f"{k}: dtype {_dtype_name(state[k])}" for k in keys if not _is_float(state[k])]
+            if bad:  # e.g. a quantized checkpoint: casting would silently change the values
+                problems.append(
+                    f"{', '.join(bad)} (not a floating-point weight; quantized checkpoints are not supported)"
+                )
+                continue
+            tensors = [_as_numpy(state[k]) for k in keys]
+            if not all(np.isfinite(t).all() for t in tensors):
+                problems.append(f"{', '.join(keys)}: non-finite values (NaN or inf)")
+                continue
             try:
                 arr = _to_flax(e.kind, fmt, tensors)
             except ValueError as err:
@@ -262,6 +272,17 @@ def convert_state_dict(
             f"checkpoint ({fmt} format) does not match DC-AE config {cfg.name!r}:\n  " + "\n  ".join(problems)
         )
     return variables
+
+
+def _dtype_name(t: Any) -> str:
+    return str(getattr(t, "dtype", type(t).__name__)).replace("torch.", "")
+
+
+def _is_float(t: Any) -> bool:
+    dtype = getattr(t, "dtype", None)
+    if hasattr(dtype, "is_floating_point"):  # torch
+        return bool(dtype.is_floating_point)
+    return np.issubdtype(np.asarray(t).dtype if dtype is None else dtype, np.floating) or str(dtype) == "bfloat16"
 
 
 def _as_numpy(t: Any) -> np.ndarray:

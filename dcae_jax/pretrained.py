@@ -207,6 +207,7 @@ class DCAE:
             node[full[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
         with ocp.StandardCheckpointer() as ckptr:
             variables = ckptr.restore((root / EXPORT_VARIABLES).absolute(), target)
+        _check_variables(variables, shapes, root)
         return cls(config, variables, dtype)
 
     def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
@@ -291,6 +292,24 @@ def _variable_shapes_cached(config: DCAEConfig) -> tuple[tuple[tuple[str, ...], 
     )
     flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
     return tuple((tuple(k.key for k in path), tuple(leaf.shape)) for path, leaf in flat)
+
+
+def _check_variables(variables: Any, shapes: dict[tuple[str, ...], tuple[int, ...]], where: Any) -> None:
+    """Every variable has the config's shape and finite values; one ValueError lists the problems."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(variables)
+    problems = [
+        f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, the config ({EXPORT_CONFIG}) needs {shape}"
+        for k, shape in shapes.items()
+        if k in flat and tuple(np.shape(flat[k])) != tuple(shape)
+    ]
+    problems += [f"{'/'.join(k)}: missing" for k in shapes if k not in flat]
+    if not problems:
+        finite = jax.jit(lambda t: [jnp.all(jnp.isfinite(x)) for x in t])(list(flat.values()))
+        problems += [f"{'/'.join(k)}: non-finite values" for k, ok in zip(flat, finite, strict=True) if not bool(ok)]
+    if problems:
+        raise ValueError(f"{where}: the export does not match its config:\n  " + "\n  ".join(problems[:20]))
 
 
 def _variable_shapes(config: DCAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:

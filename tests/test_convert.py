@@ -123,3 +123,42 @@ def test_wrapper_prefixes_are_stripped():
         assert _strip_prefix(wrapped) == sd
     mixed = {"module.encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
     assert _strip_prefix(mixed) == mixed  # only a prefix every key has is a wrapper
+
+
+def test_integer_and_non_finite_weights_are_refused(tiny_diffusers_dir, tmp_path):
+    def to_int8(sd):
+        sd["encoder.conv_out.weight"] = np.clip(sd["encoder.conv_out.weight"] * 127, -127, 127).astype(np.int8)
+
+    def nan(sd):
+        sd["decoder.conv_in.bias"][0] = np.nan
+
+    with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight: dtype int8 \(not a floating-point weight"):
+        DCAE.from_pretrained(_corrupt(tiny_diffusers_dir, tmp_path / "int8", to_int8))
+    with pytest.raises(ValueError, match=r"decoder\.conv_in\.bias: non-finite values"):
+        DCAE.from_pretrained(_corrupt(tiny_diffusers_dir, tmp_path / "nan", nan))
+    with pytest.raises(ValueError, match="non-finite"):
+        convert.main(["--src", str(tmp_path / "nan"), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+
+
+def test_export_whose_config_does_not_match_its_weights(tmp_path):
+    cfg = tiny_config()
+    DCAE(cfg, init_variables(cfg, jax.random.key(0), 32)).save_pretrained(tmp_path / "e")
+    raw = json.loads((tmp_path / "e" / "dcae_config.json").read_text())
+    raw["latent_channels"] = cfg.latent_channels * 2
+    (tmp_path / "e" / "dcae_config.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)does not match its config:.*encoder/project_out/kernel: shape \(3, 3, 64, 8\), the config",
+    ):
+        DCAE.from_pretrained(tmp_path / "e")
+
+
+def test_export_with_non_finite_weights_is_refused(tmp_path):
+    cfg = tiny_config()
+    variables = init_variables(cfg, jax.random.key(0), 32)
+    head = variables["params"]["decoder"]["head_conv"]["conv"]
+    head["kernel"] = head["kernel"] * np.nan
+    DCAE(cfg, variables).save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"decoder/head_conv/conv/kernel: non-finite values"):
+        DCAE.from_pretrained(tmp_path / "e")

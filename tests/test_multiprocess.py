@@ -179,8 +179,9 @@ def test_checkpoint_reshards_to_another_layout(single, two_proc, tmp_path, cache
 
 
 def test_a_failing_process_stops_the_whole_job(tmp_path):
-    """Process 1 cannot create its workdir; process 0 would wait for it in a collective forever."""
+    """Process 1 cannot create its workdir (a user-facing error: one line, exit 2); process 0 would wait for it in a
+    collective forever."""
     start = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match="process 1 exited with 1"):
+    with pytest.raises(pytest.fail.Exception, match=r"(?s)process 1 exited with 2:.*main: error: .*/proc/not_writable"):
         run_job(tmp_path, 2, 1, per_process=lambda i: ["--workdir=/proc/not_writable"] if i == 1 else [])
     assert time.monotonic() - start < 120  # not the coordination service's minutes-long timeouts
