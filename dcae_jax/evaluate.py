@@ -171,6 +171,8 @@ def make_step(ae, lpips_net=None, fid_net=None, real_features: bool = False) -> 
             "ssim": ssim,
             "z_sum": jnp.sum(zf, axis=(1, 2, 3)),
             "z_sq": jnp.sum(zf * zf, axis=(1, 2, 3)),
+            # NaN/inf would quantize to black and be scored as a bad image: count such images, score none.
+            "nonfinite": ~(jnp.all(jnp.isfinite(rec), axis=(1, 2, 3)) & jnp.all(jnp.isfinite(zf), axis=(1, 2, 3))),
         }
         if lpips_net is not None:
             out["lpips"] = lpips_net.apply(lpips_vars, _u8_to_signed(ref_u8), _u8_to_signed(rec_u8))
@@ -258,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     consts = jax.device_put((ae.variables, lpips_vars or {}, fid_vars or {}), rep)
     bound = functools.partial(step, *consts)
 
-    sums = dict.fromkeys(("count", "skipped", "psnr", "ssim", "lpips", "z_sum", "z_sq"), 0.0)
+    sums = dict.fromkeys(("count", "skipped", "psnr", "ssim", "lpips", "z_sum", "z_sq", "nonfinite"), 0.0)
     rec_stats, real_stats = fid_lib.FeatureStats(), fid_lib.FeatureStats()
 
     def consume(out: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> None:
         m = np.asarray(batch["mask"]) > 0
         sums["count"] += float(m.sum())
         sums["skipped"] += float(np.asarray(batch["skipped"]).sum())
-        for k in ("psnr", "ssim", "lpips", "z_sum", "z_sq"):
+        for k in ("psnr", "ssim", "lpips", "z_sum", "z_sq", "nonfinite"):
             if k in out:
                 sums[k] += float(np.sum(np.asarray(out[k], np.float64)[m]))
         if "fid_rec" in out:
@@ -279,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = list(sums)
     totals = dict(zip(keys, fid_lib.process_sum(np.array([sums[k] for k in keys])), strict=True))
     n, skipped = round(float(totals["count"])), round(float(totals["skipped"]))
+    if totals["nonfinite"]:
+        raise ValueError(
+            f"{args.model}: the model produced non-finite (NaN/inf) latents or reconstructions for "
+            f"{round(float(totals['nonfinite']))} of {n} images; nothing was scored or written (a diverged or corrupt model?)"
+        )
     rfid = None
     if fid_net is not None:
         rec_all = fid_lib.allreduce_stats(rec_stats)

@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append({"name": name, "error": err.reason})
             continue
         rec = np.asarray(ae.reconstruct(x[None]).astype(jnp.float32))[0]
+        if not np.isfinite(rec).all():  # NaN would quantize to black and be scored; a broken model is an error
+            raise ValueError(
+                f"{args.model}: non-finite (NaN/inf) reconstruction of {name}; nothing scored (a diverged or corrupt model?)"
+            )
         orig_u8, rec_u8 = to_uint8(x), to_uint8(rec)
         if min(x.shape[:2]) >= SSIM_WINDOW:
             p, s = (float(v[0]) for v in psnr_ssim(orig_u8[None], rec_u8[None]))

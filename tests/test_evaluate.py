@@ -218,3 +218,31 @@ def test_local_rows_and_head_source(monkeypatch):
     assert len(evaluate.HeadSource(list("ab"), 10)) == 2
     with pytest.raises(ValueError, match="--max-images must be positive"):
         evaluate.open_source("bundled", "validation", 0)
+
+
+def test_a_model_with_non_finite_outputs_is_not_scored(files, tmp_path):
+    """Finite but huge weights overflow to inf/NaN images: evaluate and reconstruct refuse to score them."""
+    from dcae_jax import reconstruct
+
+    config = tiny_config()
+    variables = init_variables(config, jax.random.key(0))
+    head = variables["params"]["decoder"]["head_conv"]["conv"]
+    head["kernel"] = head["kernel"] * 3e38
+    DCAE(config, variables).save_pretrained(tmp_path / "overflowing")
+    args = ["--model", str(tmp_path / "overflowing"), "--data", str(files["photos"]), "--resolution", str(RES)]
+    args += ["--output", str(tmp_path / "r.json"), "--lpips-weights", str(files["lpips"])]
+    args += ["--fid-weights", str(files["fid"])]
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) latents or reconstructions for 3 of 3 images"):
+        evaluate.main(args)
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(ValueError, match="non-finite"):
+        reconstruct.main(
+            [
+                "--model",
+                str(tmp_path / "overflowing"),
+                "--input",
+                str(files["photos"]),
+                "--output",
+                str(tmp_path / "rec"),
+            ]
+        )
