@@ -62,3 +62,17 @@ def workdir_lock(workdir: pathlib.Path, owner: bool = True):
         yield
     finally:
         f.close()  # releases the lock
+
+
+def check_writable_dir(path: pathlib.Path, what: str) -> None:
+    """Creates `path` if needed and proves it writable with a probe file, so a bad folder fails at once with its name
+    (instead of inside a background checkpoint thread minutes later)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"{path}: the {what} folder is not writable ({type(err).__name__}: {err.strerror or err})"
+        ) from None

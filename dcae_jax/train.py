@@ -338,6 +338,10 @@ def create_train_state(config, trainer: Trainer, cfg: DCAEConfig, mesh, init_var
 def _checkpoint_manager(workdir: pathlib.Path, keep: int):
     import orbax.checkpoint as ocp
 
+    from dcae_jax import paths
+
+    if jax.process_index() == 0:
+        paths.check_writable_dir(workdir.absolute() / "checkpoints", "checkpoint")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
 

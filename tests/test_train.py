@@ -281,3 +281,10 @@ def test_one_trainer_per_workdir(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     train.train_and_evaluate(tiny_train_config(1, steps=1), tmp_path / "run")  # free again: runs
     assert (tmp_path / "run" / "export").is_dir()
+
+
+def test_an_unwritable_checkpoint_folder_fails_at_once_with_its_name(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(PermissionError, match=r"run/checkpoints: the checkpoint folder is not writable"):
+        train.train_and_evaluate(tiny_train_config(1, steps=1), tmp_path / "run")
