@@ -1,6 +1,6 @@
 """Evaluate a DC-AE on a dataset: rFID, PSNR, SSIM, LPIPS and latent statistics, like the DC-AE reference evaluator.
 
-    python -m dcae_jax.evaluate --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers --data tfds:imagenet2012 \
+    python -m dcae_jax.evaluate --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers --data tfds:imagenet2012 \\
         --resolution 256 --output results.json [--ref-stats imagenet_val_256.npz] [--batch-size 64] [--max-images 5000] [--split validation]
 
 Protocol (efficientvit `aecore/evaluator.py`): every record of the split is ADM-center-cropped to R x R

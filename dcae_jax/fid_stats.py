@@ -1,6 +1,6 @@
 """Build FID reference statistics (pool3 mean / covariance) of a dataset's real images.
 
-    python -m dcae_jax.fid_stats --data tfds:imagenet2012 --resolution 256 --out imagenet_val_256.npz \
+    python -m dcae_jax.fid_stats --data tfds:imagenet2012 --resolution 256 --out imagenet_val_256.npz \\
         [--fid-weights fid_inception.npz] [--split validation] [--batch-size 64] [--max-images N]
 
 Images go through exactly what `python -m dcae_jax.evaluate` does to the real images (ADM center crop to R x R,

@@ -20,7 +20,29 @@ from ml_collections import config_flags
 from dcae_jax import cli, distributed, paths
 
 FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+
+
+def _configs_help() -> str:
+    """The repository's configs (first docstring line and `Args:` paragraph of each), for `--help`."""
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    lines = ["Training configuration: FILE.py[:arg=value,...], then --config.key=value overrides."]
+    if not root.is_dir():
+        return lines[0] + " See the repository's configs/ folder."
+    lines.append("Configs in this checkout:")
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree) or ""
+        if not doc or not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+            continue
+        summary = doc.strip().splitlines()[0]
+        args = " ".join(doc.split("Args:", 1)[1].split("\n\n")[0].split()) if "Args:" in doc else ""
+        lines.append(f"  configs/{path.name}: {summary}" + (f" Args: {args}" if args else ""))
+    return "\n".join(lines)
+
+
+config_flags.DEFINE_config_file("config", None, _configs_help(), lock_config=True)
 
 
 def _train_fn(config):

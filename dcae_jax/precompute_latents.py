@@ -1,7 +1,7 @@
 """Encode a dataset into DC-AE latents for diffusion training (the reference's `dc_ae_generate_latent.py` step).
 
-    python -m dcae_jax.precompute_latents --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \
-        --data tfds:imagenet2012 --resolution 512 --out /data/latents/f32c32-in-512 \
+    python -m dcae_jax.precompute_latents --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \\
+        --data tfds:imagenet2012 --resolution 512 --out /data/latents/f32c32-in-512 \\
         [--split train] [--batch_size 64] [--shard_size 1024] [--scaling_factor auto|0.3189] [--max_images N]
 
 Every record of the split (`folder:DIR`, `tfds:NAME[@DATA_DIR]` or `bundled`, as `dcae_jax.input_pipeline`) is

@@ -1,6 +1,6 @@
 """Reconstruct images with a DC-AE and report PSNR / SSIM per image.
 
-    python -m dcae_jax.reconstruct --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \
+    python -m dcae_jax.reconstruct --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers \\
         --input photos/ --output recon/ [--resolution 512] [--dtype bfloat16]
 
 For every image under --input (a file, or a folder searched recursively) this writes

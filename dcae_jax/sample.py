@@ -3,7 +3,7 @@
     python -m dcae_jax.sample --model=/runs/uvit/export --num_samples=50000 --batch_size=64 \\
         --fid_stats=imagenet_512_train.npz --out=/runs/uvit/fid50k
     # The DC-AE authors' demo: 16 ImageNet classes, guidance 6.0, seed 0, a 4x4 grid.
-    python -m dcae_jax.sample --model=mit-han-lab/dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k \
+    python -m dcae_jax.sample --model=mit-han-lab/dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k \\
         --classes=279,333,979,936,933,145,497,1,248,360,793,12,387,437,938,978 --guidance_scale=6 --seed=0 --out=demo
 
 The 50k-sample protocol of the reference evaluator: class ids drawn uniformly from the model's classes

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,11 @@ def _run(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 def test_help_exits_zero(module):
     proc = _run(module, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage" in (proc.stdout + proc.stderr).lower() or "flags" in (proc.stdout + proc.stderr).lower()
+    text = proc.stdout + proc.stderr
+    assert "usage" in text.lower() or "flags" in text.lower()
+    assert not re.search(r"\S {6,}--", text), (
+        "an example command in the help text is garbled (a bare backslash-newline)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,3 +78,10 @@ def test_a_short_model_name_suggests_the_repo_id():
 
     with pytest.raises(FileNotFoundError, match=r"use its repo id, e\.g\. mit-han-lab/dc-ae-f32c32-in-1\.0-diffusers"):
         DCAE.from_pretrained("dc-ae-f32c32-in-1.0")
+
+
+def test_main_help_lists_the_configs_and_their_args():
+    text = _run("dcae_jax.main", "--help").stdout
+    for name in ("quickstart.py", "dcae.py", "uvit.py", "latent_diffusion_quickstart.py"):
+        assert f"configs/{name}:" in text
+    assert "variant = f32c32" in text and "configs/common.py" not in text
