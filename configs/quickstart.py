@@ -1,23 +1,18 @@
-"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU).
+"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU, ~12 min).
 
-    python -m dcae_jax.main --config=configs/quickstart.py --workdir=/tmp/dcae_quickstart \
-        --config.phase1.loss.lpips_weights=/tmp/wts/lpips_vgg.npz --config.phase2.loss.lpips_weights=/tmp/wts/lpips_vgg.npz
+    python -m dcae_jax.main --config=configs/quickstart.py --workdir=/tmp/dcae_quickstart
 
-(the LPIPS VGG16 file is found by default in $DCAE_JAX_WEIGHTS or ~/.cache/dcae_jax/weights, made by
-`python -m dcae_jax.fetch_weights`; the flags above point at another copy.)
+Each phase runs in `<workdir>/phase{1,2,3}` and starts from the previous phase's export; the final model is
+exported to `<workdir>/export` (load it with `DCAE.from_pretrained`) and held-out reconstructions and an
+evaluation table go to `<workdir>/eval.md`.
 
-Each chain entry runs in `<workdir>/<name>` and starts from the previous entry's export; the final model
-is exported to `<workdir>/export` (load it with `DCAE.from_pretrained`) and held-out reconstructions and
-an evaluation table go to `<workdir>/eval.md`.
+Losses: L1 + LPIPS (VGG16, weight 0.1) in phases 1-2, + PatchGAN in phase 3. The LPIPS file is found in
+$DCAE_JAX_WEIGHTS or ~/.cache/dcae_jax/weights (`python -m dcae_jax.fetch_weights`), or pass e.g.
+`--config.phase1.loss.lpips_weights=/path/lpips_vgg.npz --config.phase2.loss.lpips_weights=/path/lpips_vgg.npz`.
+An LPIPS step costs ~4.5x an L1 step at 64x64 on CPU, which is why phase 1 has 400 steps, not 1000.
 
-Chain (about 12 minutes on 2 CPU cores):
-  phase1_l1  phase-1 warm-up: full model, L1 only, 64x64 crops, BatchNorm batch statistics, cosine LR.
-  phase1     phase 1 continued with L1 + LPIPS (VGG16): LPIPS costs ~4.5x an L1 step at 64x64 on CPU,
-             so it only runs for the last, short part of phase 1.
-  phase2     latent-adjacent layers at 128x128 (the evaluation resolution), L1 + LPIPS.
-  phase3     decoder head + PatchGAN at 64x64.
-Held-out evaluation (3 bundled photos at 128x128): PSNR / SSIM / LPIPS (AlexNet). rFID is off: a Frechet
-distance over 3 feature vectors is meaningless, and the Inception pass cost ~80 s per phase.
+Cosine learning-rate decay in phases 1-2. rFID is off: a Frechet distance over 3 held-out feature vectors
+is meaningless and the Inception pass cost ~80 s per phase on CPU.
 """
 
 import ml_collections
@@ -41,22 +36,22 @@ MODEL_OVERRIDES = {
     "name": "quickstart-f16c16",
 }
 
+LEARNING_RATES = {1: 1e-3, 2: 3e-4, 3: 3e-4}
 LPIPS_WEIGHT = 0.1
 
 
-def phase_config(
-    phase: int, steps: int, resolution: int, batch: int, lr: float, lpips: float = 0.0
-) -> ml_collections.ConfigDict:
+def phase_config(phase: int, steps: int, resolution: int, batch: int, lpips: bool = False) -> ml_collections.ConfigDict:
+    """One phase (L1, + LPIPS with `lpips`, + PatchGAN in phase 3)."""
     c = common.base_config()
     c.model.variant = "tiny"
     c.model.overrides = MODEL_OVERRIDES
     common.apply_phase(c, phase, num_stages=5)
-    c.optim.learning_rate = lr
+    c.optim.learning_rate = LEARNING_RATES[phase]
     c.optim.weight_decay = 0.0
     if phase < 3:  # short linear warm-up, then cosine decay to 0 over the phase
         c.optim.warmup_steps = min(50, max(steps // 10, 1))
         c.optim.decay_steps = max(steps, 1)
-    c.loss.lpips_weight = lpips
+    c.loss.lpips_weight = LPIPS_WEIGHT if lpips else 0.0
     c.resolution = resolution
     c.eval_resolution = 128
     c.global_batch_size = batch
@@ -74,11 +69,10 @@ def phase_config(
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, steps0=900, steps1=100, steps2=80, steps3=150)
+    a = common.parse_arg(arg, steps1=400, steps2=60, steps3=150)
     c = ml_collections.ConfigDict()
-    c.chain = ["phase1_l1", "phase1", "phase2", "phase3"]
-    c.phase1_l1 = phase_config(1, a.steps0, resolution=64, batch=8, lr=1e-3)
-    c.phase1 = phase_config(1, a.steps1, resolution=64, batch=8, lr=3e-4, lpips=LPIPS_WEIGHT)
-    c.phase2 = phase_config(2, a.steps2, resolution=128, batch=4, lr=3e-4, lpips=LPIPS_WEIGHT)
-    c.phase3 = phase_config(3, a.steps3, resolution=64, batch=8, lr=3e-4)
+    c.chain = ["phase1", "phase2", "phase3"]
+    c.phase1 = phase_config(1, a.steps1, resolution=64, batch=8, lpips=True)
+    c.phase2 = phase_config(2, a.steps2, resolution=128, batch=4, lpips=True)
+    c.phase3 = phase_config(3, a.steps3, resolution=64, batch=8)
     return c

@@ -391,6 +391,25 @@ def _load_init_from(path: str) -> dict[str, Any]:
     return jax.tree_util.tree_map(np.asarray, ae.variables)
 
 
+def export_scaling_factor(config, cfg: DCAEConfig) -> float | None:
+    """The latent scaling factor an export may claim: an explicit `config.model.overrides.scaling_factor`; else the
+    factor of the `init_from` model (its latent space is continued); else None: a model trained from scratch has
+    no measured factor (the base architecture's would be wrong), so `precompute_latents` measures 1/RMS."""
+    overrides = config.model.get("overrides", ml_collections.ConfigDict()).to_dict()
+    if "scaling_factor" in overrides:
+        return cfg.scaling_factor
+    if config.get("init_from"):
+        import json as _json
+
+        exported = pathlib.Path(config.init_from) / "dcae_config.json"
+        if exported.is_file():  # our export: its own recorded factor (None stays None)
+            return _json.loads(exported.read_text()).get("scaling_factor")
+        from dcae_jax.pretrained import DCAE
+
+        return DCAE.from_pretrained(config.init_from).config.scaling_factor
+    return None
+
+
 def lpips_weights_path(config) -> str:
     """`config.loss.lpips_weights`, or (empty) the genuine VGG16 LPIPS file, made on first use (metrics.weights)."""
     from dcae_jax.metrics import weights
@@ -557,7 +576,8 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         np.asarray,
         multihost_utils.process_allgather({"params": params, "batch_stats": state.batch_stats}, tiled=True),
     )
-    DCAE(cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
+    export_cfg = cfg.replace(scaling_factor=export_scaling_factor(config, cfg))
+    DCAE(export_cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
         keys = ["loss", "l1", "lpips", "gen_loss", "disc_loss", "gan_weight", "grad_norm", "learning_rate"]

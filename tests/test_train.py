@@ -53,6 +53,7 @@ def phase1_dir(tmp_path_factory):
 def test_phase1_exports_a_loadable_model_and_eval(phase1_dir):
     ae = DCAE.from_pretrained(phase1_dir / "export")
     assert ae.config.name == "tiny"
+    assert ae.config.scaling_factor is None  # trained from scratch: no factor claimed (precompute measures 1/RMS)
     result = json.loads((phase1_dir / "eval.json").read_text())
     assert result["num_images"] == 3 and 0 < result["psnr"] < 60
     assert (phase1_dir / "trainable_params.md").exists()
@@ -288,3 +289,15 @@ def test_an_unwritable_checkpoint_folder_fails_at_once_with_its_name(tmp_path):
     (tmp_path / "run" / "checkpoints").write_text("a file where the folder should be")
     with pytest.raises(PermissionError, match=r"run/checkpoints: the checkpoint folder is not writable"):
         train.train_and_evaluate(tiny_train_config(1, steps=1), tmp_path / "run")
+
+
+def test_export_scaling_factor_follows_init_from_or_an_explicit_override(tmp_path):
+    from dcae_jax.models.dcae import init_variables, tiny_config
+
+    cfg = tiny_config(scaling_factor=0.5)
+    DCAE(cfg, init_variables(cfg, jax.random.key(0), 32)).save_pretrained(tmp_path / "released")
+    config = tiny_train_config(2, init_from=str(tmp_path / "released"))
+    assert train.export_scaling_factor(config, train.model_config(config)) == 0.5
+    config.model.overrides = {"scaling_factor": 0.25}
+    assert train.export_scaling_factor(config, train.model_config(config)) == 0.25
+    assert train.export_scaling_factor(tiny_train_config(1), train.model_config(tiny_train_config(1))) is None
