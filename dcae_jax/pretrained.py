@@ -53,14 +53,23 @@ class LazySafetensors(Mapping):
         from safetensors import safe_open
 
         self._path = path
-        with safe_open(str(path), framework="numpy") as f:
-            self._keys = list(f.keys())
-        self._handle = safe_open(str(path), framework="numpy")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                self._keys = list(f.keys())
+            self._handle = safe_open(str(path), framework="numpy")
+        except Exception as err:  # safetensors' own errors do not name the file
+            size = path.stat().st_size if path.exists() else 0
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({size} bytes; {err}); truncated download?"
+            ) from None
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
-        return self._handle.get_tensor(key)
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as err:
+            raise ValueError(f"{self._path}: cannot read tensor {key!r} ({err}); truncated file?") from None
 
     def __iter__(self):
         return iter(self._keys)
@@ -82,6 +91,16 @@ def _read_state_dict(path: pathlib.Path) -> Mapping[str, Any]:
             ) from err
         return torch.load(str(path), map_location="cpu", weights_only=True)
     raise ValueError(f"{path}: unsupported weights file (expected .safetensors, .pt or .pth)")
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _find_efficientvit_weights(d: pathlib.Path) -> pathlib.Path:
@@ -152,14 +171,18 @@ class DCAE:
             cfg_path = root / "config.json"
             if not cfg_path.exists():
                 raise FileNotFoundError(f"{root}: diffusers weights without config.json")
-            raw = json.loads(cfg_path.read_text())
+            raw = _read_json(cfg_path)
             name = hint or _registry_name_hint(raw.get("_name_or_path")) or "custom"
-            config = DCAEConfig.from_diffusers(raw, name=name)
+            try:
+                config = DCAEConfig.from_diffusers(raw, name=name)
+            except (KeyError, TypeError, ValueError) as err:
+                msg = f"missing field {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+                raise ValueError(f"{cfg_path}: not a usable AutoencoderDC config ({msg})") from None
             state = _read_state_dict(root / DIFFUSERS_WEIGHTS)
             return cls._from_state(config, state, "diffusers", root / DIFFUSERS_WEIGHTS, dtype)
         weights = root if root.is_file() else _find_efficientvit_weights(root)
         if root.is_dir() and (root / "config.json").exists():
-            raw = json.loads((root / "config.json").read_text())
+            raw = _read_json(root / "config.json")
             hint = hint or _registry_name_hint(raw.get("model_name"))
         state = convert._strip_prefix(_read_state_dict(weights))
         fmt = convert.detect_format(state.keys())
@@ -197,7 +220,7 @@ class DCAE:
     def _load_export(cls, root: pathlib.Path, dtype) -> DCAE:
         import orbax.checkpoint as ocp
 
-        config = DCAEConfig.from_dict(json.loads((root / EXPORT_CONFIG).read_text()))
+        config = DCAEConfig.from_dict(_read_json(root / EXPORT_CONFIG))
         shapes = _variable_shapes(config)
         target: dict[str, Any] = {}
         for full, shape in shapes.items():

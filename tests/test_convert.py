@@ -162,3 +162,53 @@ def test_export_with_non_finite_weights_is_refused(tmp_path):
     DCAE(cfg, variables).save_pretrained(tmp_path / "e")
     with pytest.raises(ValueError, match=r"decoder/head_conv/conv/kernel: non-finite values"):
         DCAE.from_pretrained(tmp_path / "e")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d / "diffusion_pytorch_model.safetensors",
+            r"diffusion_pytorch_model\.safetensors: not a readable safetensors file \(100 bytes",
+        ),
+        (lambda d: d / "config.json", r"config\.json: invalid JSON"),
+    ],
+)
+def test_truncated_files_are_named(tiny_diffusers_dir, tmp_path, edit, message):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_diffusers_dir, d)
+    target = edit(d)
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(ValueError, match=message):
+        DCAE.from_pretrained(d)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"latent_channels": None},
+            r"config\.json: not a usable AutoencoderDC config \(missing field 'latent_channels'\)",
+        ),
+        (
+            {"latent_channels": "16"},
+            r"config\.json: not a usable AutoencoderDC config \(latent_channels='16' must be a positive integer",
+        ),
+    ],
+)
+def test_bad_config_fields_are_named(tiny_diffusers_dir, tmp_path, change, message):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_diffusers_dir, d)
+    raw = json.loads((d / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            del raw[k]
+        else:
+            raw[k] = v
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        DCAE.from_pretrained(d)

@@ -111,7 +111,13 @@ class DCAEConfig:
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any], name: str = "custom") -> DCAEConfig:
-        """Builds a config from a diffusers `AutoencoderDC` config.json dict."""
+        """Builds a config from a diffusers `AutoencoderDC` config.json dict (KeyError / ValueError name the field)."""
+        for key in ("latent_channels",):
+            if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+                raise ValueError(f"{key}={d[key]!r} must be a positive integer")
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+            if not isinstance(d[key], list | tuple) or not all(isinstance(c, int) and c > 0 for c in d[key]):
+                raise ValueError(f"{key}={d[key]!r} must be a list of positive integers")
         n = len(d["encoder_block_out_channels"])
 
         def per_stage(key, default):
