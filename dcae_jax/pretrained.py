@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax import convert
+from dcae_jax.models import convert
 from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
 
 EXPORT_CONFIG = "dcae_config.json"

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from dcae_jax import DCAE, convert
+from dcae_jax.models import convert as convert_lib
 from dcae_jax.models.dcae import get_config, init_variables, tiny_config
 
 
@@ -90,16 +91,16 @@ def test_unknown_sources_fail_clearly(tmp_path):
 
 def test_efficientvit_keys_detect_the_architecture_and_flag_in_mix_ambiguity():
     cfg = get_config("dc-ae-f64c128-in-1.0")
-    keys = {k for e in convert.entries(cfg) for k in e.efficientvit}
-    assert convert.detect_format(sorted(keys)) == "efficientvit"
-    assert convert.match_registry(keys, "efficientvit") == ["dc-ae-f64c128-in-1.0", "dc-ae-f64c128-mix-1.0"]
-    sana = {k for e in convert.entries(get_config("dc-ae-f32c32-sana-1.0")) for k in e.diffusers}
-    assert convert.match_registry(sana, "diffusers") == ["dc-ae-f32c32-sana-1.0", "dc-ae-f32c32-sana-1.1"]
+    keys = {k for e in convert_lib.entries(cfg) for k in e.efficientvit}
+    assert convert_lib.detect_format(sorted(keys)) == "efficientvit"
+    assert convert_lib.match_registry(keys, "efficientvit") == ["dc-ae-f64c128-in-1.0", "dc-ae-f64c128-mix-1.0"]
+    sana = {k for e in convert_lib.entries(get_config("dc-ae-f32c32-sana-1.0")) for k in e.diffusers}
+    assert convert_lib.match_registry(sana, "diffusers") == ["dc-ae-f32c32-sana-1.0", "dc-ae-f32c32-sana-1.1"]
 
 
 def test_every_variable_has_exactly_one_source():
     for name in ("dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.0"):
-        table = convert.entries(get_config(name))
+        table = convert_lib.entries(get_config(name))
         paths = [(e.collection, *e.path) for e in table]
         assert len(paths) == len(set(paths))
         for fmt in ("diffusers", "efficientvit"):
@@ -112,7 +113,7 @@ def test_every_variable_has_exactly_one_source():
 
 
 def test_wrapper_prefixes_are_stripped():
-    from dcae_jax.convert import _strip_prefix
+    from dcae_jax.models.convert import _strip_prefix
 
     sd = {"encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
     for wrapped in (

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderDC
 
-from dcae_jax import convert
+from dcae_jax.models import convert
 from dcae_jax.models.dcae import DCAEConfig
 
 
