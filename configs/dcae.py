@@ -16,6 +16,7 @@ rates, via a second-hand review): phase 1 and 3 at 256x256, phase 2 at 1024x1024
 """
 
 from configs import common
+from dcae_jax.models.dcae import get_config as model_config
 
 VARIANTS = {
     "f32c32": ("dc-ae-f32c32-in-1.0", 6),
@@ -53,6 +54,8 @@ def get_config(arg: str = ""):
     c.mesh.shape = (-1, a.fsdp)
     if a.runlocal:
         c.global_batch_size, c.eval_batch_size, c.num_steps = 2, 2, 10
-        c.resolution = c.eval_resolution = c.model and 64 if a.phase != 2 else 128
+        # The smallest images the architecture takes (its compression factor, at least 64), twice that in phase 2.
+        smallest = max(64, model_config(name).spatial_compression_ratio)
+        c.resolution = c.eval_resolution = smallest * (2 if a.phase == 2 else 1)
         c.data.num_workers, c.log_every, c.checkpoint_every, c.eval_every = 0, 1, 5, 10
     return c
