@@ -58,7 +58,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 8
     c.num_steps = 1000
     c.data = ml_collections.ConfigDict(
-        {"train": "bundled", "train_split": "train", "eval": "bundled", "eval_split": "validation", "num_workers": 0}
+        {
+            "train": "bundled",
+            "train_split": "train",
+            "eval": "bundled",
+            "eval_split": "validation",
+            "num_workers": 0,
+            "crop_scale": (),  # () = ADM random crop (short side 1-1.25x resolution); (lo, hi) = lo-hi x resolution
+            "channel_shuffle": False,  # a random RGB order per training image (colour augmentation)
+        }
     )
     c.optim = ml_collections.ConfigDict(
         {
@@ -76,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
         {
             "l1_weight": 1.0,
             "lpips_weight": 0.0,
+            "lpips_start": 0,  # steps of L1 only before the LPIPS term starts (it costs ~4x an L1 step on CPU)
             "lpips_weights": "",  # empty: the genuine VGG16 file (python -m dcae_jax.fetch_weights), made on first use
             "gan_weight": 0.0,
             "gan_loss": "hinge",

@@ -213,9 +213,21 @@ def open_record(record: Any) -> Image.Image:
     raise ImageReadError("?", f"unsupported record type {type(record).__name__}")
 
 
-def random_crop_adm(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """guided-diffusion `random_crop_arr`: short side -> U{ceil(size / 1.0) .. ceil(size / 0.8)}, random window."""
-    short = int(rng.integers(math.ceil(size / MAX_CROP_FRAC), math.ceil(size / MIN_CROP_FRAC) + 1))
+def random_crop_adm(
+    img: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] | None = None
+) -> Image.Image:
+    """guided-diffusion `random_crop_arr`: short side -> U{ceil(size / 1.0) .. ceil(size / 0.8)}, random window.
+
+    `scale=(lo, hi)`: the short side is drawn from U{ceil(lo * size) .. ceil(hi * size)} instead, e.g. (2, 3) cuts
+    size x size windows out of images resized to 2-3x `size` (training patches at the scale of a 2x larger eval).
+    """
+    if scale is None:
+        lo, hi = math.ceil(size / MAX_CROP_FRAC), math.ceil(size / MIN_CROP_FRAC)
+    else:
+        if not 1.0 <= scale[0] <= scale[1]:
+            raise ValueError(f"crop scale {tuple(scale)}: need 1 <= lo <= hi")
+        lo, hi = math.ceil(scale[0] * size), math.ceil(scale[1] * size)
+    short = int(rng.integers(lo, hi + 1))
     while min(*img.size) >= 2 * short:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = short / min(*img.size)
@@ -275,17 +287,28 @@ def _decode(record, resolution: int, min_side: int, crop) -> np.ndarray | None:
 
 
 class _TrainDecode(grain.transforms.RandomMap):
-    def __init__(self, resolution: int, min_side: int):
+    def __init__(
+        self,
+        resolution: int,
+        min_side: int,
+        crop_scale: tuple[float, float] | None = None,
+        channel_shuffle: bool = False,
+    ):
+        if crop_scale is not None and not 1.0 <= crop_scale[0] <= crop_scale[1]:
+            raise ValueError(f"crop scale {tuple(crop_scale)}: need 1 <= lo <= hi")
         self.resolution, self.min_side = resolution, min_side
+        self.crop_scale, self.channel_shuffle = crop_scale, channel_shuffle
 
     def random_map(self, record, rng: np.random.Generator):
         r = self.resolution
 
         def crop(img):
-            img = random_crop_adm(img, r, rng)
+            img = random_crop_adm(img, r, rng, self.crop_scale)
             return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
 
         x = _decode(record, r, self.min_side, crop)
+        if x is not None and self.channel_shuffle:  # a random RGB order: colours the few training photos lack
+            x = np.ascontiguousarray(x[..., rng.permutation(3)])
         return None if x is None else {"image": x}
 
 
@@ -372,6 +395,8 @@ def make_train_dataset(
     read_threads: int = 16,
     prefetch_buffer_size: int | None = None,
     start_batch: int = 0,
+    crop_scale: tuple[float, float] | None = None,
+    channel_shuffle: bool = False,
 ) -> grain.IterDataset:
     """The training pipeline as a `grain.IterDataset` (see `make_train_loader`), from global batch `start_batch`."""
     if global_batch_size % process_count:
@@ -386,7 +411,8 @@ def make_train_dataset(
     # from the pipeline's structure), so single-process runs reproduce.
     ds = grain.MapDataset.source(_SafeSource(source)).seed(seed)[0 : len(source)]
     ds = ds.shuffle().repeat(num_epochs)  # the global stream: a different permutation of all records each epoch
-    ds = ds.random_map(_TrainDecode(resolution, min_side))  # rng from (seed, stream position): new crops each epoch
+    # rng from (seed, stream position): new crops (and channel orders) each epoch
+    ds = ds.random_map(_TrainDecode(resolution, min_side, crop_scale, channel_shuffle))
     ds = ds[start_batch * global_batch_size + process_index :: process_count]  # this process's stream positions
     read = grain.ReadOptions(
         num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size or max(2 * local_batch, read_threads)
@@ -412,13 +438,17 @@ def make_train_loader(
     read_threads: int = 16,
     prefetch_buffer_size: int | None = None,
     start_batch: int = 0,
+    crop_scale: tuple[float, float] | None = None,
+    channel_shuffle: bool = False,
 ) -> TrainIterator:
     """An endless (or `num_epochs`) checkpointable iterator of this process's training batches.
 
     Yields {"image": (B_local, R, R, 3) float32 in [-1, 1], "skipped": (B_local,) int32} with
     B_local = global_batch_size // process_count, starting at global batch `start_batch`. Images with a short
     side < `min_side` (default ceil(R / 4)) are dropped; `read_threads` decode in parallel within each process
-    (or worker), `prefetch_buffer_size` (default max(2 * B_local, read_threads)) images ahead.
+    (or worker), `prefetch_buffer_size` (default max(2 * B_local, read_threads)) images ahead. `crop_scale`
+    (see `random_crop_adm`) and `channel_shuffle` (a random permutation of R, G, B per image) are optional
+    augmentations, off by default.
     """
 
     def build(start: int) -> grain.DatasetIterator:
@@ -436,6 +466,8 @@ def make_train_loader(
                 read_threads=read_threads,
                 prefetch_buffer_size=prefetch_buffer_size,
                 start_batch=start,
+                crop_scale=crop_scale,
+                channel_shuffle=channel_shuffle,
             )
         )
 

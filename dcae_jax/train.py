@@ -72,6 +72,7 @@ class Trainer:
     train_batch_norm: bool
     l1_weight: float
     lpips_weight: float
+    lpips_start: int
     lpips: Any  # linen module or None
     disc: Any  # linen module or None
     disc_tx: Any
@@ -278,6 +279,7 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
         train_batch_norm=config.train_batch_norm,
         l1_weight=loss_cfg.l1_weight,
         lpips_weight=loss_cfg.lpips_weight,
+        lpips_start=int(loss_cfg.get("lpips_start", 0)),
         lpips=lpips_module,
         disc=disc,
         disc_tx=disc_tx,
@@ -488,6 +490,8 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_workers=config.data.num_workers,
+        crop_scale=tuple(config.data.crop_scale) if config.data.get("crop_scale") else None,
+        channel_shuffle=bool(config.data.get("channel_shuffle", False)),
     )
     train_iter = iter(train_loader)
 
@@ -524,6 +528,14 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
+    step_fn_l1 = step_fn  # steps <= config.loss.lpips_start: L1 only (its own compiled step, no VGG pass)
+    if trainer.lpips is not None and trainer.lpips_start > 0:
+        step_fn_l1 = jax.jit(
+            functools.partial(train_step, trainer=dataclasses.replace(trainer, lpips=None, lpips_weight=0.0)),
+            in_shardings=(shardings, data_sharding, None),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
     eval_fn = functools.partial(jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets)), aux_vars=aux)
 
     hooks = []
@@ -544,7 +556,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         local = next(train_iter)
         skipped += int(np.sum(local.get("skipped", 0)))
         batch = sharding.global_batch({"image": local["image"]}, data_sharding)
-        state, step_metrics = step_fn(state, batch, aux)
+        state, step_metrics = (step_fn if step > trainer.lpips_start else step_fn_l1)(state, batch, aux)
         metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
         n_images += config.global_batch_size
         for h in hooks:

@@ -322,3 +322,18 @@ def test_multiprocess_worker_matches_in_process(id_folder, tmp_path):
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert "MP_OK" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_crop_scale_and_channel_shuffle():
+    src = ip.make_source("bundled", "train")
+    kw = dict(resolution=32, global_batch_size=4, seed=3)
+    plain = next(ip.make_train_loader(src, crop_scale=(2.0, 3.0), **kw))["image"]
+    shuffled = next(ip.make_train_loader(src, crop_scale=(2.0, 3.0), channel_shuffle=True, **kw))["image"]
+    assert plain.shape == shuffled.shape == (4, 32, 32, 3)
+    for a, b in zip(plain, shuffled):  # same crops, channels permuted
+        assert any(np.array_equal(a[..., list(p)], b) for p in itertools.permutations(range(3)))
+    assert any(not np.array_equal(a, b) for a, b in zip(plain, shuffled))
+    default = next(ip.make_train_loader(src, **kw))["image"]
+    assert not np.array_equal(default, plain)
+    with pytest.raises(ValueError, match="crop scale"):
+        next(ip.make_train_loader(src, crop_scale=(0.5, 1.0), **kw))

@@ -374,12 +374,19 @@ def init_variables(config: DCAEConfig, rng: Array | int, resolution: int | None 
     )
     seed = int(rng) if isinstance(rng, int) else [int(v) for v in np.asarray(jax.random.key_data(rng)).ravel()]
     gen = np.random.default_rng(seed)
+    pixel_shuffle_up = config.upsample_block_type == "pixel_shuffle"
+
+    def is_up_block(name) -> bool:
+        return isinstance(name, str) and (name.endswith("_up") or name == "head_conv")
 
     def init_leaf(path, leaf):
         name = path[-1].key
         if name == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
             value = gen.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+            keys = [getattr(p, "key", None) for p in path]
+            if pixel_shuffle_up and len(keys) >= 3 and keys[-2] == "conv" and is_up_block(keys[-3]):
+                value = np.repeat(value[..., : leaf.shape[-1] // 4], 4, axis=-1)  # ICNR, as layers.UpBlock
         elif name in ("scale", "var"):
             value = np.ones(leaf.shape, np.float32)
         else:

@@ -96,6 +96,22 @@ def upsample_nearest2x(x: Array) -> Array:
 # Convolutions and norms.
 
 
+def icnr(init: Callable | None = None, factor: int = 2) -> Callable:
+    """ICNR (Aitken et al. 2017) for a conv feeding `pixel_shuffle(factor)`: the factor**2 sub-pixel channels
+    of every output channel start with identical kernels, so conv + pixel-shuffle starts as conv + nearest
+    upsampling (no checkerboard at initialisation). Same per-weight variance as `init` (default lecun-normal)."""
+    init = init or nn.initializers.lecun_normal()
+
+    def init_fn(key, shape, dtype=jnp.float32):
+        *lead, out = shape
+        r = factor * factor
+        if out % r:
+            raise ValueError(f"icnr: {out} output channels are not a multiple of {r}")
+        return jnp.repeat(init(key, (*lead, out // r), dtype), r, axis=-1)  # channel c*r + s: sub-pixel s of c
+
+    return init_fn
+
+
 class Conv2d(nn.Module):
     """Dense conv with torch padding (`k // 2` on every side, stride-2 included).
 
@@ -109,6 +125,7 @@ class Conv2d(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -116,7 +133,7 @@ class Conv2d(nn.Module):
         in_features = x.shape[-1]
         kernel = self.param(
             "kernel",
-            nn.initializers.lecun_normal(),
+            self.kernel_init,
             (k, k, in_features, self.features),
             self.param_dtype,
         )
@@ -420,7 +437,7 @@ class UpBlock(nn.Module):
         if self.interpolate:
             y = Conv2d(self.features, 3, name="conv", **kw)(upsample_nearest2x(x))
         else:
-            y = pixel_shuffle(Conv2d(self.features * 4, 3, name="conv", **kw)(x), 2)
+            y = pixel_shuffle(Conv2d(self.features * 4, 3, name="conv", kernel_init=icnr(factor=2), **kw)(x), 2)
         if self.shortcut:
             y = y + channel_duplicate_to_space(x, self.features).astype(y.dtype)
         return y

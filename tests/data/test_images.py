@@ -22,11 +22,21 @@ def _photo(h=48, w=64):
 
 
 def test_list_images_recursive_and_case_insensitive(tmp_path):
-    for rel in ["a.JPG", "b.jpeg", "sub/c.png", "sub/deeper/d.WebP", "e.bmp", "notes.txt", "sub/f.tif"]:
+    for rel in [
+        "a.JPG",
+        "b.jpeg",
+        "sub/c.png",
+        "sub/deeper/d.WebP",
+        "e.bmp",
+        "notes.txt",
+        "sub/f.tif",
+        "g.svg",
+        "h.GIF",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
-    assert found == sorted(["a.JPG", "b.jpeg", "e.bmp", "sub/c.png", "sub/deeper/d.WebP"])
+    assert found == sorted(["a.JPG", "b.jpeg", "e.bmp", "h.GIF", "sub/c.png", "sub/deeper/d.WebP", "sub/f.tif"])
     assert list_images(tmp_path / "sub" / "c.png") == [tmp_path / "sub" / "c.png"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")

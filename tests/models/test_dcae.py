@@ -80,3 +80,25 @@ def test_bf16_model_stays_finite_and_close_to_fp32():
     assert bool(jnp.all(jnp.isfinite(yb.astype(jnp.float32))))
     rel = float(jnp.linalg.norm(yb.astype(jnp.float32) - y32) / jnp.linalg.norm(y32))
     assert rel < 0.05, rel
+
+
+def _blocks_constant(y):
+    return all(np.allclose(y[:, 0::2, 0::2], y[:, i::2, j::2]) for i in (0, 1) for j in (0, 1))
+
+
+def test_init_variables_uses_icnr_like_flax_init():
+    cfg = tiny_config()
+    v = init_variables(cfg, 0)
+    dec = v["params"]["decoder"]
+    ups = [k for k in dec if k.endswith("_up")] + (["head_conv"] if "conv" in dec.get("head_conv", {}) else [])
+    assert ups
+    for name in ups:
+        k = np.asarray(dec[name]["conv"]["kernel"])
+        assert np.array_equal(k, np.repeat(k[..., 0::4], 4, axis=-1)), name
+        np.testing.assert_allclose(k.std() * np.sqrt(np.prod(k.shape[:-1])), 1.0, rtol=0.2)
+    enc_k = np.asarray(v["params"]["encoder"]["project_in"]["conv"]["kernel"])
+    assert not np.array_equal(enc_k, np.repeat(enc_k[..., 0::4], 4, axis=-1))  # down blocks untouched
+    # The whole decoder starts free of sub-pixel (checkerboard) structure at its last 2x step.
+    z = jax.random.normal(jax.random.key(2), (1, 2, 2, cfg.latent_channels))
+    y = np.asarray(DCAEModel(cfg).apply(v, z, method=DCAEModel.decode))
+    assert _blocks_constant(y)

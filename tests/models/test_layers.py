@@ -127,3 +127,14 @@ def test_registries_name_the_valid_choices():
         layers.get_norm("layer_norm")
     with pytest.raises(ValueError, match="silu"):
         layers.get_activation("swish")
+
+
+def _blocks_constant(y):
+    return all(np.allclose(y[:, 0::2, 0::2], y[:, i::2, j::2]) for i in (0, 1) for j in (0, 1))
+
+
+def test_icnr_up_block_starts_as_nearest_upsampling():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 16))
+    m = layers.UpBlock(8, shortcut=False)
+    y = np.asarray(m.apply(m.init(jax.random.key(1), x), x))
+    assert y.shape == (2, 10, 12, 8) and _blocks_constant(y) and y.std() > 0
