@@ -20,6 +20,7 @@ COMMANDS = [
     "dcae_jax.aot",
     "dcae_jax.fetch_weights",
     "dcae_jax.studies.reproduce",
+    "dcae_jax.studies.bicubic",
     "dcae_jax.metrics.lpips",
     "dcae_jax.metrics.fid",
 ]
