@@ -674,6 +674,9 @@ def check_config(config, cfg: DCAEConfig, mesh) -> None:
         v = config.get(key) or 0
         if (key == "resolution" and v < 1) or v % f:
             problems.append(f"config.{key}={v} must be a positive multiple of the model's compression factor {f}")
+    start = config.loss.get("lpips_start", 0)
+    if not isinstance(start, int) or start < 0:
+        problems.append(f"config.loss.lpips_start={start!r} must be a non-negative integer")
     crop = config.get("eval_rfid_crop", 0)
     if config.get("eval_rfid") and crop and crop > (config.get("eval_resolution") or config.get("resolution") or 0):
         problems.append(f"config.eval_rfid_crop={crop} is larger than the evaluation resolution")

@@ -301,3 +301,15 @@ def test_export_scaling_factor_follows_init_from_or_an_explicit_override(tmp_pat
     config.model.overrides = {"scaling_factor": 0.25}
     assert train.export_scaling_factor(config, train.model_config(config)) == 0.25
     assert train.export_scaling_factor(tiny_train_config(1), train.model_config(tiny_train_config(1))) is None
+
+
+def test_lpips_starts_at_lpips_start(genuine_weights, tmp_path):
+    """L1-only steps (their own compiled step, no VGG pass) up to loss.lpips_start, then L1 + LPIPS."""
+    from dcae_jax.metrics import history
+
+    config = tiny_train_config(1, steps=3, **{"loss.lpips_weight": 1.0, "loss.lpips_start": 2})
+    train.train_and_evaluate(config, tmp_path / "run")
+    rows = history.read(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["lpips"] == rows[1]["lpips"] == 0.0 and rows[0]["loss"] == pytest.approx(rows[0]["l1"])
+    assert rows[2]["lpips"] > 0 and rows[2]["loss"] == pytest.approx(rows[2]["l1"] + rows[2]["lpips"], rel=1e-5)
