@@ -386,28 +386,33 @@ def _abstract_with_shardings(state_shapes, shardings):
 # The loop.
 
 
-def _load_init_from(path: str) -> dict[str, Any]:
+def _load_init_from(path: str) -> tuple[dict[str, Any], float | None]:
+    """The variables of the model at `path` and its latent scaling factor (for the export)."""
     from dcae_jax.pretrained import DCAE
 
     ae = DCAE.from_pretrained(path)
-    return jax.tree_util.tree_map(np.asarray, ae.variables)
+    return jax.tree_util.tree_map(np.asarray, ae.variables), ae.config.scaling_factor
 
 
-def export_scaling_factor(config, cfg: DCAEConfig) -> float | None:
+_UNREAD = object()
+
+
+def export_scaling_factor(config, cfg: DCAEConfig, init_scaling: Any = _UNREAD) -> float | None:
     """The latent scaling factor an export may claim: an explicit `config.model.overrides.scaling_factor`; else the
     factor of the `init_from` model (its latent space is continued); else None: a model trained from scratch has
-    no measured factor (the base architecture's would be wrong), so `precompute_latents` measures 1/RMS."""
+    no measured factor (the base architecture's would be wrong), so `precompute_latents` measures 1/RMS.
+    `init_scaling`: the factor already read with the init model (skips reading it again)."""
     overrides = config.model.get("overrides", ml_collections.ConfigDict()).to_dict()
     if "scaling_factor" in overrides:
         return cfg.scaling_factor
     if config.get("init_from"):
-        import json as _json
+        if init_scaling is not _UNREAD:
+            return init_scaling
+        from dcae_jax.pretrained import DCAE, EXPORT_CONFIG
 
-        exported = pathlib.Path(config.init_from) / "dcae_config.json"
-        if exported.is_file():  # our export: its own recorded factor (None stays None)
-            return _json.loads(exported.read_text()).get("scaling_factor")
-        from dcae_jax.pretrained import DCAE
-
+        exported = pathlib.Path(config.init_from) / EXPORT_CONFIG
+        if exported.is_file():  # our export (a resumed run): its recorded factor, without loading the weights
+            return json.loads(exported.read_text()).get("scaling_factor")
         return DCAE.from_pretrained(config.init_from).config.scaling_factor
     return None
 
@@ -498,9 +503,9 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # State: workdir checkpoint > init_from > scratch.
     mngr = _checkpoint_manager(workdir, config.keep_checkpoints)
     latest = mngr.latest_step()
-    init_vars = None
+    init_vars, init_scaling = None, _UNREAD
     if latest is None and config.init_from:
-        init_vars = _load_init_from(config.init_from)
+        init_vars, init_scaling = _load_init_from(config.init_from)
         logging.info("initialised from %s", config.init_from)
     state, shardings = create_train_state(config, trainer, cfg, mesh, init_vars)
     if latest is not None:
@@ -588,7 +593,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         np.asarray,
         multihost_utils.process_allgather({"params": params, "batch_stats": state.batch_stats}, tiled=True),
     )
-    export_cfg = cfg.replace(scaling_factor=export_scaling_factor(config, cfg))
+    export_cfg = cfg.replace(scaling_factor=export_scaling_factor(config, cfg, init_scaling))
     DCAE(export_cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(final, indent=2))
