@@ -3,7 +3,11 @@
 PSNR and SSIM come from `dcae_jax.metrics.image` (the reference evaluator's conventions). They reward
 blur, so phase 3 (GAN refinement) needs a weight-free measure of lost detail as well: the spectral
 error compares the radially averaged power spectra of reconstruction and original in the upper half
-of the frequency band. LPIPS and rFID need converted weights files and are computed only when given.
+of the frequency band. LPIPS and rFID use the genuine networks (`dcae_jax.metrics.weights`).
+
+rFID on a few hundred images is biased upward (2048-dimensional features, far fewer samples), so the study
+computes it on several crops per held-out photo (`rfid_views`), identical for every model, and compares models
+on those same views; `rfid_floor` gives the level two disjoint halves of the real views reach against each other.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcae_jax import input_pipeline
+from dcae_jax.data import images as image_io
 from dcae_jax.metrics import image as image_metrics
 from dcae_jax.models.dcae import DCAEConfig, DCAEModel
 from dcae_jax.pretrained import DCAE
@@ -35,6 +40,46 @@ def eval_images(data: str, resolution: int, limit: int = 0) -> np.ndarray:
         images.extend(np.asarray(batch["image"])[np.asarray(batch["mask"]) > 0])
     out = np.stack(images)
     return out[:limit] if limit else out
+
+
+def adm_views(pil_img, size: int, count: int, zoom: float = 1.5) -> list[np.ndarray]:
+    """`count` size x size crops of one photo, in [-1, 1]: resized ADM-style (BOX halvings, then BICUBIC) so the short
+    side is round(size * zoom), crops evenly spaced along the long side, centered on the short side.
+
+    `count=1, zoom=1` is exactly `center_crop_adm`.
+    """
+    from PIL import Image
+
+    short = max(size, round(size * zoom))
+    while min(*pil_img.size) >= 2 * short:
+        pil_img = pil_img.resize(tuple(x // 2 for x in pil_img.size), resample=Image.BOX)
+    scale = short / min(*pil_img.size)
+    pil_img = pil_img.resize(tuple(round(x * scale) for x in pil_img.size), resample=Image.BICUBIC)
+    w, h = pil_img.size
+    out = []
+    for i in range(count):
+        if count == 1:
+            left, top = (w - size) // 2, (h - size) // 2
+        else:
+            along = round((max(w, h) - size) * i / (count - 1))
+            left, top = (along, (h - size) // 2) if w >= h else ((w - size) // 2, along)
+        out.append(image_io.pil_to_array(pil_img.crop((left, top, left + size, top + size))))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def rfid_views(data: str, resolution: int, count: int, zoom: float = 1.5, limit: int = 0) -> np.ndarray:
+    """(N * count, R, R, 3) in [-1, 1]: `adm_views` of the first `limit` (0: all) held-out photos, photo-major."""
+    source = input_pipeline.make_source(f"folder:{data}", "val")
+    views = []
+    for path in source.paths[: limit or None]:
+        try:
+            img = image_io.open_image(path)
+        except image_io.ImageReadError as e:
+            input_pipeline.warn_skipped_once(str(path), f"skipped {path}: {e}")
+            continue
+        views.extend(adm_views(img, resolution, count, zoom))
+    return np.stack(views)
 
 
 @functools.lru_cache(maxsize=32)
@@ -103,9 +148,30 @@ def spectral_error(ref: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.abs(diff_db).mean(axis=1), diff_db.mean(axis=1)
 
 
+@functools.lru_cache(maxsize=4)
+def _lpips_fn(module):
+    return jax.jit(module.apply)
+
+
+@jax.jit
+def _resize_299(x: jax.Array) -> jax.Array:
+    from dcae_jax.metrics import fid as fid_lib
+
+    return fid_lib.resize_bilinear(fid_lib.to_model_range(x), (fid_lib.INPUT_SIZE,) * 2)
+
+
+@jax.jit
+def _inception_299(variables, x: jax.Array) -> jax.Array:
+    """Inception on 299x299 inputs only: one compilation for every evaluation resolution and weights file."""
+    from dcae_jax.metrics import fid as fid_lib
+
+    return fid_lib.FIDInception(resize_input=False).apply(variables, x)
+
+
 @dataclasses.dataclass
 class Perceptual:
-    """Optional weight-based metrics; absent weights leave them out of the results (never faked)."""
+    """LPIPS and rFID from weights files (the study passes the genuine ones); an empty path leaves that metric out
+    of the results (never faked)."""
 
     lpips_weights: str = ""
     fid_weights: str = ""
@@ -115,35 +181,71 @@ class Perceptual:
         from dcae_jax.metrics import lpips as lpips_lib
 
         module, variables = lpips_lib.load_lpips(self.lpips_weights)
-        return jax.jit(lambda a, b: module.apply(variables, a, b))
+        return functools.partial(_lpips_fn(module), variables)
 
     @functools.cached_property
     def _fid(self):
         from dcae_jax.metrics import fid as fid_lib
 
-        module, variables = fid_lib.load_fid_inception(self.fid_weights)
-        return jax.jit(lambda x: module.apply(variables, x))
+        _, variables = fid_lib.load_fid_inception(self.fid_weights)
+        return lambda x: _inception_299(variables, _resize_299(x))
 
     def lpips(self, ref: np.ndarray, pred: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(self._lpips(a, b)) for a, b in zip(_batches(ref, 16), _batches(pred, 16))])[
             : len(ref)
         ]
 
-    def rfid(self, ref: np.ndarray, pred: np.ndarray) -> float:
+    def features(self, images: np.ndarray) -> Reference:
+        """Exact Inception pool3 statistics of `images` (the padded tail of the last batch is masked out)."""
         from dcae_jax.metrics import fid as fid_lib
 
-        stats = []
-        for images in (ref, pred):
-            s = fid_lib.FeatureStats()
-            for chunk in _batches(images, 16):
-                s.update(np.asarray(self._fid(chunk)))
-            stats.append(s)
-        # The padded tail repeats one image: negligible for a summary, exact when N is a multiple of 16.
-        return fid_lib.frechet_distance(*stats[0].mu_sigma(), *stats[1].mu_sigma())
+        stats = fid_lib.FeatureStats()
+        for i, chunk in enumerate(_batches(images, 16)):
+            stats.update(np.asarray(self._fid(chunk)), np.arange(16) < len(images) - 16 * i)
+        return Reference(stats)
+
+    def rfid(self, ref: np.ndarray, pred: np.ndarray, reference: Reference | None = None) -> float:
+        """FID between `ref` and `pred` (`reference`: `features(ref)`, reused between models)."""
+        from dcae_jax.metrics import fid as fid_lib
+
+        a = reference if reference is not None else self.features(ref)
+        mu, sigma = self.features(pred).stats.mu_sigma()
+        return fid_lib.frechet_distance_eig(a.mu, a.sigma, mu, sigma, sqrt_sigma1=a.sqrt_sigma)
+
+    def rfid_floor(self, views: np.ndarray, per_photo: int) -> float:
+        """FID between the real views of the first and the second half of the photos: what sampling alone gives."""
+        half = len(views) // per_photo // 2 * per_photo
+        if half < 2:
+            return float("nan")  # a covariance needs two samples per side
+        return self.rfid(views[:half], views[half : 2 * half])
 
 
-def evaluate(ae: DCAE, images: np.ndarray, perceptual: Perceptual | None = None) -> dict[str, Any]:
-    """Mean metrics plus the per-image PSNR (kept for paired comparisons between models)."""
+class Reference:
+    """Inception statistics of one real image set, with the square root of its covariance computed once."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self.mu, self.sigma = stats.mu_sigma()
+
+    @functools.cached_property
+    def sqrt_sigma(self) -> np.ndarray:
+        from dcae_jax.metrics import fid as fid_lib
+
+        return fid_lib.sqrt_psd(self.sigma)
+
+
+def evaluate(
+    ae: DCAE,
+    images: np.ndarray,
+    perceptual: Perceptual | None = None,
+    views: np.ndarray | None = None,
+    view_stats: Reference | None = None,
+) -> dict[str, Any]:
+    """Mean metrics plus the per-image PSNR (kept for paired comparisons between models).
+
+    PSNR, SSIM, the spectral error and LPIPS are on `images`; rFID on `views` (default: `images`), whose
+    reference statistics `view_stats` may be passed in so that they are computed once per view set.
+    """
     recon = reconstruct(ae, images)
     psnr, ssim = (np.asarray(v) for v in image_metrics.psnr_ssim(images, recon))
     hf_abs, hf_signed = spectral_error(images, recon)
@@ -159,7 +261,10 @@ def evaluate(ae: DCAE, images: np.ndarray, perceptual: Perceptual | None = None)
     if perceptual is not None and perceptual.lpips_weights:
         out["lpips"] = float(perceptual.lpips(images, recon).mean())
     if perceptual is not None and perceptual.fid_weights:
-        out["rfid"] = perceptual.rfid(images, recon)
+        views = images if views is None else views
+        recon_views = recon if views is images else reconstruct(ae, views)
+        out["rfid"] = perceptual.rfid(views, recon_views, view_stats)
+        out["rfid_images"] = len(views)
     return out
 
 

@@ -187,6 +187,24 @@ def test_frechet_distance_closed_form():
         frechet_distance(mu1, np.diag(s1), mu2[:3], np.diag(s2))
 
 
+def test_frechet_distance_eig_equals_sqrtm_route():
+    """Full-rank and rank-deficient (fewer samples than dimensions, as in small rFID sets) covariances."""
+    from dcae_jax.metrics.fid import frechet_distance_eig, sqrt_psd
+
+    rng = np.random.default_rng(0)
+    for n, d in ((400, 64), (40, 96)):
+        a = rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d)
+        b = 0.8 * a + rng.normal(size=(n, d)) * 0.5 + 0.1
+        stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+        want = frechet_distance(*stats[0], *stats[1])
+        assert frechet_distance_eig(*stats[0], *stats[1]) == pytest.approx(want, rel=1e-6)
+        root = sqrt_psd(stats[0][1])
+        np.testing.assert_allclose(root @ root, stats[0][1], atol=1e-9)
+        assert frechet_distance_eig(*stats[0], *stats[1], sqrt_sigma1=root) == pytest.approx(want, rel=1e-6)
+    scale = 2 * np.trace(stats[0][1])  # the size of the terms that cancel
+    assert frechet_distance_eig(*stats[0], *stats[0]) == pytest.approx(0.0, abs=1e-7 * scale)
+
+
 def test_feature_stats_streaming_merge_and_mask():
     rng = np.random.default_rng(0)
     d = 24

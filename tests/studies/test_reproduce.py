@@ -31,7 +31,7 @@ def photo_folder(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path):
+def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path, genuine_weights):
     out = tmp_path / "out"
     env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}"}
     # The documented command, in a fresh process (XLA_FLAGS only take effect before the backend starts).
@@ -45,6 +45,14 @@ def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path):
     assert {(r["residual"], r["factor"]) for r in e1["runs"]} == {(True, 4), (False, 4)}
     assert len({r["params"] for r in e1["runs"]}) == 1  # the ablation keeps the parameter count
     assert all(np.isfinite(r["psnr"]) and r["num_images"] == scale.eval_images for r in e1["runs"])
+    # LPIPS (genuine VGG16) and rFID (genuine Inception, on the rFID views) in every table's rows.
+    for row in e1["runs"] + results["experiment2"]["rows"] + results["experiment3"]["rows"]:
+        assert 0 < row["lpips"] < 1 and np.isfinite(row["rfid"]) and row["rfid"] >= 0, row
+        assert row["rfid_images"] == scale.eval_images * scale.rfid_views
+    # Training used L1 + LPIPS (AlexNet) in every phase: the trainer logged a non-zero LPIPS term.
+    for run in ("f4c4_s0", "f4c4_s0_phase2_at64", "f4c4_phase3_head_gan_s0"):
+        logged = [json.loads(line) for line in (out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        assert any(m.get("lpips", 0) > 0 for m in logged), run
 
     e2 = results["experiment2"]
     r = scale.resolution
@@ -64,6 +72,7 @@ def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path):
         assert (out / "figures" / name).stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "Experiment 1" in report and "Experiment 3" in report and "bit-identical" in report
+    assert "LPIPS (VGG)" in report and "rFID" in report
 
 
 def test_spectral_error_sees_blur_but_not_identity():
@@ -99,3 +108,38 @@ def test_lpips_and_rfid_go_through_the_evaluation_modules(tmp_path):
     stats = [fid_lib.FeatureStats().update(np.asarray(features(fid_vars, x))) for x in (ref, pred)]
     expected = fid_lib.frechet_distance(*stats[0].mu_sigma(), *stats[1].mu_sigma())
     assert p.rfid(ref, pred) == pytest.approx(expected, rel=1e-6)
+
+
+def test_rfid_views_single_center_view_is_the_adm_center_crop(tmp_path):
+    """One view at zoom 1 is exactly the evaluation's ADM center crop; more views are distinct crops of one scale."""
+    from PIL import Image
+
+    from dcae_jax.data import images as image_io
+
+    rng = np.random.default_rng(0)
+    for size in ((97, 61), (50, 120)):  # landscape and portrait
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        (one,) = measure.adm_views(img, 32, 1, zoom=1.0)
+        np.testing.assert_array_equal(one, image_io.pil_to_array(image_io.center_crop_adm(img, 32)))
+        views = measure.adm_views(img, 32, 3, zoom=1.5)
+        assert [v.shape for v in views] == [(32, 32, 3)] * 3
+        assert not np.array_equal(views[0], views[1]) and not np.array_equal(views[1], views[2])
+
+
+def test_rfid_uses_exact_statistics_of_every_view(tmp_path):
+    """Reference statistics passed in equal recomputed ones, and the padded tail of a batch is not counted."""
+    from dcae_jax.metrics import fid as fid_lib
+
+    fid_lib.save_fid_weights(fid_lib.init_fid_variables(0), tmp_path / "fid.npz")
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(-1, 1, (19, 32, 32, 3)).astype(np.float32)  # 16 + 3: one padded batch
+    pred = np.clip(ref + rng.normal(0, 0.2, ref.shape), -1, 1).astype(np.float32)
+    p = measure.Perceptual("", str(tmp_path / "fid.npz"))
+    stats = p.features(ref).stats
+    assert stats.count == 19
+    direct = fid_lib.FeatureStats().update(
+        np.concatenate([np.asarray(p._fid(ref[:16])), np.asarray(p._fid(ref[3:]))[13:]])
+    )
+    np.testing.assert_allclose(stats.mean, direct.mean, rtol=1e-6)
+    # The cached reference (with its covariance root) gives what recomputing it gives.
+    assert p.rfid(ref, pred, p.features(ref)) == p.rfid(ref, pred)
