@@ -13,19 +13,12 @@ skipped. Runs jitted on all devices (a 1-D "data" mesh), multi-process safe; pro
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
 import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from dcae_jax import cli, evaluate
-from dcae_jax.metrics import fid as fid_lib
-from dcae_jax.metrics import weights
-from dcae_jax.metrics.image import quantize_uint8
+from dcae_jax import cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,27 +35,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.resolution <= 0:
-        raise ValueError(f"--resolution must be positive, got {args.resolution}")
+    from dcae_jax.metrics import evaluation
+
     t_start = time.time()
-    net, variables = fid_lib.load_fid_inception(weights.resolve("fid_inception", args.fid_weights))
-    source = evaluate.open_source(args.data, args.split, args.max_images)
-    batch_size = evaluate.global_batch_size(args.batch_size)
-    loader = evaluate.make_loader(source, args.resolution, batch_size)
-
-    mesh = evaluate.data_mesh()
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(lambda v, x: net.apply(v, quantize_uint8(x)), in_shardings=(rep, data), out_shardings=data)
-    bound = functools.partial(step, jax.device_put(variables, rep))
-    stats, skipped = fid_lib.FeatureStats(), [0]
-
-    def consume(feats: np.ndarray, batch: dict[str, np.ndarray]) -> None:
-        stats.update(feats, batch["mask"])
-        skipped[0] += int(np.asarray(batch["skipped"]).sum())
-
-    evaluate.run_batches(loader, bound, consume, data, len(loader), "fid stats")
-    total = fid_lib.allreduce_stats(stats)
-    n_skipped = int(fid_lib.process_sum(np.array([skipped[0]]))[0])
+    total, n_skipped = evaluation.reference_stats(
+        args.data,
+        args.resolution,
+        split=args.split,
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        fid_weights=args.fid_weights,
+    )
     if total.count < 2:
         print(f"error: FID statistics need at least 2 readable images, have {total.count}", file=sys.stderr)
         return 1

@@ -32,6 +32,19 @@ class WorkdirBusy(OSError):
     """Another trainer holds the workdir."""
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`: readers see the old file or the
+    new one, never a partial one."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: pathlib.Path, owner: bool = True):
     """One trainer per workdir: an exclusive `flock` on `<workdir>/.lock` for the life of the run.

@@ -21,8 +21,7 @@ COMMANDS = [
     "dcae_jax.fetch_weights",
     "dcae_jax.studies.reproduce",
     "dcae_jax.studies.bicubic",
-    "dcae_jax.metrics.lpips",
-    "dcae_jax.metrics.fid",
+    "dcae_jax.convert_weights",
 ]
 
 

@@ -201,25 +201,6 @@ def test_missing_files_fail_early(files, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def test_local_rows_and_head_source(monkeypatch):
-    mesh = evaluate.data_mesh()
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    x = np.arange(4 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)
-    arr = jax.make_array_from_process_local_data(sharding, x)
-    np.testing.assert_array_equal(evaluate.local_rows(arr), x)
-    monkeypatch.setattr(jax, "process_count", lambda: 2)  # the multi-process path: this process's shards, in order
-    np.testing.assert_array_equal(evaluate.local_rows(arr), x)
-    monkeypatch.undo()
-
-    head = evaluate.HeadSource(list("abcdef"), 4)
-    assert len(head) == 4 and [head[i] for i in range(4)] == list("abcd")
-    with pytest.raises(IndexError):
-        head[4]
-    assert len(evaluate.HeadSource(list("ab"), 10)) == 2
-    with pytest.raises(ValueError, match="--max-images must be positive"):
-        evaluate.open_source("bundled", "validation", 0)
-
-
 def test_a_model_with_non_finite_outputs_is_not_scored(files, tmp_path):
     """Finite but huge weights overflow to inf/NaN images: evaluate and reconstruct refuse to score them."""
     from dcae_jax import reconstruct

@@ -43,3 +43,16 @@ def test_entry_points_refuse_urls(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "URLs are not supported" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written, in particular no local "gs:" folder
+
+
+def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    from dcae_jax import paths
+
+    target = tmp_path / "r.json"
+    paths.write_text_atomic(target, "old")
+    paths.write_text_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    (tmp_path / "dir.json").mkdir()  # a failing rename keeps the old state and cleans its temporary up
+    with pytest.raises(OSError):
+        paths.write_text_atomic(tmp_path / "dir.json", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "r.json"]

@@ -214,10 +214,10 @@ def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
             "`python -m dcae_jax.precompute_latents` and set config.data.latents, or set config.autoencoder "
             "and config.data.images"
         )
-    from dcae_jax import precompute_latents
+    from dcae_jax.data import precompute
 
     out = workdir / "latents"
-    precompute_latents.precompute(
+    precompute.precompute(
         model=config.autoencoder,
         data=config.data.images,
         split=config.data.get("images_split", "train"),

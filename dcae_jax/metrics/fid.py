@@ -16,11 +16,12 @@ Inputs are NHWC, either float in [-1, 1] (our image convention) or uint8 in [0, 
 (what pytorch-fid's `ToTensor` feeds) and then 2x - 1. Resizing before or after that affine map is the same up to
 float rounding. All math is float32 at `Precision.HIGHEST` (no TF32/bf16 convolutions on GPU/TPU) by default.
 
-Weights: nothing is downloaded, here or anywhere at run time. Convert pytorch-fid's release asset once (reading
-the .pth needs torch) to one .npz and load that:
+Weights: nothing is downloaded, here or anywhere at run time. `python -m dcae_jax.fetch_weights` makes the
+genuine file without torch (`dcae_jax.metrics.weights`); users who have pytorch-fid's release asset convert it
+once (reading the .pth needs torch):
 
     wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-    python -m dcae_jax.metrics.fid convert --src pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz
+    python -m dcae_jax.convert_weights --fid_inception=pt_inception-2015-12-05-6726825d.pth --out=fid_inception.npz
 
     module, variables = load_fid_inception("fid_inception.npz")
     feats = module.apply(variables, images)                      # (B, 2048) float32
@@ -34,15 +35,13 @@ padded batch entries are left out), merges across devices / processes (`merge`, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
 import os
 import pathlib
-import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -428,7 +427,7 @@ def conversion_help(path: str | os.PathLike) -> str:
         [
             "  # on a machine that is online (torch is needed for the conversion):",
             f"  wget {FID_WEIGHTS_URL}",
-            f"  python -m dcae_jax.metrics.fid convert --src {FID_WEIGHTS_FILE} --out {path}",
+            f"  python -m dcae_jax.convert_weights --fid_inception={FID_WEIGHTS_FILE} --out={path}",
         ]
     )
 
@@ -438,7 +437,8 @@ def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInception, dict[str,
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: FID Inception weights not found. Nothing is downloaded at run time; create the file with:\n"
+            f"{path}: FID Inception weights not found. Nothing is downloaded at run time; `python -m "
+            "dcae_jax.fetch_weights` makes the genuine file (no torch needed), or convert the PyTorch file:\n"
             + conversion_help(path)
         )
     with np.load(path, allow_pickle=False) as z:
@@ -701,27 +701,18 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dcae_jax.metrics.fid", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help=f"convert pytorch-fid's {FID_WEIGHTS_FILE} to one .npz")
-    c.add_argument("--src", required=True, help=f"{FID_WEIGHTS_FILE} (from {FID_WEIGHTS_URL})")
-    c.add_argument("--out", required=True, help="output .npz")
-    d = sub.add_parser("distance", help="FID between two stats files (ours or pytorch-fid's --save-stats)")
-    d.add_argument("stats", nargs=2)
-    args = p.parse_args(argv)
-    if args.command == "distance":
-        print(f"FID: {frechet_distance(*load_stats(args.stats[0]), *load_stats(args.stats[1])):.6f}")
-        return
-    src = pathlib.Path(args.src)
+def convert_file(src: str | os.PathLike, out: str | os.PathLike) -> int:
+    """pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` -> one .npz at `out` (reading .pth needs torch).
+
+    Returns the number of values written; warns when a file of that name has another checksum."""
+    src = pathlib.Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: not found; download it with: wget {FID_WEIGHTS_URL}")
     if src.name == FID_WEIGHTS_FILE and not _sha256(src).startswith(FID_WEIGHTS_SHA256_PREFIX):
-        warnings.warn(f"{src}: sha256 does not start with {FID_WEIGHTS_SHA256_PREFIX}; corrupt download?", stacklevel=1)
+        warnings.warn(f"{src}: sha256 does not start with {FID_WEIGHTS_SHA256_PREFIX}; corrupt download?", stacklevel=2)
     variables = convert_fid_inception(read_pth(src))
-    save_fid_weights(variables, args.out)
-    n = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
-    print(f"wrote {args.out}: FID InceptionV3 (pool3), {n:,} values from {src}")
+    save_fid_weights(variables, out)
+    return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
 
 
 __all__ = [
@@ -732,6 +723,7 @@ __all__ = [
     "FeatureStats",
     "allreduce_stats",
     "convert_fid_inception",
+    "convert_file",
     "frechet_distance",
     "frechet_distance_eig",
     "init_fid_variables",
@@ -745,6 +737,3 @@ __all__ = [
     "sqrt_psd",
     "weight_entries",
 ]
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -18,9 +18,10 @@ bf16/TF32; pass `precision=None` for speed where a training loss does not need e
 Weights: nothing is downloaded, here or anywhere at import time. The trunk comes from torchvision's
 ImageNet checkpoints (`vgg16-397923af.pth`, `alexnet-owt-7be5be79.pth`), the linear heads from lpips'
 `weights/v0.1/{vgg,alex}.pth`, which the `lpips` pip package ships inside itself
-(`<site-packages>/lpips/weights/v0.1/`). Convert them once (reading .pth needs torch) to a single .npz:
+(`<site-packages>/lpips/weights/v0.1/`). `python -m dcae_jax.fetch_weights` makes the genuine files without
+torch (`dcae_jax.metrics.weights`); users who have the torchvision files convert them once (needs torch):
 
-    python -m dcae_jax.metrics.lpips --net vgg --backbone vgg16-397923af.pth --lin vgg.pth --out lpips_vgg.npz
+    python -m dcae_jax.convert_weights --lpips=vgg --backbone=vgg16-397923af.pth --lin=vgg.pth --out=lpips_vgg.npz
 
 and use `module, variables = load_lpips("lpips_vgg.npz")`; `module.apply(variables, x0, x1)` -> (B,).
 The weights are constants: keep them out of the optimizer (close over `variables`).
@@ -28,13 +29,11 @@ The weights are constants: keep them out of the optimizer (close over `variables
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import os
 import pathlib
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -347,7 +346,7 @@ def conversion_help(path: str | os.PathLike, net: str | None = None) -> str:
             f"  # {n}: on a machine that is online (torch is needed for the conversion)",
             f"  wget {b.url}",
             "  pip install lpips  # ships the linear heads as <site-packages>/lpips/weights/v0.1/{vgg,alex}.pth",
-            f"  python -m dcae_jax.metrics.lpips --net {n} --backbone {b.torchvision_file} --out {path}",
+            f"  python -m dcae_jax.convert_weights --lpips={n} --backbone={b.torchvision_file} --out={path}",
             f"  #   (--lin defaults to lpips' shipped weights/v0.1/{n}.pth; or fetch it from "
             f"https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{n}.pth)",
         ]
@@ -359,8 +358,8 @@ def load_lpips(path: str | os.PathLike) -> tuple[LPIPS, dict[str, Any]]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: LPIPS weights not found. Nothing is downloaded at run time; create the file with:\n"
-            + conversion_help(path)
+            f"{path}: LPIPS weights not found. Nothing is downloaded at run time; `python -m dcae_jax.fetch_weights` "
+            "makes the genuine files (no torch needed), or convert the PyTorch files:\n" + conversion_help(path)
         )
     with np.load(path, allow_pickle=False) as z:
         if "net" not in z.files:
@@ -403,22 +402,13 @@ def default_lin_path(net: str) -> pathlib.Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m dcae_jax.metrics.lpips",
-        description="Convert torchvision trunk + lpips v0.1 linear heads (.pth) to one dcae_jax LPIPS .npz file.",
-    )
-    p.add_argument("--net", required=True, choices=sorted(BACKBONES))
-    p.add_argument("--backbone", required=True, help="vgg16-397923af.pth or alexnet-owt-7be5be79.pth (torchvision)")
-    p.add_argument("--lin", help="lpips weights/v0.1/{vgg,alex}.pth (default: the copy inside the lpips package)")
-    p.add_argument("--out", required=True, help="output .npz")
-    args = p.parse_args(argv)
-    lin = pathlib.Path(args.lin) if args.lin else default_lin_path(args.net)
-    variables = convert_lpips_weights(read_pth(args.backbone), read_pth(lin), args.net)
-    save_lpips_weights(variables, args.out, args.net)
-    n = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
-    print(f"wrote {args.out}: LPIPS {args.net}, {n:,} parameters (trunk {args.backbone}, heads {lin})")
+def convert_files(net: str, backbone: str | os.PathLike, lin: str | os.PathLike | None, out: str | os.PathLike) -> int:
+    """torchvision trunk + lpips v0.1 heads (.pth; `lin` None: the lpips package's copy) -> one .npz at `out`.
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    Returns the number of parameters written (reading .pth needs torch)."""
+    if net not in BACKBONES:
+        raise ValueError(f"unknown LPIPS net {net!r}; valid: {', '.join(sorted(BACKBONES))}")
+    lin = pathlib.Path(lin) if lin else default_lin_path(net)
+    variables = convert_lpips_weights(read_pth(backbone), read_pth(lin), net)
+    save_lpips_weights(variables, out, net)
+    return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))

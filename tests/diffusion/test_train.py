@@ -123,7 +123,7 @@ def test_training_lowers_the_loss_on_a_fixed_set():
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     """Bundled real photos encoded at 32x32 by a tiny random DC-AE (4x4x8 latents, scaled to unit RMS)."""
-    from dcae_jax import precompute_latents
+    from dcae_jax.data import precompute
     from dcae_jax.models.dcae import init_variables
     from dcae_jax.models.dcae import tiny_config as ae_config
     from dcae_jax.pretrained import DCAE
@@ -131,7 +131,7 @@ def latents(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
     cfg = ae_config()
     ae_dir = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(root / "ae")
-    meta = precompute_latents.precompute(
+    meta = precompute.precompute(
         str(ae_dir), "bundled", 32, root / "latents", batch_size=4, scaling_factor="auto", verbose=False
     )
     assert tuple(meta["latent_shape"]) == LATENT_SHAPE

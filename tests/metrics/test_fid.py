@@ -147,7 +147,9 @@ def test_missing_file_message(tmp_path):
         "wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
         "pt_inception-2015-12-05-6726825d.pth" in msg
     )
-    assert f"python -m dcae_jax.metrics.fid convert --src pt_inception-2015-12-05-6726825d.pth --out {path}" in msg
+    assert (
+        f"python -m dcae_jax.convert_weights --fid_inception=pt_inception-2015-12-05-6726825d.pth --out={path}" in msg
+    )
     with pytest.raises(
         FileNotFoundError, match=r"(?s)ref\.npz: FID reference statistics not found.*python -m dcae_jax.fid_stats"
     ):
@@ -257,15 +259,6 @@ def test_process_sum_multi_process_path(monkeypatch):
     np.testing.assert_array_equal(got, x + x * 2 + x * 3)  # exact float64 (no float32 demotion)
 
 
-def test_distance_cli(tmp_path, capsys):
-    rng = np.random.default_rng(1)
-    a, b = _random_stats(rng, 50, 6), _random_stats(rng, 50, 6)
-    save_stats(tmp_path / "a.npz", *a)
-    save_stats(tmp_path / "b.npz", *b)
-    fid.main(["distance", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
-    assert capsys.readouterr().out == f"FID: {frechet_distance(*a, *b):.6f}\n"
-
-
 def test_stats_file_roundtrip_and_errors(tmp_path):
     mu, sigma = _random_stats(np.random.default_rng(0), 40, 8)
     save_stats(tmp_path / "a" / "stats.npz", mu, sigma)
@@ -334,7 +327,7 @@ def test_pool3_parity_with_pytorch_fid(torch_fid_model, fid_apply, tmp_path):
     model, sd = torch_fid_model
     src = tmp_path / "random_inception.pth"
     torch.save(sd, src)
-    fid.main(["convert", "--src", str(src), "--out", str(tmp_path / "fid_inception.npz")])
+    fid.convert_file(src, tmp_path / "fid_inception.npz")
     module, variables = load_fid_inception(tmp_path / "fid_inception.npz")
     assert module == FIDInception()
     for hw, as_uint8 in [((96, 128), False), ((320, 336), True)]:

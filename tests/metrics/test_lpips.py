@@ -20,11 +20,11 @@ from skimage.transform import resize
 from dcae_jax.metrics.lpips import (
     BACKBONES,
     LPIPS,
+    convert_files,
     convert_lpips_weights,
     default_lin_path,
     get_backbone,
     load_lpips,
-    main,
     read_pth,
     save_lpips_weights,
     unit_normalize,
@@ -135,12 +135,12 @@ def test_missing_file_message(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_lpips(path)
     msg = str(err.value)
-    assert str(path) in msg and "Nothing is downloaded" in msg
+    assert str(path) in msg and "Nothing is downloaded" in msg and "python -m dcae_jax.fetch_weights" in msg
     assert "wget https://download.pytorch.org/models/vgg16-397923af.pth" in msg
-    assert f"python -m dcae_jax.metrics.lpips --net vgg --backbone vgg16-397923af.pth --out {path}" in msg
+    assert f"python -m dcae_jax.convert_weights --lpips=vgg --backbone=vgg16-397923af.pth --out={path}" in msg
     assert "alexnet" not in msg
     # A name that does not say which net: both recipes.
-    with pytest.raises(FileNotFoundError, match=r"(?s)--net alex .*--net vgg "):
+    with pytest.raises(FileNotFoundError, match=r"(?s)--lpips=alex .*--lpips=vgg "):
         load_lpips(tmp_path / "weights.npz")
 
 
@@ -232,14 +232,12 @@ def test_parity_with_lpips_package(lpips_pkg, net, tmp_path):
     # pnet_rand=True: random torchvision trunk (no download); pretrained=True: the package's own v0.1 heads.
     ref = lpips_pkg.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval()
     # The trunk in torchvision's key layout (lpips stores it as net.slice{k}.{index}.*), saved like the published
-    # file, then the CLI (with --lin defaulting to the heads inside the lpips package) and load_lpips.
+    # file, then the converter (with lin defaulting to the heads inside the lpips package) and load_lpips.
     trunk = {f"features.{k.split('.', 1)[1]}": v for k, v in ref.net.state_dict().items()}
     torch.save(trunk, tmp_path / BACKBONES[net].torchvision_file)
     out = tmp_path / f"lpips_{net}.npz"
-    args = ["--net", net, "--backbone", str(tmp_path / BACKBONES[net].torchvision_file), "--out", str(out)]
-    if net == "vgg":  # explicit --lin for one net, the default (lpips' shipped file) for the other
-        args += ["--lin", str(default_lin_path(net))]
-    main(args)
+    lin = default_lin_path(net) if net == "vgg" else None  # explicit for one net, the default for the other
+    convert_files(net, tmp_path / BACKBONES[net].torchvision_file, lin, out)
     module, variables = load_lpips(out)
     assert module.net == net
     apply = jax.jit(module.apply)

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcae_jax import precompute_latents as pl
 from dcae_jax.data import latents as fmt
+from dcae_jax.data import precompute as pl
 from dcae_jax.data.images import list_images, load_image
 from dcae_jax.models.dcae import init_variables, tiny_config
 from dcae_jax.pretrained import DCAE
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RES = 32
 SCALE = 0.5
 # Source order (sorted paths): cats/broken.jpg, cats/chelsea.png, cats/chelsea_wide.png, objects/astronaut.png,
