@@ -50,7 +50,7 @@ def _flops(compiled) -> float:
 
 def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
     """Compiled train step and guided sampling step for one latent space, with their inputs."""
-    from configs import common
+    from dcae_jax import config as common
     from dcae_jax import sharding
     from dcae_jax.diffusion import train as dtrain
     from dcae_jax.diffusion.samplers import classifier_free_guidance

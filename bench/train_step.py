@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     import torch
     from diffusers import AutoencoderDC
 
-    from configs import common
+    from dcae_jax import config as common
     from dcae_jax import sharding, train
     from dcae_jax.models.dcae import get_config
     from dcae_jax.pretrained import DCAE
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     c.resolution, c.global_batch_size = args.resolution, args.batch
     c.optim.learning_rate = args.lr
     cfg = train.model_config(c)
-    mesh = train._mesh(c)
+    mesh = sharding.mesh_from_config(c)
     trainer = train.build_trainer(c, cfg, variables["params"])
     state, _ = train.create_train_state(c, trainer, cfg, mesh, variables)
     lowered = train.lower_train_step(c)

@@ -15,7 +15,7 @@ Resolutions, batch sizes and step counts are our choices (the paper publishes on
 rates, via a second-hand review): phase 1 and 3 at 256x256, phase 2 at 1024x1024.
 """
 
-from configs import common
+from dcae_jax import config as common
 from dcae_jax.models.dcae import get_config as model_config
 
 VARIANTS = {

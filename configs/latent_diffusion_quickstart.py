@@ -14,7 +14,8 @@ hidden size), depth, sample_every.
 
 import ml_collections
 
-from configs import common, quickstart
+from configs import quickstart
+from dcae_jax import config as common
 
 
 def get_config(arg: str = ""):

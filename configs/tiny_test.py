@@ -9,7 +9,7 @@ data axis takes the remaining devices), checkpoint_every. Adam's eps is 1e-3 so 
 different device/process layouts agree to float noise (see tests/test_train.py, sharded test).
 """
 
-from configs import common
+from dcae_jax import config as common
 
 
 def get_config(arg: str = ""):

@@ -206,7 +206,9 @@ def make_spatial_mesh(num_devices: int | None = None, axis: str = "space") -> Me
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices}: {len(devices)} devices are available")
-    return jax.make_mesh((n,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+    from dcae_jax import sharding
+
+    return sharding.make_mesh([n], [axis], devices[:n])
 
 
 # ae -> {(method, mesh, axis): jitted fn, (mesh, "variables"): (source variables, replicated copy)}.

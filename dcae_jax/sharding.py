@@ -45,6 +45,14 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[Any] 
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=auto, devices=devices)
 
 
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+    """The trainers' mesh: `config.mesh.shape` over `config.mesh.axes`, on the first `config.mesh.num_devices`
+    devices (0: all of them, or of `devices`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = config.mesh.get("num_devices", 0)
+    return make_mesh(config.mesh.shape, config.mesh.axes, devices[:n] if n else devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis."""
     return NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -77,6 +85,11 @@ def tree_shardings(
     for _, s in compiled:
         if s not in ("fsdp", "replicate"):
             raise ValueError(f"sharding strategy {s!r}: valid are 'fsdp', 'replicate'")
+    if any(s == "fsdp" for _, s in compiled) and fsdp_axis not in mesh.axis_names:
+        raise ValueError(
+            f"sharding rules use 'fsdp' but the mesh has no axis {fsdp_axis!r} (axes {list(mesh.axis_names)}): "
+            "name the FSDP axis in config.sharding.fsdp_axis, or use 'replicate' rules"
+        )
     size = mesh.shape.get(fsdp_axis, 1)
 
     def leaf_sharding(path, leaf):
@@ -90,6 +103,14 @@ def tree_shardings(
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
+
+
+def config_shardings(tree: Any, mesh: Mesh, config) -> Any:
+    """`tree_shardings` with the trainers' config data: `config.sharding.rules`, `.min_size` and `.fsdp_axis`."""
+    c = config.sharding
+    return tree_shardings(
+        tree, mesh, [tuple(r) for r in c.rules], fsdp_axis=c.get("fsdp_axis", "fsdp"), min_size=c.min_size
+    )
 
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -324,8 +324,7 @@ def create_train_state(config, trainer: Trainer, cfg: DCAEConfig, mesh, init_var
         params, batch_stats = init_variables["params"], init_variables.get("batch_stats", {})
     init = _init_state_fn(trainer, cfg, config.resolution)
     abstract = jax.eval_shape(init, rng, params, batch_stats)
-    rules = [tuple(r) for r in config.sharding.rules]
-    shardings = sharding.tree_shardings(abstract, mesh, rules, min_size=config.sharding.min_size)
+    shardings = sharding.config_shardings(abstract, mesh, config)
     if params is not None:
         params = jax.device_put(params, shardings.params)
         batch_stats = jax.device_put(batch_stats, shardings.batch_stats)
@@ -455,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """
     from dcae_jax import paths
 
-    check_config(config, model_config(config), _mesh(config))
+    check_config(config, model_config(config), sharding.mesh_from_config(config))
     workdir = pathlib.Path(workdir)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train_phase(config, workdir)
@@ -466,7 +465,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     from dcae_jax.pretrained import DCAE
 
     # Mesh and model (the config was checked by `train_and_evaluate`).
-    mesh = _mesh(config)
+    mesh = sharding.mesh_from_config(config)
     cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -693,27 +692,19 @@ def check_config(config, cfg: DCAEConfig, mesh) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(p.strip() for p in problems))
 
 
-def _mesh(config, devices=None):
-    devices = list(jax.devices() if devices is None else devices)
-    n = config.mesh.get("num_devices", 0)
-    return sharding.make_mesh(config.mesh.shape, config.mesh.axes, devices[:n] if n else devices)
-
-
 def lower_train_step(config: ml_collections.ConfigDict, devices=None):
     """The train step lowered for abstract inputs (no data, no weights): for memory/FLOP analysis and AOT.
 
     `devices` (default: this host's) may be compile-only TPU devices from `jax.experimental.topologies`.
     """
-    mesh = _mesh(config, devices)
+    mesh = sharding.mesh_from_config(config, devices)
     cfg = model_config(config)
     res = config.resolution
     abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))
     trainer = build_trainer(config, cfg, abstract_vars["params"])
     rng = jax.random.key_data(jax.random.key(0))
     abstract = jax.eval_shape(_init_state_fn(trainer, cfg, res), rng, None, None)
-    shardings = sharding.tree_shardings(
-        abstract, mesh, [tuple(r) for r in config.sharding.rules], min_size=config.sharding.min_size
-    )
+    shardings = sharding.config_shardings(abstract, mesh, config)
     data_sharding = sharding.batch_sharding(mesh)
     batch = {
         "image": jax.ShapeDtypeStruct(

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from dcae_jax import config as common
 from dcae_jax import optim
 from dcae_jax.models.dcae import DCAEModel, tiny_config
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from dcae_jax import config as common
 from dcae_jax import train
 from dcae_jax.pretrained import DCAE
 

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 def data_mesh() -> Mesh:
     """All devices of all processes on one "data" axis."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    from dcae_jax import sharding
+
+    return sharding.make_mesh([-1], ["data"])
 
 
 class HeadSource:

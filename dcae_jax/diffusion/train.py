@@ -166,8 +166,7 @@ def _state_shardings(config, trainer, cfg, mesh):
     rng = jax.random.key_data(jax.random.key(config.seed))
     init = _init_state_fn(trainer, cfg)
     abstract = jax.eval_shape(init, rng, None)
-    rules = [tuple(r) for r in config.sharding.rules]
-    return init, rng, abstract, sharding.tree_shardings(abstract, mesh, rules, min_size=config.sharding.min_size)
+    return init, rng, abstract, sharding.config_shardings(abstract, mesh, config)
 
 
 def create_train_state(config, trainer: DiffusionTrainer, cfg: UViTConfig, mesh):
@@ -179,9 +178,9 @@ def create_train_state(config, trainer: DiffusionTrainer, cfg: UViTConfig, mesh)
 
 def lower_train_step(config: ml_collections.ConfigDict, devices=None):
     """The train step lowered for abstract inputs (no data, no weights), for `dcae_jax.aot`."""
-    from dcae_jax.train import _abstract_with_shardings, _mesh
+    from dcae_jax.train import _abstract_with_shardings
 
-    mesh = _mesh(config, devices)
+    mesh = sharding.mesh_from_config(config, devices)
     h, w, c = config.data.latent_shape
     cfg = model_config(config, (h, w, c))
     trainer = build_trainer(config, cfg)
@@ -237,9 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
     anything is written; the workdir is locked for the run (one trainer per workdir)."""
     from dcae_jax import paths
-    from dcae_jax.train import _mesh, check_loop_config
+    from dcae_jax.train import check_loop_config
 
-    check_loop_config(config, _mesh(config))
+    check_loop_config(config, sharding.mesh_from_config(config))
     workdir = pathlib.Path(workdir)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train(config, workdir)
@@ -251,7 +250,6 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     from dcae_jax.train import (
         _abstract_with_shardings,
         _checkpoint_manager,
-        _mesh,
         _restore,
         fetch_summary,
         save_checked,
@@ -269,7 +267,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             f"{latents_dir} has {dataset.num_classes} classes, the model's label table {cfg.num_classes}: set "
             f"config.model.overrides.num_classes"
         )
-    mesh = _mesh(config)
+    mesh = sharding.mesh_from_config(config)
     data_sharding = sharding.batch_sharding(mesh)
     trainer = build_trainer(config, cfg)
     if config.global_batch_size % jax.process_count():

@@ -2,8 +2,8 @@
 
     python -m dcae_jax.studies.reproduce --data PHOTOS --out /tmp/repro [--scale cpu]
 
-`--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Run from the repository
-root (the study builds its training configs with `configs.common`). Every training run goes through the
+`--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Runs from anywhere (its
+training configs come from `dcae_jax.config`). Every training run goes through the
 project's trainer (`dcae_jax.train.train_and_evaluate`) in `<out>/runs/<name>`; finished runs are skipped,
 so re-running the command resumes. Results go to `<out>/results.json`, tables to `<out>/report.md`,
 figures and crops to `<out>/figures/`.
@@ -39,7 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import common
+from dcae_jax import config as common
 from dcae_jax.models.dcae import DCAEConfig, count_params, init_variables, tiny_config
 from dcae_jax.pretrained import DCAE
 from dcae_jax.studies import measure
@@ -178,7 +178,7 @@ def train_config(
     full_model: bool = False,
     gan: bool | None = None,
 ) -> ml_collections.ConfigDict:
-    """A trainer config from `configs.common`: phase layer sets, then the study's budget and data.
+    """A trainer config from `dcae_jax.config`: phase layer sets, then the study's budget and data.
 
     `full_model` trains every layer (the paper's full-model GAN baseline); `gan=False` turns phase 3's
     discriminator off (the head-only L1 control).

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from dcae_jax import config as common
 from dcae_jax.diffusion import train as dtrain
 
 LATENT_SHAPE = (4, 4, 8)

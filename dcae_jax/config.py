@@ -1,4 +1,8 @@
-"""Shared config pieces: argument parsing and the phase defaults (which layers each phase trains)."""
+"""The trainers' config schema and recipes: `base_config()` (every field the autoencoder trainer reads), the phase
+layer sets (`trainable_rules`, `apply_phase`), `diffusion_config()`, and `parse_arg` for `--config=file.py:arg`.
+
+Config files (`configs/*.py`, or your own anywhere) build on these: `from dcae_jax import config as common`.
+"""
 
 from __future__ import annotations
 
@@ -109,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_rfid_crop = 0  # 0: whole images; s > 0: s x s crops on a stride-s/2 grid (patch rFID, tiny eval sets)
     c.ema_decay = 0.0
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})  # 0: all
-    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})
+    # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
+    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14, "fsdp_axis": "fsdp"})
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
@@ -163,7 +168,8 @@ def diffusion_config() -> ml_collections.ConfigDict:
     c.num_steps = 500_000
     c.sample = ml_collections.ConfigDict({"every": 20_000, "guidance_scale": 1.5})
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})
-    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14})
+    # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
+    c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14, "fsdp_axis": "fsdp"})
     c.log_every = 100
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
