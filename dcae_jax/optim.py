@@ -62,6 +62,18 @@ def masked(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTrans
     return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
 
+def warmup_schedule(learning_rate: float, warmup_steps: int = 0, decay_steps: int = 0) -> optax.Schedule:
+    """Linear warm-up from 0, then constant (decay_steps=0) or cosine decay to 0 at `decay_steps`.
+
+    Indexed by optax's update count: training step k (1-based) applies `schedule(k - 1)`.
+    """
+    if decay_steps > 0:
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), decay_steps)
+    if warmup_steps > 0:
+        return optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    return optax.constant_schedule(learning_rate)
+
+
 def adamw_with_warmup(
     learning_rate: float,
     *,
@@ -73,13 +85,8 @@ def adamw_with_warmup(
     decay_steps: int = 0,
     grad_clip: float = 0.0,
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, then constant (decay_steps=0) or cosine decay to 0."""
-    if decay_steps > 0:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), decay_steps)
-    elif warmup_steps > 0:
-        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-    else:
-        schedule = optax.constant_schedule(learning_rate)
+    """AdamW with `warmup_schedule`'s learning rate."""
+    schedule = warmup_schedule(learning_rate, warmup_steps, decay_steps)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts)

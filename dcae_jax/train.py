@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from dcae_jax import losses, optim, sharding
 from dcae_jax.metrics import history
 from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
+from dcae_jax.training import checkpoints
 
 # ----------------------------------------------------------------------------------------------
 # State and metrics.
@@ -333,55 +334,6 @@ def create_train_state(config, trainer: Trainer, cfg: DCAEConfig, mesh, init_var
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _checkpoint_manager(workdir: pathlib.Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    from dcae_jax import paths
-
-    if jax.process_index() == 0:
-        paths.check_writable_dir(workdir.absolute() / "checkpoints", "checkpoint")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
-
-
-def _save(mngr, step: int, state: TrainState, data_iter) -> None:
-    import grain.python as grain
-    import orbax.checkpoint as ocp
-
-    items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
-    if data_iter is not None:
-        items["data_iter"] = grain.PyGrainCheckpointSave(data_iter)
-    mngr.save(step, args=ocp.args.Composite(**items))
-
-
-def _restore(mngr, step: int, abstract_state: TrainState, data_iter) -> TrainState:
-    import grain.python as grain
-    import orbax.checkpoint as ocp
-
-    target = flax.serialization.to_state_dict(abstract_state)
-    items = {"state": ocp.args.StandardRestore(target)}
-    if data_iter is not None:
-        items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
-    return flax.serialization.from_state_dict(abstract_state, restored["state"])
-
-
-def _saved_process_count(mngr, step: int) -> int | None:
-    """How many processes wrote the step's iterator states (grain: `data_iter/process_<i>-of-<n>.json`)."""
-    files = list((mngr.directory / str(step) / "data_iter").glob("process_*-of-*.json"))
-    return int(files[0].name.removesuffix(".json").rsplit("-of-", 1)[1]) if files else None
-
-
-def _abstract_with_shardings(state_shapes, shardings):
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -500,7 +452,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     train_iter = iter(train_loader)
 
     # State: workdir checkpoint > init_from > scratch.
-    mngr = _checkpoint_manager(workdir, config.keep_checkpoints)
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     latest = mngr.latest_step()
     init_vars, init_scaling = None, _UNREAD
     if latest is None and config.init_from:
@@ -508,20 +460,8 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         logging.info("initialised from %s", config.init_from)
     state, shardings = create_train_state(config, trainer, cfg, mesh, init_vars)
     if latest is not None:
-        abstract = _abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
-        saved_by = _saved_process_count(mngr, latest)
-        same_layout = saved_by == jax.process_count()
-        state = _restore(mngr, latest, abstract, train_iter if same_layout else None)
-        if not same_layout:  # grain's per-process states do not carry over; the data order does (input_pipeline)
-            train_iter.restart_at(latest)
-            logging.warning(
-                "checkpoint %d has data-iterator states of %s processes, this job has %d: the data restarts at "
-                "global batch %d of the same order (exact unless records were dropped)",
-                latest,
-                saved_by,
-                jax.process_count(),
-                latest,
-            )
+        abstract = checkpoints.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+        state = checkpoints.restore(mngr, latest, abstract, train_iter)
         logging.info("resumed from step %d", latest)
 
     nets, eval_vars = eval_nets(config)
@@ -540,7 +480,11 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
             out_shardings=(shardings, None),
             donate_argnums=(0,),
         )
-    eval_fn = functools.partial(jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets)), aux_vars=aux)
+    # Evaluation is data-parallel like training: images split over every mesh device, outputs kept split.
+    eval_fn = functools.partial(
+        jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets), out_shardings=data_sharding),
+        aux_vars=aux,
+    )
 
     hooks = []
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
@@ -560,26 +504,27 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         local = next(train_iter)
         skipped += int(np.sum(local.get("skipped", 0)))
         batch = sharding.global_batch({"image": local["image"]}, data_sharding)
-        state, step_metrics = (step_fn if step > trainer.lpips_start else step_fn_l1)(state, batch, aux)
+        with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
+            state, step_metrics = (step_fn if step > trainer.lpips_start else step_fn_l1)(state, batch, aux)
         metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
         n_images += config.global_batch_size
         for h in hooks:
             h(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = fetch_summary(metrics, step, mngr, workdir)
+            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
             summary = {k: v for k, v in summary.items() if k not in unused}
             dt = time.time() - t_log
             summary["images_per_sec"] = n_images / max(dt, 1e-9)
             summary["skipped_images"] = skipped
-            summary["learning_rate"] = float(_learning_rate(config, step))
+            summary["learning_rate"] = logged_learning_rate(config, step)
             writer.write_scalars(step, summary)
             if is_main:
                 history.append(workdir, step, summary)
             last_summary = summary
             metrics, t_log, n_images = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
-            save_checked(mngr, step, state, train_iter, workdir)
+            checkpoints.save_checked(mngr, step, state, train_iter, workdir)
         if config.eval_every and step % config.eval_every == 0 and not is_last:
             evaluate(config, state, eval_fn, workdir, writer, step, mesh)
     mngr.wait_until_finished()
@@ -587,11 +532,10 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # Export the final model in the format DCAE.from_pretrained loads.
     final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh)
     final["train"] = last_summary
-    params = state.ema_params if trainer.ema_decay > 0 else state.params
-    variables = jax.tree_util.tree_map(
-        np.asarray,
-        multihost_utils.process_allgather({"params": params, "batch_stats": state.batch_stats}, tiled=True),
-    )
+    variables = {"params": state.ema_params if trainer.ema_decay > 0 else state.params}
+    variables["batch_stats"] = state.batch_stats
+    del state  # frees the optimizer state (and the non-exported parameter copy) before the export gathers
+    variables = checkpoints.host_variables(variables)
     export_cfg = cfg.replace(scaling_factor=export_scaling_factor(config, cfg, init_scaling))
     DCAE(export_cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
@@ -600,45 +544,6 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         history.plot(workdir, keys, f"{cfg.name}, phase {config.phase}")
     writer.flush()
     return final
-
-
-def _stop_non_finite(what: str, step: int, mngr, workdir: pathlib.Path) -> None:
-    """Waits for any checkpoint still being written (so it really is on disk), then stops naming the newest one."""
-    mngr.wait_until_finished()
-    latest = mngr.latest_step()
-    kept = f"the last good checkpoint, step {latest}, is in" if latest is not None else "no checkpoint was written to"
-    raise FloatingPointError(
-        f"{what} at step {step}; stopped, nothing non-finite saved; {kept} {workdir / 'checkpoints'}"
-    )
-
-
-def fetch_summary(metrics, step: int, mngr, workdir: pathlib.Path) -> dict[str, float]:
-    """The accumulated metrics on the host (a log step's one device fetch); stops on a non-finite loss.
-
-    Stopping before the step's checkpoint keeps the last good one as the latest, so a rerun resumes there.
-    """
-    summary = {k: float(v) for k, v in metrics.compute().items()}
-    if not np.isfinite(summary["loss"]):
-        _stop_non_finite(f"non-finite loss {summary['loss']}", step, mngr, workdir)
-    return summary
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
-
-
-def save_checked(mngr, step: int, state, data_iter, workdir: pathlib.Path) -> None:
-    """Checkpoints `state` unless a parameter (or EMA / BatchNorm statistic) is non-finite; then stops instead.
-
-    A loss can be finite while the update it produced is not: this check (one scalar fetch per checkpoint) keeps
-    such a state out of checkpoints and exports.
-    """
-    watched = {k: getattr(state, k) for k in ("params", "ema_params", "batch_stats") if hasattr(state, k)}
-    if not bool(_all_finite(watched)):
-        _stop_non_finite("non-finite parameters after the update", step, mngr, workdir)
-    _save(mngr, step, state, data_iter)
 
 
 class ConfigError(ValueError):
@@ -718,16 +623,24 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    return step_fn.lower(_abstract_with_shardings(abstract, shardings), batch, aux)
+    return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch, aux)
 
 
-def _learning_rate(config, step: int) -> float:
+def logged_learning_rate(config, step: int) -> float:
+    """The learning rate the update of training step `step` (1-based) applied: the optimizer's own schedule."""
     o = config.optim
-    if o.get("decay_steps", 0) > 0:
-        return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1), o.decay_steps)(step)
-    if o.warmup_steps > 0:
-        return optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)(step)
-    return o.learning_rate
+    return float(optim.warmup_schedule(o.learning_rate, o.warmup_steps, o.get("decay_steps", 0))(step - 1))
+
+
+def _pad_rows(images: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads a local batch (and its mask, with False) to a multiple of `multiple` rows."""
+    pad = -len(images) % multiple
+    if not pad:
+        return images, mask
+    return (
+        np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]),
+        np.concatenate([mask, np.zeros((pad,), bool)]),
+    )
 
 
 def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = True) -> dict[str, float]:
@@ -737,6 +650,7 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
     of aligned crops of them, `config.eval_rfid_crop`), float64 statistics over every process.
     """
     from dcae_jax import input_pipeline
+    from dcae_jax.data import batches
     from dcae_jax.data import images as image_io
     from dcae_jax.metrics import fid as fid_lib
 
@@ -749,11 +663,15 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
         process_count=jax.process_count(),
     )
     params = state.ema_params if config.ema_decay > 0 else state.params
+    data_sharding = sharding.batch_sharding(mesh)
+    per_process = mesh.devices.size // jax.process_count()  # this process's devices in the mesh
     per_batch, grid = [], None  # (psnr, ssim, lpips, mask) rows: same shapes and count on every process
     fid_stats = {"fid_real": fid_lib.FeatureStats(), "fid_recon": fid_lib.FeatureStats()}
     for batch in loader:
-        mask = np.asarray(batch["mask"]) > 0
-        y, _, m = eval_fn(params, state.batch_stats, {"image": jnp.asarray(batch["image"])})
+        images, mask = _pad_rows(np.asarray(batch["image"]), np.asarray(batch["mask"]) > 0, per_process)
+        x = jax.make_array_from_process_local_data(data_sharding, images)
+        y, _, m = eval_fn(params, state.batch_stats, {"image": x})
+        y, m = batches.local_rows(y), {k: batches.local_rows(v) for k, v in m.items()}
         lp = m.get("lpips", jnp.full(mask.shape, jnp.nan))
         per_batch.append(np.stack([np.asarray(v, np.float32) for v in (m["psnr"], m["ssim"], lp, mask)]))
         for k, s in fid_stats.items():
@@ -761,7 +679,7 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
                 f = np.asarray(m[k])
                 s.update(f, np.repeat(mask, f.shape[0] // mask.shape[0]))
         if grid is None and mask.any():  # a process can get only padding (more processes than images)
-            x_np, y_np = np.asarray(batch["image"])[mask][:8], np.asarray(y)[mask][:8]
+            x_np, y_np = images[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
     values = np.concatenate(per_batch, axis=1)
     if jax.process_count() > 1:  # every process's images, not only this process's share

@@ -74,3 +74,20 @@ def test_trainable_table_counts_per_module(params):
     labels = optim.label_params(params, common.trainable_rules(2, num_stages=4))
     table = optim.trainable_table(params, labels)
     assert "| encoder/project_out |" in table and "| decoder/stage_1 | 0 |" in table
+
+
+@pytest.mark.parametrize(("warmup", "decay"), [(0, 0), (4, 0), (3, 8)])
+def test_logged_learning_rate_is_the_one_each_update_applied(warmup, decay):
+    """With a constant gradient and eps -> 0, Adam's k-th update is exactly -lr_k: the trainer's logged value."""
+    from dcae_jax import train
+
+    c = common.base_config()
+    c.optim.learning_rate, c.optim.warmup_steps, c.optim.decay_steps = 0.5, warmup, decay
+    tx = optim.adamw_with_warmup(0.5, warmup_steps=warmup, decay_steps=decay, eps=1e-30)
+    p = jnp.zeros((), jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    opt_state = tx.init(p)
+    for step in range(1, 10):
+        updates, opt_state = tx.update(jnp.ones_like(p), opt_state, p)
+        assert float(-updates) == pytest.approx(train.logged_learning_rate(c, step), rel=1e-4, abs=1e-9), (
+            step
+        )  # float32 bias corrections

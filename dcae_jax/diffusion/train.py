@@ -28,12 +28,12 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
-from jax.experimental import multihost_utils
 
 from dcae_jax import sharding
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
+from dcae_jax.training import checkpoints
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -178,7 +178,6 @@ def create_train_state(config, trainer: DiffusionTrainer, cfg: UViTConfig, mesh)
 
 def lower_train_step(config: ml_collections.ConfigDict, devices=None):
     """The train step lowered for abstract inputs (no data, no weights), for `dcae_jax.aot`."""
-    from dcae_jax.train import _abstract_with_shardings
 
     mesh = sharding.mesh_from_config(config, devices)
     h, w, c = config.data.latent_shape
@@ -197,7 +196,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    return step_fn.lower(_abstract_with_shardings(abstract, shardings), batch)
+    return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,13 +246,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
-    from dcae_jax.train import (
-        _abstract_with_shardings,
-        _checkpoint_manager,
-        _restore,
-        fetch_summary,
-        save_checked,
-    )
 
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -281,12 +273,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         )
     )
 
-    mngr = _checkpoint_manager(workdir, config.keep_checkpoints)
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     latest = mngr.latest_step()
     state, shardings = create_train_state(config, trainer, cfg, mesh)
     if latest is not None:
-        abstract = _abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
-        state = _restore(mngr, latest, abstract, train_iter)
+        abstract = checkpoints.abstract_with_shardings(jax.eval_shape(lambda s: s, state), shardings)
+        state = checkpoints.restore(mngr, latest, abstract, train_iter)
         logging.info("resumed from step %d", latest)
     logging.info("%s: %.2fM parameters, %d tokens", cfg.name, _num_params(state.params) / 1e6, cfg.seq_len)
 
@@ -302,7 +294,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     def export() -> DCAEDiffusion:
         nonlocal sampling_pipe
         params = state.ema_params if trainer.ema_decay > 0 else state.params
-        params = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+        params = checkpoints.host_variables(params)  # one leaf at a time
         if sampling_pipe is None:
             sampling_pipe = DCAEDiffusion(
                 cfg,
@@ -342,7 +334,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             report(step)
         is_last = step == config.num_steps
         if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = fetch_summary(metrics, step, mngr, workdir)
+            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
             summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
             summary["learning_rate"] = float(lr(step - 1))
             writer.write_scalars(step, summary)
@@ -351,7 +343,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             last_summary = summary
             metrics, t_log, n_seen = None, time.time(), 0
         if step % config.checkpoint_every == 0 or is_last:
-            save_checked(mngr, step, state, train_iter, workdir)
+            checkpoints.save_checked(mngr, step, state, train_iter, workdir)
         if config.sample.every and step % config.sample.every == 0 and not is_last:
             write_samples(step)
     mngr.wait_until_finished()

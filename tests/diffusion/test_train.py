@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,18 @@ def test_resume_continues_exactly_and_exports(latents, tmp_path):
     _run(tiny_config(**kw), resumed)
     a, b = _params(straight), _params(resumed)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # A checkpoint written by another process count (here: relabelled as a 2-process job's) resumes too: the state
+    # is restored, the data restarts at the checkpoint's global batch, and the run still equals the straight one.
+    relaid = tmp_path / "relaid"
+    _run(tiny_config(num_steps=3, **kw), relaid)
+    states = relaid / "checkpoints" / "3" / "data_iter"
+    (only,) = states.glob("process_*-of-*.json")
+    only.rename(states / "process_0-of-2.json")
+    shutil.copy(states / "process_0-of-2.json", states / "process_1-of-2.json")
+    _run(tiny_config(**kw), relaid)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(_params(relaid)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

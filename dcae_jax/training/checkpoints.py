@@ -1,0 +1,132 @@
+"""Checkpoints of a training state (any flax struct with `step`, `params`, ...) and its data iterator.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data_iter}` (orbax; grain writes one iterator state per process,
+`data_iter/process_<i>-of-<n>.json`). A job with the same process count restores the iterators exactly; a job with
+another count restarts its iterator at the checkpoint's global batch instead (`input_pipeline.TrainIterator`:
+the global data order does not depend on the process count). Nothing non-finite is ever saved: `save_checked`
+stops the run instead, after the checkpoint being written is on disk, naming the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def manager(workdir: pathlib.Path, keep: int):
+    """The orbax CheckpointManager of `<workdir>/checkpoints`, keeping the newest `keep` steps."""
+    import orbax.checkpoint as ocp
+
+    from dcae_jax import paths
+
+    if jax.process_index() == 0:
+        paths.check_writable_dir(workdir.absolute() / "checkpoints", "checkpoint")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+
+
+def save(mngr, step: int, state: Any, data_iter) -> None:
+    """Writes `state` (and the data iterator's position) as checkpoint `step` (asynchronously)."""
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
+    if data_iter is not None:
+        items["data_iter"] = grain.PyGrainCheckpointSave(data_iter)
+    mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def _restore_items(mngr, step: int, abstract_state: Any, data_iter) -> Any:
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+
+    target = flax.serialization.to_state_dict(abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iter is not None:
+        items["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+    return flax.serialization.from_state_dict(abstract_state, restored["state"])
+
+
+def saved_process_count(mngr, step: int) -> int | None:
+    """How many processes wrote the step's iterator states (grain: `data_iter/process_<i>-of-<n>.json`)."""
+    files = list((mngr.directory / str(step) / "data_iter").glob("process_*-of-*.json"))
+    return int(files[0].name.removesuffix(".json").rsplit("-of-", 1)[1]) if files else None
+
+
+def restore(mngr, step: int, abstract_state: Any, data_iter) -> Any:
+    """Checkpoint `step` onto `abstract_state`'s shapes and shardings (any mesh); the data iterator continues
+    exactly where it was when this job has the process count that wrote it, else at global batch `step`."""
+    saved_by = saved_process_count(mngr, step)
+    if saved_by == jax.process_count():
+        return _restore_items(mngr, step, abstract_state, data_iter)
+    state = _restore_items(mngr, step, abstract_state, None)
+    data_iter.restart_at(step)
+    logging.warning(
+        "checkpoint %d has data-iterator states of %s processes, this job has %d: the data restarts at global "
+        "batch %d of the same order (exact unless records were dropped)",
+        step,
+        saved_by,
+        jax.process_count(),
+        step,
+    )
+    return state
+
+
+def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`: the restore / lowering target of a state."""
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
+    )
+
+
+def host_variables(tree: Any) -> Any:
+    """Sharded arrays -> full numpy arrays on every process, one leaf at a time: at most one leaf is ever gathered
+    whole on a device, never the whole model."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+def stop_non_finite(what: str, step: int, mngr, workdir: pathlib.Path) -> None:
+    """Waits for any checkpoint still being written (so it really is on disk), then stops naming the newest one."""
+    mngr.wait_until_finished()
+    latest = mngr.latest_step()
+    kept = f"the last good checkpoint, step {latest}, is in" if latest is not None else "no checkpoint was written to"
+    raise FloatingPointError(
+        f"{what} at step {step}; stopped, nothing non-finite saved; {kept} {workdir / 'checkpoints'}"
+    )
+
+
+def fetch_summary(metrics, step: int, mngr, workdir: pathlib.Path) -> dict[str, float]:
+    """The accumulated metrics on the host (a log step's one device fetch); stops on a non-finite loss.
+
+    Stopping before the step's checkpoint keeps the last good one as the latest, so a rerun resumes there.
+    """
+    summary = {k: float(v) for k, v in metrics.compute().items()}
+    if not np.isfinite(summary["loss"]):
+        stop_non_finite(f"non-finite loss {summary['loss']}", step, mngr, workdir)
+    return summary
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def save_checked(mngr, step: int, state: Any, data_iter, workdir: pathlib.Path) -> None:
+    """Checkpoints `state` unless a parameter (or EMA / BatchNorm statistic) is non-finite; then stops instead.
+
+    A loss can be finite while the update it produced is not: this check (one scalar fetch per checkpoint) keeps
+    such a state out of checkpoints and exports.
+    """
+    watched = {k: getattr(state, k) for k in ("params", "ema_params", "batch_stats") if hasattr(state, k)}
+    if not bool(_all_finite(watched)):
+        stop_non_finite("non-finite parameters after the update", step, mngr, workdir)
+    save(mngr, step, state, data_iter)
