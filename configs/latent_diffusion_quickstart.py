@@ -8,8 +8,10 @@ bundled real photos); `diffusion` encodes the bundled photos at 128x128 with it 
 token grid of DC-AE-f64 at 512), stores them scaled by 1/RMS, trains a 6-block UViT (epsilon
 objective, DPM-Solver++ sampling with guidance) and writes `diffusion/samples/*.png`. It shows the
 pipeline, not image quality: at this budget the UViT learns the photos' colours and rough layout, not
-their detail (docs/diffusion.md has the measured numbers). Args: ae_steps, steps, batch, width (UViT
-hidden size), depth, sample_every.
+their detail (docs/diffusion.md has the measured numbers). The UViT's label table has the data's classes, and
+sampling draws only the classes that have training images. Its export bundles the autoencoder, so it loads from
+anywhere. Args: ae_steps, steps, batch, width (UViT hidden size), depth, sample_every, ae (a finished autoencoder
+export to reuse instead of training one, e.g. ae=/tmp/dcae_quickstart/export).
 """
 
 import ml_collections
@@ -19,13 +21,17 @@ from dcae_jax import config as common
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, ae_steps=1000, steps=1500, batch=16, width=128, depth=6, sample_every=500)
+    a = common.parse_arg(arg, ae_steps=1000, steps=1500, batch=16, width=128, depth=6, sample_every=500, ae="")
     c = ml_collections.ConfigDict()
-    c.chain = ["autoencoder", "diffusion"]
-    c.autoencoder = quickstart.phase_config(1, a.ae_steps, resolution=64, batch=8)
+    if a.ae:  # reuse a finished autoencoder: the chain is the diffusion phase only
+        c.chain = ["diffusion"]
+    else:
+        c.chain = ["autoencoder", "diffusion"]
+        c.autoencoder = quickstart.phase_config(1, a.ae_steps, resolution=64, batch=8)
     d = common.diffusion_config()
-    d.model.preset = "uvit-s"
-    d.model.overrides = {"hidden_size": a.width, "depth": a.depth, "num_heads": 4, "num_classes": 10}
+    d.autoencoder = a.ae
+    d.model.preset = "uvit-s"  # its layout; the size is set below (num_classes: the data's)
+    d.model.overrides = {"hidden_size": a.width, "depth": a.depth, "num_heads": 4, "name": f"uvit-{a.width}x{a.depth}"}
     d.model.dtype, d.model.remat = "float32", False
     d.data.images, d.data.images_split = "bundled", "train"
     d.data.resolution, d.data.encode_batch_size = 128, 4

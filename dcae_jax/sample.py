@@ -54,14 +54,20 @@ def _define_flags() -> None:
     flags.DEFINE_bool("save_images", False, "Keep every sample's uint8 pixels in the chunk files.")
 
 
-def class_ids(num_samples: int, num_classes: int, seed: int, explicit: list[int]) -> np.ndarray:
-    """The ids to sample: `explicit` as given, else uniform over [0, num_classes) from a seeded generator."""
+def class_ids(
+    num_samples: int, num_classes: int, seed: int, explicit: list[int], trained: list[int] | None = None
+) -> np.ndarray:
+    """The ids to sample: `explicit` as given, else uniform over the `trained` classes (default: all of
+    [0, num_classes)) from a seeded generator."""
     if explicit:
         ids = np.asarray(explicit, np.int64)
         if ids.min() < 0 or ids.max() >= num_classes:
             raise ValueError(f"--classes must be in [0, {num_classes})")
         return ids.astype(np.int32)
-    return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
+    if trained is None or list(trained) == list(range(num_classes)):
+        return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
+    pool = np.asarray(trained, np.int32)
+    return pool[np.random.default_rng(seed).integers(0, len(pool), num_samples)]
 
 
 def _chunk_path(out: pathlib.Path, i: int) -> pathlib.Path:
@@ -99,8 +105,7 @@ def run(args) -> dict:
     pipe = DCAEDiffusion.from_pretrained(args.model, autoencoder=args.autoencoder)
     overrides = {"guidance_scale": args.guidance_scale, "name": args.sampler, "steps": args.steps}
     settings = {k: v for k, v in overrides.items() if v is not None}
-    num_classes = pipe.config.num_classes
-    ids = class_ids(args.num_samples, num_classes, args.seed, [int(c) for c in args.classes])
+    ids = class_ids(args.num_samples, pipe.config.num_classes, args.seed, [int(c) for c in args.classes], pipe.classes)
     want_fid = bool(args.fid_stats)
     fid_fn = None
     if want_fid:

@@ -1,7 +1,7 @@
 """Runs notebooks/reconstruction_demo.ipynb headless on a tiny random model (offline, same code path)."""
 
-import os
 import pathlib
+import shutil
 
 import jax
 import pytest
@@ -34,26 +34,39 @@ def test_notebook_is_saved_without_outputs():
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
 
 
-def test_notebook_runs_offline_on_tiny_model(tmp_path, monkeypatch):
+def test_notebook_installs_like_colab_and_runs_offline_on_tiny_model(tmp_path, monkeypatch):
+    """As on Colab: dcae_jax is not importable, so the install cell pip-installs DCAE_JAX_SOURCE (here a copy of
+    this checkout, into a target folder, no dependencies: the test environment has them); then the demo runs on a
+    local export (offline)."""
     config = tiny_config()
     variables = init_variables(config, jax.random.key(0))
     model_dir = str(DCAE(config, variables).save_pretrained(tmp_path / "tiny"))
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "dcae_jax", src / "dcae_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    run_dir = tmp_path / "colab"  # not a checkout
+    run_dir.mkdir()
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    _inject_parameters(nb, {"MODEL": model_dir, "MODELS": [model_dir], "RESOLUTION": 32, "IMAGE": None})
-    # The kernel is a child process: make the checkout importable there (so the install cell is skipped),
-    # keep JAX on CPU and matplotlib headless.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    pip_args = ["--no-deps", "--no-build-isolation", "--target", str(site)]
+    params = {"DCAE_JAX_SOURCE": str(src), "DCAE_JAX_PIP_ARGS": pip_args, "MODEL": model_dir, "MODELS": [model_dir]}
+    _inject_parameters(nb, {**params, "RESOLUTION": 32, "IMAGE": None})
+    # The kernel is a child process: no checkout on its path, JAX on CPU, matplotlib headless.
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(run_dir)}}
     )
     client.execute()
 
     text = "\n".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
     )
+    assert f"dcae_jax from {site / 'dcae_jax'}" in text  # the installed copy, not the checkout
     assert "input (1, 32, 32, 3)" in text
     assert "latent (1, 4, 4, 8)" in text
     assert "PSNR" in text and "SSIM" in text

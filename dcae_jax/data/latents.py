@@ -182,6 +182,7 @@ def write_shard(
         "num_unreadable": stop - start - n,
         "latent_shape": list(latents.shape[1:]),
         **shard_sums(latents),
+        "label_counts": {str(int(k)): int(v) for k, v in zip(*np.unique(labels, return_counts=True), strict=True)},
     }
     write_json_atomic(idx, info)
     return info
@@ -279,6 +280,11 @@ class LatentDataset:
         self.scaling_factor = float(scale)
         self.num_classes = num_classes
         self.class_names = list(class_names)
+        counts = meta.get("label_counts")
+        if counts is not None and (not isinstance(counts, list) or len(counts) != num_classes):
+            raise LatentFormatError(f"{path}: label_counts must list {num_classes} counts, got {counts!r}")
+        # The class ids that have examples (all of them when the folder predates label counts).
+        self.trained_classes = [i for i, n in enumerate(counts) if n > 0] if counts else list(range(num_classes))
         dtype = record_dtype(self.latent_shape)
         self._files: list[pathlib.Path] = []
         self._offsets = [0]

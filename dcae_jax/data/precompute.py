@@ -402,9 +402,17 @@ def precompute(
     counts = np.zeros(3)  # shards written, skipped, rewritten (found but invalid)
     todo = []
 
+    num_classes = len(class_names)
+    label_counts = np.zeros(num_classes + 1)  # per class, then the number of shards whose index has no counts
+
     def done(i: int, info: dict[str, Any]) -> None:
         shard_counts[i] = info["num_examples"], info["num_unreadable"]
         shard_sums[i] = _sums(info)
+        if "label_counts" not in info:  # written before label counts were recorded
+            label_counts[-1] += 1
+        for label, n in info.get("label_counts", {}).items():
+            if 0 <= int(label) < num_classes:
+                label_counts[int(label)] += n
 
     for i in range(p, num_shards, num_procs):
         start, stop = i * shard_size, min((i + 1) * shard_size, num_records)
@@ -430,7 +438,8 @@ def precompute(
 
     # Counts and float64 sums over all processes (one collective), then metadata.json from process 0.
     local = sum((shard_sums[i] for i in sorted(shard_sums)), np.zeros(2 + 2 * c))  # fixed order: reproducible
-    packed = process_sum(np.concatenate([shard_counts.ravel(), local, counts]))
+    packed = process_sum(np.concatenate([shard_counts.ravel(), local, counts, label_counts]))
+    packed, label_counts = packed[: -(num_classes + 1)], packed[-(num_classes + 1) :]
     shard_counts = packed[: 2 * num_shards].reshape(num_shards, 2)
     total, total_sq = packed[2 * num_shards : 2 * num_shards + 2]
     ch_sum, ch_sum_sq = packed[2 * num_shards + 2 : -3].reshape(2, c)
@@ -460,6 +469,8 @@ def precompute(
         "num_examples": n,
         "num_unreadable": num_records - n,
         "num_classes": len(class_names),
+        # Examples per class (None when some shard predates the counts): which classes training can learn.
+        "label_counts": None if label_counts[-1] else [round(v) for v in label_counts[:-1]],
         "shards": [
             {
                 "file": f"{fmt.shard_stem(i, num_shards)}.npy",

@@ -124,9 +124,15 @@ class DCAEDiffusion:
         scaling_factor: float = 1.0,
         sampler: dict[str, Any] | None = None,
         autoencoder: Any = "",
+        classes: list[int] | None = None,
         dtype: Any = jnp.float32,
     ):
         self.config = config
+        # The class ids the model was trained on (a subset of its label table when some classes had no examples);
+        # sampling draws from these by default.
+        self.classes = list(range(config.num_classes)) if classes is None else [int(c) for c in classes]
+        if any(not 0 <= c < config.num_classes for c in self.classes) or not self.classes:
+            raise ValueError(f"classes {self.classes} must be non-empty ids in [0, {config.num_classes})")
         self.objective = objective
         self.scaling_factor = float(scaling_factor)
         self.sampler = sampler_settings(objective, sampler)
@@ -175,12 +181,17 @@ class DCAEDiffusion:
             objective=raw["objective"],
             scaling_factor=raw["scaling_factor"],
             sampler=raw.get("sampler"),
-            autoencoder=autoencoder if autoencoder is not None else raw.get("autoencoder", ""),
+            autoencoder=autoencoder if autoencoder is not None else _autoencoder_path(root, raw.get("autoencoder", "")),
+            classes=raw.get("classes"),
             dtype=dtype,
         )
 
-    def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
-        """Writes the export (every process calls it: orbax saves collectively; process 0 writes the config)."""
+    def save_pretrained(self, out: str | os.PathLike, bundle_autoencoder: bool = False) -> pathlib.Path:
+        """Writes the export (every process calls it: orbax saves collectively; process 0 writes the config).
+
+        `bundle_autoencoder`: when the autoencoder is a local folder, copy it to `<out>/autoencoder/` and refer to it
+        relatively, so that the export keeps working when moved (else the config names the path or repo id).
+        """
         import orbax.checkpoint as ocp
 
         out = pathlib.Path(out).absolute()
@@ -191,6 +202,8 @@ class DCAEDiffusion:
             ckptr.wait_until_finished()
         if jax.process_index() == 0:
             ae = str(self._autoencoder) if isinstance(self._autoencoder, str | os.PathLike) else ""
+            if bundle_autoencoder and ae and pathlib.Path(ae).is_dir():
+                ae = _bundle(pathlib.Path(ae), out)
             raw = {
                 "format": FORMAT,
                 "model_type": self.model_type,
@@ -199,6 +212,7 @@ class DCAEDiffusion:
                 "scaling_factor": self.scaling_factor,
                 "sampler": self.sampler,
                 "autoencoder": ae,
+                "classes": self.classes,
             }
             tmp = out / (CONFIG_FILE + ".tmp")
             tmp.write_text(json.dumps(raw, indent=2))
@@ -294,9 +308,34 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
     return full.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, c)
 
 
-def sample_grid(pipe: DCAEDiffusion, path: str | os.PathLike, *, num_classes: int, seed: int = 0, n: int = 16) -> None:
-    """`n` samples of classes 0, 1, ... (cycling over `num_classes`) as a PNG grid."""
+BUNDLED_AUTOENCODER = "autoencoder"
+
+
+def _bundle(ae: pathlib.Path, out: pathlib.Path) -> str:
+    """Copies the autoencoder folder `ae` into `out/autoencoder` (atomically replacing an older copy)."""
+    import shutil
+
+    target = out / BUNDLED_AUTOENCODER
+    if ae.resolve() == target.resolve():
+        return BUNDLED_AUTOENCODER
+    tmp = out / f".{BUNDLED_AUTOENCODER}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ae, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return BUNDLED_AUTOENCODER
+
+
+def _autoencoder_path(root: pathlib.Path, ae: str) -> str:
+    """A relative autoencoder path in an export's config is relative to the export folder."""
+    if ae and not pathlib.Path(ae).is_absolute() and (root / ae).is_dir():
+        return str(root / ae)
+    return ae
+
+
+def sample_grid(pipe: DCAEDiffusion, path: str | os.PathLike, *, seed: int = 0, n: int = 16) -> None:
+    """`n` samples cycling over the classes the model was trained on (`pipe.classes`), as a PNG grid."""
     from dcae_jax.data import images as image_io
 
-    ids = np.arange(n) % max(num_classes, 1)
+    ids = np.asarray(pipe.classes)[np.arange(n) % len(pipe.classes)]
     image_io.save_image(np.clip(image_grid(pipe.generate(ids, seed=seed), columns=min(n, 8)), -1, 1), path)

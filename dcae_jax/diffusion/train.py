@@ -73,12 +73,17 @@ def get_objective(name: str):
     return OBJECTIVES[name]()
 
 
-def model_config(config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int]) -> UViTConfig:
-    """The UViT for latents of shape (H, W, C): preset + patch size + overrides from the config."""
+def model_config(
+    config: ml_collections.ConfigDict, latent_shape: tuple[int, int, int], num_classes: int | None = None
+) -> UViTConfig:
+    """The UViT for latents of shape (H, W, C): preset + patch size + overrides from the config; the label table
+    has the data's `num_classes` unless the overrides set `num_classes`."""
     h, w, c = latent_shape
     if h != w:
         raise ValueError(f"UViT needs square latents, the data has {h}x{w}")
     overrides = dict(config.model.get("overrides", {}) or {})
+    if num_classes and "num_classes" not in overrides:
+        overrides["num_classes"] = num_classes
     return get_uvit_config(
         config.model.preset, in_channels=c, input_size=h, patch_size=config.model.patch_size, **overrides
     )
@@ -253,7 +258,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
 
     latents_dir = _latents_dir(config, workdir)
     dataset = LatentDataset(latents_dir)
-    cfg = model_config(config, dataset.latent_shape)
+    cfg = model_config(config, dataset.latent_shape, dataset.num_classes)
     if dataset.num_classes > cfg.num_classes:
         raise ValueError(
             f"{latents_dir} has {dataset.num_classes} classes, the model's label table {cfg.num_classes}: set "
@@ -303,6 +308,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
                 scaling_factor=dataset.scaling_factor,
                 sampler=config.sample.to_dict(),
                 autoencoder=config.autoencoder or dataset.metadata.get("model", ""),
+                classes=dataset.trained_classes,
             )
         else:
             sampling_pipe.params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -315,7 +321,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         if not is_main:
             return
         path = workdir / "samples" / f"step{step:07d}.png"
-        sample_grid(pipe, path, num_classes=dataset.num_classes, seed=config.seed)
+        sample_grid(pipe, path, seed=config.seed)
         logging.info("samples at step %d: %s", step, path)
 
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
@@ -349,7 +355,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     mngr.wait_until_finished()
 
     pipe = export()
-    pipe.save_pretrained(workdir / "export")  # every process: the save is collective
+    # A local autoencoder folder is copied into the export, so that the export stays loadable when moved.
+    pipe.save_pretrained(workdir / "export", bundle_autoencoder=True)  # every process: the save is collective
     write_samples(config.num_steps, pipe)
     result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
     if is_main:

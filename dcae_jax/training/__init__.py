@@ -1,5 +1,6 @@
 """Machinery both trainers share (autoencoder: `dcae_jax.train`, diffusion: `dcae_jax.diffusion.train`).
 
+`chain`: running a config (one trainer or a chain of phases), its progress, closing table and summary.
 `checkpoints`: the orbax checkpoint manager, save (refusing non-finite state) and restore (exact, or across a
 change of process count), the non-finite stop, and gathering parameters for an export.
 """

@@ -123,3 +123,14 @@ def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):
     np.testing.assert_array_equal(z, loaded.generate_latents([0, 3], seed=1))  # DDPM noise from (seed, chunk)
     assert not np.allclose(z, loaded.generate_latents([0, 3], seed=1, chunk=1))
     assert loaded.generate([4], seed=0).shape == (1, 32, 32, 3)
+
+
+def test_sampling_draws_only_the_trained_classes():
+    from dcae_jax.sample import class_ids
+
+    ids = class_ids(400, 10, seed=0, explicit=[], trained=[2, 7])
+    assert set(ids.tolist()) == {2, 7}
+    everything = class_ids(400, 10, seed=0, explicit=[])
+    assert set(everything.tolist()) == set(range(10))
+    np.testing.assert_array_equal(everything, class_ids(400, 10, seed=0, explicit=[], trained=list(range(10))))
+    np.testing.assert_array_equal(class_ids(3, 10, seed=0, explicit=[9, 0, 1], trained=[2]), [9, 0, 1])

@@ -225,7 +225,27 @@ def test_latent_diffusion_quickstart_end_to_end(tmp_path):
         "step0000005.png",
         "step0000010.png",
     ]
-    pipe = DCAEDiffusion.from_pretrained(workdir / "export")
+    # The label table has the data's classes; the export knows which ones had training images.
+    counts = data.metadata["label_counts"]
+    assert len(counts) == data.num_classes == 3 and sum(counts) == len(data)
+    assert data.trained_classes == [i for i, n in enumerate(counts) if n > 0]
+    eval_md = (workdir / "eval.md").read_text()
+    assert "| diffusion | uvit-32x2 (epsilon) | 10 |" in eval_md  # the closing table's diffusion row
+    # The export bundles its autoencoder: the whole workdir moves and the export still loads and decodes.
+    moved = tmp_path / "moved"
+    shutil.move(workdir, moved)
+    pipe = DCAEDiffusion.from_pretrained(moved / "export")
+    assert pipe.config.num_classes == 3 and pipe.config.name == "uvit-32x2" and pipe.classes == data.trained_classes
     assert pipe.scaling_factor == pytest.approx(data.scaling_factor)
     images = pipe.generate([0, 2], seed=0, steps=3)
     assert images.shape == (2, 128, 128, 3) and np.all(np.isfinite(images))
+
+    # Reusing that autoencoder (ae=...): the chain is the diffusion phase alone, with the same data classes.
+    reuse = tmp_path / "reuse"
+    config = f"{config},ae={moved / 'autoencoder' / 'export'}"
+    proc = subprocess.run(
+        [*cmd[:-2], config, f"--workdir={reuse}"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== 1/1 diffusion" in proc.stdout and not (reuse / "autoencoder").exists()
+    assert DCAEDiffusion.from_pretrained(reuse / "export").classes == data.trained_classes
