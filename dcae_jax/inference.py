@@ -20,6 +20,10 @@ Two ways to run a DC-AE on images too large for one accelerator:
 
 from __future__ import annotations
 
+import json
+import math
+import pathlib
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +34,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dcae_jax import paths as paths_lib
+from dcae_jax.data.images import ImageReadError, load_image, save_image, to_uint8
+from dcae_jax.metrics.image import SSIM_WINDOW, psnr, psnr_ssim
 from dcae_jax.models.dcae import DCAEModel
 from dcae_jax.pretrained import DCAE
 
@@ -287,3 +294,120 @@ def sharded_decode(ae: DCAE, latents: Any, mesh: Mesh, axis: str = "space") -> j
     spatial = NamedSharding(mesh, P(None, axis, None, None))
     z = jax.device_put(jnp.asarray(z, ae.dtype), spatial)
     return _sharded_fn(ae, mesh, axis, "decode")(_replicated_variables(ae, mesh), z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstructing image files (the `reconstruct` command).
+
+
+def output_names(paths: list[pathlib.Path], root: pathlib.Path) -> list[pathlib.Path]:
+    """Relative output paths (.png) that keep the folder structure and never collide."""
+    rels = [p.relative_to(root) if root.is_dir() else pathlib.Path(p.name) for p in paths]
+    stems = [r.with_suffix("") for r in rels]
+    dup = {s for s in stems if stems.count(s) > 1}
+    return [
+        (s.with_name(f"{s.name}_{r.suffix.lstrip('.').lower()}") if s in dup else s).with_suffix(".png")
+        for r, s in zip(rels, stems, strict=True)
+    ]
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    if v is None:
+        return "n/a"
+    return "inf" if math.isinf(v) else f"{v:.{digits}f}"
+
+
+def _json_num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Reconstruction: {results['model']}",
+        "",
+        (
+            f"resolution: {results['resolution'] or 'full size'}, dtype: {results['dtype']}, "
+            f"{len(results['images'])} images, {len(results['failed'])} failed"
+        ),
+        "",
+        "| image | size | PSNR (dB) | SSIM |",
+        "|---|---|---:|---:|",
+    ]
+    for r in results["images"]:
+        lines.append(f"| {r['name']} | {r['width']}x{r['height']} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} |")
+    m = results["mean"]
+    lines.append(f"| **mean** | | **{_fmt(m['psnr'], 2)}** | **{_fmt(m['ssim'], 4)}** |")
+    if results["failed"]:
+        lines += ["", "Failed:", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def reconstruct_files(
+    model: str, inp: pathlib.Path, out: pathlib.Path, paths: list[pathlib.Path], resolution: int | None, dtype: str
+) -> tuple[dict[str, Any], str]:
+    """Reconstructs `paths` (found under `inp`) with the DC-AE `model`; writes `out/reconstructions/`,
+    `out/comparisons/`, `out/results.md` and `out/results.json`. Returns (results, the markdown table).
+
+    Unreadable files are reported (stderr and `failed`) and skipped; a non-finite reconstruction is an error.
+    """
+    from tqdm import tqdm
+
+    ae = DCAE.from_pretrained(model, dtype=getattr(jnp, dtype))
+    names = output_names(paths, inp)
+    images: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for path, rel in zip(tqdm(paths, desc="reconstruct", unit="img", file=sys.stderr), names, strict=True):
+        name = path.relative_to(inp).as_posix() if inp.is_dir() else path.name
+        try:
+            x = load_image(path, resolution=resolution)
+        except ImageReadError as err:
+            tqdm.write(f"skipped {name}: {err.reason}", file=sys.stderr)
+            failed.append({"name": name, "error": err.reason})
+            continue
+        rec = np.asarray(ae.reconstruct(x[None]).astype(jnp.float32))[0]
+        if not np.isfinite(rec).all():  # NaN would quantize to black and be scored; a broken model is an error
+            raise ValueError(
+                f"{model}: non-finite (NaN/inf) reconstruction of {name}; nothing scored (a diverged or corrupt model?)"
+            )
+        orig_u8, rec_u8 = to_uint8(x), to_uint8(rec)
+        if min(x.shape[:2]) >= SSIM_WINDOW:
+            p, s = (float(v[0]) for v in psnr_ssim(orig_u8[None], rec_u8[None]))
+        else:  # SSIM's 11x11 window does not fit
+            p, s = float(psnr(orig_u8[None], rec_u8[None])[0]), None
+        rec_path = save_image(rec_u8, out / "reconstructions" / rel)
+        cmp_path = save_image(np.concatenate([orig_u8, rec_u8], axis=1), out / "comparisons" / rel)
+        images.append(
+            {
+                "name": name,
+                "width": int(x.shape[1]),
+                "height": int(x.shape[0]),
+                "psnr": p,
+                "ssim": s,
+                "reconstruction": str(rec_path.relative_to(out)),
+                "comparison": str(cmp_path.relative_to(out)),
+            }
+        )
+
+    results = {
+        "model": str(model),
+        "resolution": resolution,
+        "dtype": dtype,
+        "images": images,
+        "mean": {"psnr": _mean([r["psnr"] for r in images]), "ssim": _mean([r["ssim"] for r in images])},
+        "failed": failed,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    md = results_markdown(results)
+    paths_lib.write_text_atomic(out / "results.md", md)
+    as_json = {
+        **results,
+        "images": [{**r, "psnr": _json_num(r["psnr"]), "ssim": _json_num(r["ssim"])} for r in images],
+        "mean": {k: _json_num(v) for k, v in results["mean"].items()},
+    }
+    paths_lib.write_text_atomic(out / "results.json", json.dumps(as_json, indent=2) + "\n")
+    return results, md

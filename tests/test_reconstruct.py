@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcae_jax import reconstruct
+from dcae_jax import inference, reconstruct
 from dcae_jax.models.dcae import init_variables, tiny_config
 from dcae_jax.pretrained import DCAE
 
@@ -83,5 +83,5 @@ def test_reconstruct_errors(tiny_model_dir, tmp_path):
 
 def test_output_names_never_collide(tmp_path):
     paths = [tmp_path / "a.jpg", tmp_path / "a.png", tmp_path / "s" / "b.png"]
-    names = [n.as_posix() for n in reconstruct._output_names(paths, tmp_path)]
+    names = [n.as_posix() for n in inference.output_names(paths, tmp_path)]
     assert names == ["a_jpg.png", "a_png.png", "s/b.png"]

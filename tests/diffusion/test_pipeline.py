@@ -126,7 +126,7 @@ def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):
 
 
 def test_sampling_draws_only_the_trained_classes():
-    from dcae_jax.sample import class_ids
+    from dcae_jax.diffusion.generate import class_ids
 
     ids = class_ids(400, 10, seed=0, explicit=[], trained=[2, 7])
     assert set(ids.tolist()) == {2, 7}
