@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from dcae_jax import aot
+from dcae_jax.training import aot
 
 pytest.importorskip("libtpu", reason="the TPU compiler comes with jax[tpu] (requirements-test.txt)")
 
