@@ -5,6 +5,8 @@
 * Any failure in a multi-process job ends that process at once (`os._exit`), so launchers and the coordination
   service see it and stop the peers instead of leaving them waiting in a collective.
 * absl's `--help` exits 0 (absl itself exits 1).
+* One flag spelling, snake_case (`--batch_size`); the argparse commands still accept the old hyphenated
+  spellings (`--batch-size`) with a deprecation note (`snake_case_flags`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
             _exit(1)
         raise
     return 0 if code is None else int(code)
+
+
+def snake_case_flags(argv: list[str] | None, name: str) -> list[str]:
+    """`argv` (default: the command line) with `--old-spelling[=v]` rewritten to `--old_spelling[=v]`, noting each."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = []
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and "-" in key:
+            new = key.replace("-", "_")
+            print(f"{name}: note: --{key} is deprecated, use --{new}", file=sys.stderr)
+            arg = f"--{new}{eq}{value}"
+        out.append(arg)
+    return out
 
 
 def run_argparse(name: str, main: Callable[[list[str] | None], Any]) -> None:

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", required=True, help="checkpoint dir/file (diffusers, efficientvit) or HF repo id")
     p.add_argument("--out", required=True, help="output directory (orbax checkpoint + dcae_config.json)")
     p.add_argument("--variant", default=None, help="registry name when the source does not say (-in vs -mix)")
-    args = p.parse_args(argv)
+    args = p.parse_args(cli.snake_case_flags(argv, "convert"))
     ae = DCAE.from_pretrained(args.src, variant=args.variant)
     ae.save_pretrained(args.out)
     print(

@@ -1,10 +1,10 @@
 """Evaluate a DC-AE on a dataset: rFID, PSNR, SSIM, LPIPS and latent statistics, like the DC-AE reference evaluator.
 
     python -m dcae_jax.evaluate --model mit-han-lab/dc-ae-f32c32-in-1.0-diffusers --data tfds:imagenet2012 \\
-        --resolution 256 --output results.json [--ref-stats imagenet_val_256.npz] [--batch-size 64] [--max-images 5000] [--split validation]
+        --resolution 256 --output results.json [--ref_stats imagenet_val_256.npz] [--batch_size 64] [--max_images 5000] [--split validation]
 
 Protocol and metrics: `dcae_jax.metrics.evaluation` (the efficientvit evaluator's: ADM center crop, uint8
-quantization, LPIPS AlexNet, pytorch-fid Inception; `--ref-stats` from `python -m dcae_jax.fid_stats`, else the
+quantization, LPIPS AlexNet, pytorch-fid Inception; `--ref_stats` from `python -m dcae_jax.fid_stats`, else the
 real images of the same pass). Writes the results .json and a .md table row beside it (process 0).
 """
 
@@ -30,19 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", help="dataset split (default: validation)")
     p.add_argument("--resolution", type=int, required=True, help="ADM center crop to R x R")
     p.add_argument("--output", required=True, help="results .json (a .md with the table row is written beside it)")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (rounded up to the device count)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N records of the split")
+    p.add_argument("--batch_size", type=int, default=32, help="global batch size (rounded up to the device count)")
+    p.add_argument("--max_images", type=int, default=None, help="only the first N records of the split")
     p.add_argument(
-        "--lpips-weights", default=None, help="LPIPS weights .npz (default: the genuine AlexNet file, fetch_weights)"
+        "--lpips_weights", default=None, help="LPIPS weights .npz (default: the genuine AlexNet file, fetch_weights)"
     )
-    p.add_argument("--fid-weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
-    p.add_argument("--ref-stats", default=None, help="FID reference mu/sigma .npz (default: the real images)")
+    p.add_argument("--fid_weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
+    p.add_argument("--ref_stats", default=None, help="FID reference mu/sigma .npz (default: the real images)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="autoencoder compute dtype")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(cli.snake_case_flags(argv, "evaluate"))
     from dcae_jax import paths
     from dcae_jax.metrics import evaluation
 

@@ -1,12 +1,12 @@
 """Build FID reference statistics (pool3 mean / covariance) of a dataset's real images.
 
     python -m dcae_jax.fid_stats --data tfds:imagenet2012 --resolution 256 --out imagenet_val_256.npz \\
-        [--fid-weights fid_inception.npz] [--split validation] [--batch-size 64] [--max-images N]
+        [--fid_weights fid_inception.npz] [--split validation] [--batch_size 64] [--max_images N]
 
 Images go through exactly what `python -m dcae_jax.evaluate` does to the real images (ADM center crop to R x R,
-uint8, `FIDInception`), so `--ref-stats` from this file gives the same rFID as computing the reference in the
+uint8, `FIDInception`), so `--ref_stats` from this file gives the same rFID as computing the reference in the
 evaluation pass. The output is pytorch-fid's `--save-stats` format (`mu`, `sigma`, float64): it can be passed to
-pytorch-fid, and pytorch-fid's stats files can be passed to `--ref-stats`. Unreadable records are counted and
+pytorch-fid, and pytorch-fid's stats files can be passed to `--ref_stats`. Unreadable records are counted and
 skipped. Runs jitted on all devices (a 1-D "data" mesh), multi-process safe; process 0 writes the file.
 """
 
@@ -27,14 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation", help="dataset split (default: validation)")
     p.add_argument("--resolution", type=int, required=True, help="ADM center crop to R x R")
     p.add_argument("--out", required=True, help="output stats .npz (mu, sigma)")
-    p.add_argument("--fid-weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (rounded up to the device count)")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N records of the split")
+    p.add_argument("--fid_weights", default=None, help="FID Inception .npz (default: the genuine file, fetch_weights)")
+    p.add_argument("--batch_size", type=int, default=64, help="global batch size (rounded up to the device count)")
+    p.add_argument("--max_images", type=int, default=None, help="only the first N records of the split")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(cli.snake_case_flags(argv, "fid_stats"))
     from dcae_jax.metrics import evaluation
 
     t_start = time.time()

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(cli.snake_case_flags(argv, "reconstruct"))
     from dcae_jax import inference
 
     inp = pathlib.Path(args.input).expanduser()

@@ -85,3 +85,13 @@ def test_main_help_lists_the_configs_and_their_args():
     for name in ("quickstart.py", "dcae.py", "uvit.py", "latent_diffusion_quickstart.py"):
         assert f"configs/{name}:" in text
     assert "variant = f32c32" in text and "configs/common.py" not in text
+
+
+def test_old_hyphenated_flag_spellings_still_work_with_a_note(capsys):
+    from dcae_jax import cli
+
+    got = cli.snake_case_flags(["--batch-size", "8", "--max-images=3", "--data", "x-y", "-h", "--model=a-b"], "demo")
+    assert got == ["--batch_size", "8", "--max_images=3", "--data", "x-y", "-h", "--model=a-b"]
+    err = capsys.readouterr().err
+    assert "demo: note: --batch-size is deprecated, use --batch_size" in err and "--max-images is deprecated" in err
+    assert "--model" not in err and "--data" not in err

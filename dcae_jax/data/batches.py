@@ -26,7 +26,7 @@ def data_mesh() -> Mesh:
 
 
 class HeadSource:
-    """The first `n` records of a random-access source (for --max-images)."""
+    """The first `n` records of a random-access source (for --max_images)."""
 
     def __init__(self, source, n: int):
         self._source, self._n = source, min(n, len(source))
@@ -49,7 +49,7 @@ def open_source(data: str, split: str, max_images: int | None):
     source = make_source(data, split)
     if max_images is not None:
         if max_images <= 0:
-            raise ValueError(f"--max-images must be positive, got {max_images}")
+            raise ValueError(f"--max_images must be positive, got {max_images}")
         source = HeadSource(source, max_images)
     return source
 
@@ -57,7 +57,7 @@ def open_source(data: str, split: str, max_images: int | None):
 def global_batch_size(requested: int) -> int:
     """`requested` rounded up to a multiple of the device count (every device gets the same share)."""
     if requested <= 0:
-        raise ValueError(f"--batch-size must be positive, got {requested}")
+        raise ValueError(f"--batch_size must be positive, got {requested}")
     n = jax.device_count()
     size = -(-requested // n) * n
     if size != requested and jax.process_index() == 0:

@@ -7,13 +7,13 @@ Protocol (efficientvit `aecore/evaluator.py`): every record of the split is ADM-
 (`input_pipeline.make_eval_loader`), reconstructed as decode(encode(x)), and both images are quantized to uint8
 (round half up). On the uint8 pair: PSNR and SSIM (`dcae_jax.metrics.image`), LPIPS with AlexNet on u / 255
 (torchmetrics' `normalize=True`), and pool3 Inception features of the reconstructions for rFID. The reference
-statistics come from `--ref-stats` (ours or pytorch-fid's `--save-stats`; build them with
+statistics come from `--ref_stats` (ours or pytorch-fid's `--save-stats`; build them with
 `python -m dcae_jax.fid_stats`) or, without it, from the real images of the same pass.
 
 Everything per batch runs in one jitted step on a 1-D "data" mesh over all devices (and processes); sums are
 float64 on the host. Records that cannot be read are counted (`num_skipped`), never fatal. LPIPS and FID use the
-genuine AlexNet / Inception weights from `python -m dcae_jax.fetch_weights` (made on first use; `--lpips-weights`,
-`--fid-weights` override); where they cannot be had, those metrics are null and `notes` says why. SSIM note: see `SSIM_NOTE`.
+genuine AlexNet / Inception weights from `python -m dcae_jax.fetch_weights` (made on first use; `--lpips_weights`,
+`--fid_weights` override); where they cannot be had, those metrics are null and `notes` says why. SSIM note: see `SSIM_NOTE`.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def evaluate_dataset(
     ref_path, ref_stats = ref_stats, None
     ref_stats = fid_lib.load_stats(ref_path) if ref_path and fid_net is not None else None
     if ref_path and fid_net is None:
-        notes.append(f"--ref-stats {ref_path} unused: rFID needs --fid-weights")
+        notes.append(f"--ref_stats {ref_path} unused: rFID needs --fid_weights")
     ae = DCAE.from_pretrained(model, dtype=getattr(jnp, dtype))
     source = batches.open_source(data, split, max_images)
     batch_size = batches.global_batch_size(batch_size)
@@ -295,7 +295,7 @@ def _default_or_note(name: str, what: str, flag: str, notes: list[str]) -> str |
 
 
 def load_lpips_or_note(path: str | None, notes: list[str]):
-    path = path or _default_or_note("lpips_alex", "LPIPS", "--lpips-weights lpips_alex.npz", notes)
+    path = path or _default_or_note("lpips_alex", "LPIPS", "--lpips_weights lpips_alex.npz", notes)
     if not path:
         return None, None
     net, variables = lpips_lib.load_lpips(path)
@@ -305,5 +305,5 @@ def load_lpips_or_note(path: str | None, notes: list[str]):
 
 
 def load_fid_or_note(path: str | None, notes: list[str]):
-    path = path or _default_or_note("fid_inception", "rFID", "--fid-weights fid_inception.npz", notes)
+    path = path or _default_or_note("fid_inception", "rFID", "--fid_weights fid_inception.npz", notes)
     return fid_lib.load_fid_inception(path) if path else (None, None)

@@ -17,6 +17,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from dcae_jax import cli
 from dcae_jax.data.images import center_crop_adm, pil_to_array
 from dcae_jax.metrics import image as image_metrics
 
@@ -73,13 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factor", type=int, default=16, help="the autoencoder's spatial compression f")
     p.add_argument("--channels", type=int, default=16, help="the autoencoder's latent channels c")
     p.add_argument("--no_lpips", action="store_true", help="skip LPIPS (no weights needed)")
-    a = p.parse_args(argv)
+    a = p.parse_args(cli.snake_case_flags(argv, "bicubic"))
     r = run(a.data, a.split, a.resolution, a.factor, a.channels, lpips=not a.no_lpips)
     print(json.dumps(r, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    from dcae_jax import cli
-
     cli.run_argparse("bicubic", main)

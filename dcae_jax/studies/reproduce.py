@@ -1,6 +1,6 @@
 """Reproduce the DC-AE paper's three findings at small scale on any folder of real photos.
 
-    python -m dcae_jax.studies.reproduce --data PHOTOS --out /tmp/repro [--scale cpu]
+    python -m dcae_jax.studies.reproduce --data PHOTOS --out /tmp/repro [--scale cpu] [--compilation_cache DIR]
 
 `--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Runs from anywhere (its
 training configs come from `dcae_jax.config`). Every training run goes through the
@@ -39,6 +39,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dcae_jax import cli
 from dcae_jax import config as common
 from dcae_jax.models.dcae import DCAEConfig, count_params, init_variables, tiny_config
 from dcae_jax.pretrained import DCAE
@@ -709,13 +710,13 @@ def main(argv: list[str] | None = None) -> None:
         help="budget preset (default: cpu, ~35 min on an idle 2-core CPU)",
     )
     p.add_argument(
-        "--lpips-weights", default="", help="LPIPS weights for the evaluation (default: the genuine VGG16 file)"
+        "--lpips_weights", default="", help="LPIPS weights for the evaluation (default: the genuine VGG16 file)"
     )
-    p.add_argument("--fid-weights", default="", help="FID Inception weights (default: the genuine file)")
-    p.add_argument("--compilation-cache", default="", help="JAX persistent compilation cache folder")
+    p.add_argument("--fid_weights", default="", help="FID Inception weights (default: the genuine file)")
+    p.add_argument("--compilation_cache", default="", help="JAX persistent compilation cache folder")
     p.add_argument("--seeds", type=int, default=0, help="override the scale's seed count (experiments 1 and 3)")
-    p.add_argument("--report-only", action="store_true", help="redo report.md and figures from results.json")
-    a = p.parse_args(argv)
+    p.add_argument("--report_only", action="store_true", help="redo report.md and figures from results.json")
+    a = p.parse_args(cli.snake_case_flags(argv, "reproduce"))
     if a.report_only:
         out = pathlib.Path(a.out)
         results = json.loads((out / "results.json").read_text())
@@ -728,4 +729,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse("reproduce", main)

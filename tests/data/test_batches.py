@@ -22,5 +22,5 @@ def test_local_rows_and_head_source(monkeypatch):
     with pytest.raises(IndexError):
         head[4]
     assert len(batches.HeadSource(list("ab"), 10)) == 2
-    with pytest.raises(ValueError, match="--max-images must be positive"):
+    with pytest.raises(ValueError, match="--max_images must be positive"):
         batches.open_source("bundled", "validation", 0)
