@@ -105,12 +105,14 @@ PRESETS: dict[str, UViTConfig] = {
 }
 
 
-def get_uvit_config(name: str, *, in_channels: int, input_size: int, patch_size: int = 1, **overrides) -> UViTConfig:
-    """A preset sized for a given latent space; `overrides` replace any other field."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown UViT preset {name!r}; valid names: {sorted(PRESETS)}")
+def get_uvit_config(
+    preset: str, /, *, in_channels: int, input_size: int, patch_size: int = 1, **overrides
+) -> UViTConfig:
+    """A preset sized for a given latent space; `overrides` replace any other field (`name` included)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown UViT preset {preset!r}; valid names: {sorted(PRESETS)}")
     return dataclasses.replace(
-        PRESETS[name], in_channels=in_channels, input_size=input_size, patch_size=patch_size, **overrides
+        PRESETS[preset], in_channels=in_channels, input_size=input_size, patch_size=patch_size, **overrides
     )
 
 
