@@ -48,7 +48,7 @@ from dcae_jax.studies import measure
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    """Model sizes and budgets of one study run. `cpu` (the default) takes about an hour on 2 CPU cores."""
+    """Model sizes and budgets of one study run. `cpu` (the default) takes about 1 h 20 min on 2 shared CPU cores."""
 
     resolution: int  # R: phase 1 and phase 3 train here
     batch: int
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         "--scale",
         default="cpu",
         choices=sorted(SCALES),
-        help="budget preset (default: cpu, ~35 min on an idle 2-core CPU)",
+        help="budget preset (default: cpu, about 1 h on a 2-core CPU)",
     )
     p.add_argument(
         "--lpips_weights", default="", help="LPIPS weights for the evaluation (default: the genuine VGG16 file)"
