@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderDC
 
     from dcae_jax import DCAE, get_config
-    from dcae_jax.models.dcae import DCAEModel
+    from dcae_jax.autoencoder.model import DCAEModel
 
     cfg = get_config(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
 
 def _stage_report(ae, DCAEModel, x, repeats: int) -> None:
     """Times each encoder and decoder stage of our model in isolation (jitted, median)."""
-    from dcae_jax.models import layers
+    from dcae_jax.autoencoder import layers
 
     cfg = ae.config
     params = ae.variables

@@ -50,10 +50,10 @@ def _flops(compiled) -> float:
 
 def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
     """Compiled train step and guided sampling step for one latent space, with their inputs."""
-    from dcae_jax import config as common
-    from dcae_jax import sharding
     from dcae_jax.diffusion import train as dtrain
     from dcae_jax.diffusion.samplers import classifier_free_guidance
+    from dcae_jax.runtime import sharding
+    from dcae_jax.training import config as common
 
     config = common.diffusion_config()
     config.model.preset, config.model.patch_size = model, patch

@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from configs import dcae as dcae_config
-    from dcae_jax import train
+    from dcae_jax.autoencoder import train
 
     rows = {}
     for phase in (1, 2):

@@ -32,10 +32,11 @@ def main(argv=None) -> None:
     import torch
     from diffusers import AutoencoderDC
 
-    from dcae_jax import config as common
-    from dcae_jax import sharding, train
-    from dcae_jax.models.dcae import get_config
-    from dcae_jax.pretrained import DCAE
+    from dcae_jax.autoencoder import train
+    from dcae_jax.autoencoder.model import get_config
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.runtime import sharding
+    from dcae_jax.training import config as common
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

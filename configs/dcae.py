@@ -15,8 +15,8 @@ Resolutions, batch sizes and step counts are our choices (the paper publishes on
 rates, via a second-hand review): phase 1 and 3 at 256x256, phase 2 at 1024x1024.
 """
 
-from dcae_jax import config as common
-from dcae_jax.models.dcae import get_config as model_config
+from dcae_jax.autoencoder.model import get_config as model_config
+from dcae_jax.training import config as common
 
 VARIANTS = {
     "f32c32": ("dc-ae-f32c32-in-1.0", 6),

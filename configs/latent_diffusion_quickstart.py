@@ -17,7 +17,7 @@ export to reuse instead of training one, e.g. ae=/tmp/dcae_quickstart/export).
 import ml_collections
 
 from configs import quickstart
-from dcae_jax import config as common
+from dcae_jax.training import config as common
 
 
 def get_config(arg: str = ""):

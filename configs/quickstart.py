@@ -24,7 +24,7 @@ biased and noisy; compare runs, not papers). Each phase's Inception pass costs ~
 
 import ml_collections
 
-from dcae_jax import config as common
+from dcae_jax.training import config as common
 
 # f16 residual DC-AE: 5 stages (ResBlocks, then EfficientViT blocks), 16 latent channels.
 MODEL_OVERRIDES = {

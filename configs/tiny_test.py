@@ -6,10 +6,10 @@
 
 Args: phase (1 | 2 | 3), steps, batch (global), resolution, fsdp (size of the mesh's fsdp axis; the
 data axis takes the remaining devices), checkpoint_every. Adam's eps is 1e-3 so that runs on
-different device/process layouts agree to float noise (see tests/test_train.py, sharded test).
+different device/process layouts agree to float noise (see tests/autoencoder/test_train.py, sharded test).
 """
 
-from dcae_jax import config as common
+from dcae_jax.training import config as common
 
 
 def get_config(arg: str = ""):

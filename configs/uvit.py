@@ -13,7 +13,7 @@ with float32 parameters and per-block rematerialisation, as the reference trains
 first (it reads `data.latent_shape`, default f64c128 at 512: 8x8x128; `latent=f32c32` for 16x16x32).
 """
 
-from dcae_jax import config as common
+from dcae_jax.training import config as common
 
 LATENT_SHAPES = {"f64c128": (8, 8, 128), "f32c32": (16, 16, 32), "f128c512": (4, 4, 512)}
 

@@ -19,67 +19,46 @@ weights file, random VGG16 weights of the right shapes are used (memory and FLOP
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import pathlib
 import sys
-import tempfile
 
-from absl import flags
-from ml_collections import config_flags
-
-from dcae_jax import cli
-from dcae_jax.training import aot
+from dcae_jax.runtime import cli
 
 
-def _die(msg: str) -> None:
-    print(f"aot: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def define_flags(f: cli.Flags) -> None:
+    from ml_collections import config_flags
 
-
-def _oom(err: Exception) -> bool:
-    msg = str(err)
-    return "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg
-
-
-def main(argv):
-    opts = flags.FLAGS
-    if len(argv) > 1:
-        _die(f"unexpected arguments: {argv[1:]}")
-    if not opts.topology:
-        _die("--topology is required, e.g. --topology=v5p-64")
-    if not 0 < opts.mfu <= 1:
-        _die(f"--mfu={opts.mfu}: must be in (0, 1]")
-    try:
-        topo = aot.parse_topology(opts.topology)
-        phases = [int(p) for p in opts.phases]
-    except ValueError as err:
-        _die(str(err))
-    flag = flags.FLAGS["config"]
-    configs = aot.phase_configs(
-        opts.config, config_flags.get_config_filename(flag), config_flags.get_override_values(flag), phases
+    config_flags.DEFINE_config_file(
+        "config", None, "Training configuration file.", flag_values=f.values, lock_config=False
     )
-    devices = aot.topology_devices(topo)
-    rows, notes = [], set()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, config in configs:
-            config, note = aot.with_lpips_stand_in(config, tmp)
-            notes.update([note] if note else [])
-            try:
-                rows.append((name, aot.analyze(config, topo, devices, opts.mfu)))
-            except Exception as err:
-                if not _oom(err):
-                    raise
-                first = str(err).strip().splitlines()[0][:300]
-                res = config.get("resolution", "latents")
-                failed = {"resolution": res, "global_batch": config.global_batch_size, "fits": False}
-                rows.append((name, {**failed, "error": f"TPU compiler: out of HBM ({first})"}))
-            print(f"aot: {name} compiled", file=sys.stderr, flush=True)
-    print(aot.table(topo, opts.mfu, rows))
-    if opts.json:
-        info = {"topology": topo.name, "chips": topo.chips, "chip": dataclasses.asdict(topo.chip), "mfu": opts.mfu}
-        pathlib.Path(opts.json).write_text(json.dumps({**info, "phases": dict(rows)}, indent=2))
-    for note in sorted(notes):
+    f.mark_flag_as_required("config")
+    f.string("topology", None, "v5p-64, v5e-16, v4-32, v6e-8, or a string like v5p:2x4x4.", required=True)
+    f.float("mfu", 0.4, "Model FLOPs utilisation assumed for the projected step time.", lower_bound=1e-6, upper_bound=1)
+    f.list("phases", [], "Phases to compile, e.g. 1,2,3 (default: the config as given).")
+    f.string("json", "", "Also write the numbers (bytes, FLOPs, seconds) per phase to this JSON file.")
+
+
+def body(flags) -> int:
+    from ml_collections import config_flags
+
+    from dcae_jax.training import aot
+
+    topo = aot.parse_topology(flags.topology)
+    try:
+        phases = [int(p) for p in flags.phases]
+    except ValueError:
+        raise ValueError(f"--phases={','.join(flags.phases)}: expected phase numbers, e.g. 1,2,3") from None
+    flag = flags["config"]
+    configs = aot.phase_configs(
+        flags.config, config_flags.get_config_filename(flag), config_flags.get_override_values(flag), phases
+    )
+    rows, notes = aot.analyze_all(
+        configs, topo, flags.mfu, log=lambda s: print(f"aot: {s}", file=sys.stderr, flush=True)
+    )
+    print(aot.table(topo, flags.mfu, rows))
+    if flags.json:
+        aot.write_json(flags.json, topo, flags.mfu, rows)
+        print(f"\nwrote {flags.json}")
+    for note in notes:
         print(f"\nNote: {note}.")
     too_big = [name for name, r in rows if not r["fits"]]
     if too_big:
@@ -88,18 +67,13 @@ def main(argv):
             f"{topo.name}; use more chips, a smaller per-chip batch, or FSDP (config.mesh.shape).",
             file=sys.stderr,
         )
-        sys.exit(1)
+        return 1
+    return 0
 
 
-def _define_flags() -> None:
-    """Flags only when run as a program, so importing this module (tests) never collides with main.py's."""
-    config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=False)
-    flags.DEFINE_string("topology", None, "v5p-64, v5e-16, v4-32, v6e-8, or a string like v5p:2x4x4.")
-    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the projected step time.")
-    flags.DEFINE_list("phases", [], "Phases to compile, e.g. 1,2,3 (default: the config as given).")
-    flags.DEFINE_string("json", "", "Also write the numbers (bytes, FLOPs, seconds) per phase to this JSON file.")
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("aot", __doc__, define_flags, body, argv)
 
 
 if __name__ == "__main__":
-    _define_flags()
-    cli.run_absl("aot", main)
+    cli.exit_with(main())

@@ -10,51 +10,47 @@ Most users need none of this: `python -m dcae_jax.fetch_weights` makes the genui
 
 from __future__ import annotations
 
-from absl import app, flags
-
-from dcae_jax import cli
-
-_LPIPS = flags.DEFINE_enum("lpips", None, ["alex", "vgg"], "Convert an LPIPS network: its torchvision trunk.")
-_BACKBONE = flags.DEFINE_string("backbone", None, "With --lpips: vgg16-397923af.pth or alexnet-owt-7be5be79.pth.")
-_LIN = flags.DEFINE_string(
-    "lin", None, "With --lpips: lpips weights/v0.1/{vgg,alex}.pth (default: the lpips package's)."
-)
-_FID = flags.DEFINE_string("fid_inception", None, "Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
-_DISTANCE = flags.DEFINE_list("fid_distance", None, "Two statistics files: print the FID between them.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz (with --lpips or --fid_inception).")
+from dcae_jax.runtime import cli
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    modes = [
-        name for name, f in (("--lpips", _LPIPS), ("--fid_inception", _FID), ("--fid_distance", _DISTANCE)) if f.value
-    ]
-    if len(modes) != 1:
-        raise app.UsageError(f"give exactly one of --lpips, --fid_inception, --fid_distance (got {modes or 'none'})")
+def define_flags(f: cli.Flags) -> None:
+    f.enum("lpips", None, ["alex", "vgg"], "Convert an LPIPS network: its torchvision trunk.")
+    f.string("backbone", None, "With --lpips: vgg16-397923af.pth or alexnet-owt-7be5be79.pth.")
+    f.string("lin", None, "With --lpips: lpips weights/v0.1/{vgg,alex}.pth (default: the lpips package's).")
+    f.string("fid_inception", None, "Convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+    f.list("fid_distance", None, "Two statistics files: print the FID between them.")
+    f.string("out", None, "Output .npz (with --lpips or --fid_inception).")
+
+
+def body(flags) -> None:
     from dcae_jax.metrics import fid, lpips
 
-    if _DISTANCE.value:
-        if len(_DISTANCE.value) != 2:
-            raise app.UsageError(f"--fid_distance needs two files, got {_DISTANCE.value}")
-        a, b = (fid.load_stats(p) for p in _DISTANCE.value)
+    modes = [name for name in ("lpips", "fid_inception", "fid_distance") if flags[name].value]
+    if len(modes) != 1:
+        raise ValueError(f"give exactly one of --lpips, --fid_inception, --fid_distance (got {modes or 'none'})")
+    if flags.fid_distance:
+        if len(flags.fid_distance) != 2:
+            raise ValueError(f"--fid_distance needs two files, got {flags.fid_distance}")
+        a, b = (fid.load_stats(p) for p in flags.fid_distance)
         print(f"FID: {fid.frechet_distance(*a, *b):.6f}")
-        return 0
-    if not _OUT.value:
-        raise app.UsageError(f"{modes[0]} needs --out")
-    if _LPIPS.value:
-        if not _BACKBONE.value:
-            raise app.UsageError("--lpips needs --backbone (the torchvision trunk .pth)")
-        n = lpips.convert_files(_LPIPS.value, _BACKBONE.value, _LIN.value, _OUT.value)
-        print(f"wrote {_OUT.value}: LPIPS {_LPIPS.value}, {n:,} parameters (trunk {_BACKBONE.value})")
+        return
+    if not flags.out:
+        raise ValueError(f"--{modes[0]} needs --out")
+    if flags.lpips:
+        if not flags.backbone:
+            raise ValueError("--lpips needs --backbone (the torchvision trunk .pth)")
+        n = lpips.convert_files(flags.lpips, flags.backbone, flags.lin, flags.out)
+        print(f"wrote {flags.out}: LPIPS {flags.lpips}, {n:,} parameters (trunk {flags.backbone})")
     else:
-        n = fid.convert_file(_FID.value, _OUT.value)
-        print(f"wrote {_OUT.value}: FID InceptionV3 (pool3), {n:,} values from {_FID.value}")
-    print(
-        f"use it with e.g. python -m dcae_jax.evaluate --{'lpips' if _LPIPS.value else 'fid'}-weights {_OUT.value} ..."
-    )
-    return 0
+        n = fid.convert_file(flags.fid_inception, flags.out)
+        print(f"wrote {flags.out}: FID InceptionV3 (pool3), {n:,} values from {flags.fid_inception}")
+    kind = "lpips" if flags.lpips else "fid"
+    print(f"use it with e.g. python -m dcae_jax.evaluate --{kind}_weights={flags.out} ...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("convert_weights", __doc__, define_flags, body, argv, verbosity="warning")
 
 
 if __name__ == "__main__":
-    cli.run_absl("convert_weights", main)
+    cli.exit_with(main())

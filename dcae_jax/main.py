@@ -10,14 +10,7 @@ from __future__ import annotations
 import logging as std_logging
 import pathlib
 
-import jax
-from absl import flags, logging
-from ml_collections import config_flags
-
-from dcae_jax import cli, distributed, paths
-from dcae_jax.training import chain
-
-FLAGS = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
+from dcae_jax.runtime import cli
 
 
 def _configs_help() -> str:
@@ -40,7 +33,12 @@ def _configs_help() -> str:
     return "\n".join(lines)
 
 
-config_flags.DEFINE_config_file("config", None, _configs_help(), lock_config=True)
+def define_flags(f: cli.Flags) -> None:
+    from ml_collections import config_flags
+
+    f.string("workdir", None, "Directory for checkpoints, logs and the export.", required=True)
+    config_flags.DEFINE_config_file("config", None, _configs_help(), flag_values=f.values, lock_config=True)
+    f.mark_flag_as_required("config")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -52,14 +50,23 @@ class _QuietLibraries(std_logging.Filter):
         )
 
 
-def main(argv):
-    del argv
+def body(flags) -> None:
+    import jax
+    from absl import logging
+
+    from dcae_jax.runtime import distributed, paths
+    from dcae_jax.training import chain
+
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    workdir = paths.local_dir(flags.FLAGS.workdir, "--workdir")
+    workdir = paths.local_dir(flags.workdir, "--workdir")
     distributed.initialize_from_env()
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
-    chain.run(flags.FLAGS.config, workdir)  # failures: dcae_jax.cli's policy (one line for user mistakes, exit 2)
+    chain.run(flags.config, workdir)  # failures: dcae_jax.runtime.cli's policy (one line for user mistakes, exit 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("main", __doc__, define_flags, body, argv)
 
 
 if __name__ == "__main__":
-    cli.run_absl("main", main)
+    cli.exit_with(main())

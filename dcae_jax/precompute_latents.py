@@ -9,63 +9,51 @@ What is stored, labels, the scaling factor, the shard layout and resume: `dcae_j
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags, logging
-
-from dcae_jax import cli
-from dcae_jax.data import precompute
-
-FLAGS = flags.FLAGS
+from dcae_jax.runtime import cli
 
 
-def _define_flags() -> None:
-    flags.DEFINE_string("model", None, "DC-AE: Hugging Face repo id or local checkpoint (any supported format).")
-    flags.DEFINE_string("data", None, "folder:DIR, tfds:NAME[@DATA_DIR] or bundled.")
-    flags.DEFINE_integer("resolution", None, "ADM center crop to R x R.")
-    flags.DEFINE_string("out", None, "Output folder (created; rerun with the same settings to resume).")
-    flags.DEFINE_string("split", "train", "Dataset split.")
-    flags.DEFINE_integer("batch_size", 32, "Images per process and step (rounded up to the local device count).")
-    flags.DEFINE_integer("shard_size", 1024, "Source records per shard.")
-    flags.DEFINE_integer("max_images", None, "Only the first N records of the split.")
-    flags.DEFINE_string("scaling_factor", None, "A number, or 'auto' (1/RMS); default: the model's, else auto.")
-    flags.DEFINE_integer("auto_scale_examples", 2048, "Records (spread over the split) that 'auto' measures.")
-    flags.DEFINE_enum(
-        "dtype", "float32", list(precompute.DTYPES), "Autoencoder compute dtype (latents are stored float32)."
+def define_flags(f: cli.Flags) -> None:
+    from dcae_jax.data import precompute
+
+    f.string("model", None, "DC-AE: Hugging Face repo id or local checkpoint (any supported format).", required=True)
+    f.string("data", None, "folder:DIR, tfds:NAME[@DATA_DIR] or bundled.", required=True)
+    f.integer("resolution", None, "ADM center crop to R x R.", required=True, lower_bound=1)
+    f.string("out", None, "Output folder (created; rerun with the same settings to resume).", required=True)
+    f.string("split", "train", "Dataset split.")
+    f.integer("batch_size", 32, "Images per process and step (rounded up to the local device count).", lower_bound=1)
+    f.integer("shard_size", 1024, "Source records per shard.", lower_bound=1)
+    f.integer("max_images", None, "Only the first N records of the split.")
+    f.string("scaling_factor", None, "A number, or 'auto' (1/RMS); default: the model's, else auto.")
+    f.integer("auto_scale_examples", 2048, "Records (spread over the split) that 'auto' measures.", lower_bound=1)
+    f.enum("dtype", "float32", list(precompute.DTYPES), "Autoencoder compute dtype (latents are stored float32).")
+    f.integer("read_threads", 16, "Image decoding threads per process.", lower_bound=1)
+
+
+def body(flags) -> None:
+    from dcae_jax.data import precompute
+    from dcae_jax.runtime import distributed, paths
+
+    paths.local_dir(flags.out, "--out")  # before joining a pod's other processes
+    distributed.initialize_from_env()
+    precompute.precompute(
+        flags.model,
+        flags.data,
+        flags.resolution,
+        flags.out,
+        split=flags.split,
+        batch_size=flags.batch_size,
+        shard_size=flags.shard_size,
+        max_images=flags.max_images,
+        scaling_factor=flags.scaling_factor,
+        auto_scale_examples=flags.auto_scale_examples,
+        dtype=flags.dtype,
+        read_threads=flags.read_threads,
     )
-    flags.DEFINE_integer("read_threads", 16, "Image decoding threads per process.")
-    for name in ("model", "data", "resolution", "out"):
-        flags.mark_flag_as_required(name)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the report
-    from dcae_jax import distributed, paths
-
-    try:
-        paths.local_dir(FLAGS.out, "--out")  # before joining a pod's other processes
-        distributed.initialize_from_env()
-        precompute.precompute(
-            FLAGS.model,
-            FLAGS.data,
-            FLAGS.resolution,
-            FLAGS.out,
-            split=FLAGS.split,
-            batch_size=FLAGS.batch_size,
-            shard_size=FLAGS.shard_size,
-            max_images=FLAGS.max_images,
-            scaling_factor=FLAGS.scaling_factor,
-            auto_scale_examples=FLAGS.auto_scale_examples,
-            dtype=FLAGS.dtype,
-            read_threads=FLAGS.read_threads,
-        )
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"precompute_latents: error: {err}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("precompute_latents", __doc__, define_flags, body, argv, verbosity="warning")
 
 
 if __name__ == "__main__":
-    _define_flags()
-    cli.run_absl("precompute_latents", main)
+    cli.exit_with(main())

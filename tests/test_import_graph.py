@@ -56,7 +56,7 @@ def _graph() -> tuple[dict[str, set[str]], set[str]]:
 def test_the_graph_is_read():
     imports, commands = _graph()
     assert {"dcae_jax.main", "dcae_jax.evaluate", "dcae_jax.precompute_latents"} <= commands
-    assert "dcae_jax.train" not in commands and "dcae_jax.data.precompute" in imports
+    assert "dcae_jax.autoencoder.train" not in commands and "dcae_jax.data.precompute" in imports
     assert "dcae_jax.data.precompute" in imports["dcae_jax.precompute_latents"]  # a command calling its library
 
 
@@ -69,3 +69,23 @@ def test_packages_never_import_commands_and_commands_never_import_commands():
         if target != module
     )
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_top_level_holds_only_the_api_and_commands():
+    """Logic lives in the packages below; a top-level module that is not a command would be a stray library."""
+    _, commands = _graph()
+    top = {_module_name(p) for p in PACKAGE.glob("*.py")} - {"dcae_jax"}
+    assert top, "no top-level modules found"
+    assert top <= commands, f"top-level modules that are not commands: {sorted(top - commands)}"
+
+
+def test_commands_are_short():
+    """A command is flags -> one library call -> printed result; long ones hide library code."""
+    too_long = {}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        if _is_command(tree):
+            code = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+            if len(code) - len((ast.get_docstring(tree) or "").splitlines()) > 100:
+                too_long[_module_name(path)] = len(code)
+    assert not too_long, f"commands over 100 lines of code: {too_long}"

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tests.test_cli import COMMANDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -69,12 +68,13 @@ def test_every_command_runs_from_the_installed_package(installed):
 
 def test_the_study_builds_its_training_configs_outside_a_checkout(installed, tmp_path, genuine_weights):
     code = f"""
-from dcae_jax import sharding, train
-from dcae_jax.studies import reproduce
-s = reproduce.SCALES["smoke"]
-cfg = reproduce.model_config(s, 4, 4)
+from dcae_jax.runtime import sharding
+from dcae_jax.autoencoder import train
+from dcae_jax.studies import experiments
+s = experiments.SCALES["smoke"]
+cfg = experiments.model_config(s, 4, 4)
 for phase in (1, 2, 3):
-    c = reproduce.train_config(s, cfg, {str(tmp_path)!r}, phase=phase, steps=2, seed=0, init_from="")
+    c = experiments.train_config(s, cfg, {str(tmp_path)!r}, phase=phase, steps=2, seed=0, init_from="")
     train.check_config(c, train.model_config(c), sharding.mesh_from_config(c))
     assert c.loss.lpips_weight == s.lpips_weight and c.loss.lpips_weights.endswith("lpips_alex.npz")
 print("ok")

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from dcae_jax.pretrained import DCAE
+from dcae_jax.autoencoder.pretrained import DCAE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_test.py:fsdp=2,batch=8,checkpoint_every=2"

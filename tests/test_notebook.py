@@ -6,8 +6,8 @@ import shutil
 import jax
 import pytest
 
-from dcae_jax.models.dcae import init_variables, tiny_config
-from dcae_jax.pretrained import DCAE
+from dcae_jax.autoencoder.model import init_variables, tiny_config
+from dcae_jax.autoencoder.pretrained import DCAE
 
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")

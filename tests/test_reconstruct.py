@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcae_jax import inference, reconstruct
-from dcae_jax.models.dcae import init_variables, tiny_config
-from dcae_jax.pretrained import DCAE
+from dcae_jax import reconstruct
+from dcae_jax.autoencoder import inference
+from dcae_jax.autoencoder.model import init_variables, tiny_config
+from dcae_jax.autoencoder.pretrained import DCAE
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderDC
 
-from dcae_jax.models import convert
-from dcae_jax.models.dcae import DCAEConfig
+from dcae_jax.autoencoder import convert
+from dcae_jax.autoencoder.model import DCAEConfig
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:

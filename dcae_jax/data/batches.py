@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 def data_mesh() -> Mesh:
     """All devices of all processes on one "data" axis."""
-    from dcae_jax import sharding
+    from dcae_jax.runtime import sharding
 
     return sharding.make_mesh([-1], ["data"])
 
@@ -44,7 +44,7 @@ class HeadSource:
 
 
 def open_source(data: str, split: str, max_images: int | None):
-    from dcae_jax.input_pipeline import make_source
+    from dcae_jax.data.pipeline import make_source
 
     source = make_source(data, split)
     if max_images is not None:
@@ -67,7 +67,7 @@ def global_batch_size(requested: int) -> int:
 
 def make_loader(source, resolution: int, batch_size: int):
     """This process's share of `batch_size`-image global batches (padded entries have mask 0)."""
-    from dcae_jax.input_pipeline import make_eval_loader
+    from dcae_jax.data.pipeline import make_eval_loader
 
     return make_eval_loader(
         source,

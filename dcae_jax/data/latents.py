@@ -388,7 +388,7 @@ def make_latent_train_loader(
     """
     import jax
 
-    from dcae_jax.input_pipeline import TrainIterator
+    from dcae_jax.data.pipeline import TrainIterator
 
     dataset = root if isinstance(root, LatentDataset) else LatentDataset(root)
     pi = jax.process_index() if process_index is None else process_index

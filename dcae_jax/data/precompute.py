@@ -3,7 +3,7 @@
 The library behind `python -m dcae_jax.precompute_latents` (`precompute`, `report`); the diffusion trainer calls
 `precompute` itself when it is given images and an autoencoder instead of latents.
 
-Every record of the split (`folder:DIR`, `tfds:NAME[@DATA_DIR]` or `bundled`, as `dcae_jax.input_pipeline`) is
+Every record of the split (`folder:DIR`, `tfds:NAME[@DATA_DIR]` or `bundled`, as `dcae_jax.data.pipeline`) is
 ADM-center-cropped to R x R and encoded; the latent times the scaling factor is stored as float32 NHWC with the
 record's class id (format: `dcae_jax.data.latents`, read with `LatentDataset` / `make_latent_train_loader`).
 
@@ -86,7 +86,7 @@ class BundledLabels:
     """The index in `BUNDLED_PACKAGES` of the package a bundled photo ships in."""
 
     def __call__(self, record: str) -> int:
-        from dcae_jax.input_pipeline import BUNDLED_TRAIN, BUNDLED_VALIDATION
+        from dcae_jax.data.pipeline import BUNDLED_TRAIN, BUNDLED_VALIDATION
 
         package = {name: pkg for pkg, name in BUNDLED_TRAIN + BUNDLED_VALIDATION}[pathlib.Path(record).name]
         return BUNDLED_PACKAGES.index(package)
@@ -111,7 +111,7 @@ def folder_labels(paths: list[str], base: str) -> tuple[FolderLabels, list[str]]
 def open_labeled_source(data: str, split: str, max_images: int | None):
     """(source, label_fn, class_names, label_source) for a data spec; `max_images` keeps the first N records."""
     from dcae_jax.data.batches import HeadSource
-    from dcae_jax.input_pipeline import make_source
+    from dcae_jax.data.pipeline import make_source
 
     source = make_source(data, split)
     kind = data.partition(":")[0]
@@ -162,8 +162,8 @@ class Encoder:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from dcae_jax import sharding
-        from dcae_jax.models.dcae import DCAEModel
+        from dcae_jax.autoencoder.model import DCAEModel
+        from dcae_jax.runtime import sharding
 
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -187,7 +187,7 @@ class Encoder:
     def run(self, source, resolution: int, consume, desc: str, label_fn=None, read_threads: int = 16) -> None:
         """consume(z (B, h, w, c) float32 unscaled, batch {"mask", "label"?, ...}) for every batch, in order."""
         from dcae_jax.data.batches import run_batches
-        from dcae_jax.input_pipeline import make_eval_loader
+        from dcae_jax.data.pipeline import make_eval_loader
 
         if len(source) == 0:
             return
@@ -317,8 +317,8 @@ def precompute(
     import jax
     import jax.numpy as jnp
 
+    from dcae_jax.autoencoder.pretrained import DCAE
     from dcae_jax.metrics.fid import process_sum
-    from dcae_jax.pretrained import DCAE
 
     t_start = time.time()
     if resolution <= 0:

@@ -392,7 +392,7 @@ def load_diffusion_state_dict(path: str | os.PathLike, *, prefer_ema: bool = Tru
     """The diffusion model's state dict from a file or directory: `.safetensors` read lazily without torch,
     `.pt` / `.pth` with ``torch.load(weights_only=True)`` (a clear ImportError without torch), then
     `select_weights`."""
-    from dcae_jax.pretrained import LazySafetensors, _read_state_dict
+    from dcae_jax.autoencoder.pretrained import LazySafetensors, _read_state_dict
 
     p = pathlib.Path(path).expanduser()
     if p.is_dir():

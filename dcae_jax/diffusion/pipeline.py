@@ -229,7 +229,7 @@ class DCAEDiffusion:
         if not self._autoencoder:
             raise ValueError("this diffusion model names no autoencoder: pass autoencoder=... to from_pretrained")
         if self._loaded_autoencoder is None:
-            from dcae_jax.pretrained import DCAE
+            from dcae_jax.autoencoder.pretrained import DCAE
 
             self._loaded_autoencoder = DCAE.from_pretrained(self._autoencoder)
         return self._loaded_autoencoder

@@ -40,7 +40,7 @@ class Release:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of the autoencoder's latents of a 512x512 image."""
-        from dcae_jax.models import dcae
+        from dcae_jax.autoencoder import model as dcae
 
         ae = dcae.get_config(self.autoencoder)
         return (512 // ae.spatial_compression_ratio, 512 // ae.spatial_compression_ratio, ae.latent_channels)
@@ -101,9 +101,9 @@ def _model_name(root: pathlib.Path, hint: str) -> str:
 
 def _bundled_autoencoder(weights: pathlib.Path, release: Release, dtype: Any):
     """The DC-AE stored in the same file under `autoencoder.` (efficientvit's layout), else None."""
+    from dcae_jax.autoencoder import model as dcae
+    from dcae_jax.autoencoder.pretrained import DCAE, LazySafetensors
     from dcae_jax.diffusion.convert import _PrefixView
-    from dcae_jax.models import dcae
-    from dcae_jax.pretrained import DCAE, LazySafetensors
 
     if weights.suffix != ".safetensors":
         return None
@@ -117,9 +117,9 @@ def _bundled_autoencoder(weights: pathlib.Path, release: Release, dtype: Any):
 
 def load(path_or_repo_id: str | os.PathLike, *, autoencoder: Any = None, dtype: Any = jnp.float32):
     """A released checkpoint (local folder / file, or a repo id fetched with huggingface_hub) as DCAEDiffusion."""
+    from dcae_jax.autoencoder.pretrained import _resolve
     from dcae_jax.diffusion import convert
     from dcae_jax.diffusion.pipeline import DCAEDiffusion
-    from dcae_jax.pretrained import _resolve
 
     root = _resolve(path_or_repo_id)
     name = _model_name(root, str(path_or_repo_id))

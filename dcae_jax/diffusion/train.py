@@ -1,6 +1,6 @@
 """UViT / USiT training on precomputed DC-AE latents: the reference recipe on a sharded JAX step.
 
-The same machinery as the autoencoder trainer (`dcae_jax.train`): a `data x fsdp` mesh with sharding
+The same machinery as the autoencoder trainer (`dcae_jax.autoencoder.train`): a `data x fsdp` mesh with sharding
 rules from the config, a jitted `train_step(state, batch)` with donated state, orbax checkpoints that
 hold the state and the data iterator (exact resume), clu metrics fetched only at log steps.
 
@@ -29,10 +29,10 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
 
-from dcae_jax import sharding
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
+from dcae_jax.runtime import sharding
 from dcae_jax.training import checkpoints
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
@@ -239,8 +239,8 @@ def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
     anything is written; the workdir is locked for the run (one trainer per workdir)."""
-    from dcae_jax import paths
-    from dcae_jax.train import check_loop_config
+    from dcae_jax.autoencoder.train import check_loop_config
+    from dcae_jax.runtime import paths
 
     check_loop_config(config, sharding.mesh_from_config(config))
     workdir = pathlib.Path(workdir)

@@ -55,7 +55,7 @@ def _u8_to_signed(u8: jax.Array) -> jax.Array:
 
 def make_step(ae, lpips_net=None, fid_net=None, real_features: bool = False) -> Callable:
     """(ae_vars, lpips_vars, fid_vars, images) -> per-image metrics / features; jit it with shardings."""
-    from dcae_jax.models.dcae import DCAEModel
+    from dcae_jax.autoencoder.model import DCAEModel
 
     f = ae.config.spatial_compression_ratio
 
@@ -134,7 +134,7 @@ def evaluate_dataset(
     Returns the results (JSON-ready: non-finite numbers as None), with `markdown` (header and row) and `notes`.
     Raises ValueError when the model produces non-finite latents or reconstructions (nothing is scored then).
     """
-    from dcae_jax.pretrained import DCAE
+    from dcae_jax.autoencoder.pretrained import DCAE
 
     if resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {resolution}")
@@ -307,3 +307,18 @@ def load_lpips_or_note(path: str | None, notes: list[str]):
 def load_fid_or_note(path: str | None, notes: list[str]):
     path = path or _default_or_note("fid_inception", "rFID", "--fid_weights fid_inception.npz", notes)
     return fid_lib.load_fid_inception(path) if path else (None, None)
+
+
+def write_results(r: dict[str, Any], output: str | pathlib.Path) -> list[pathlib.Path]:
+    """Process 0 writes `r` to `output` (.json) and its table row beside it (.md), atomically; returns the paths."""
+    import json
+
+    from dcae_jax.runtime import paths
+
+    if jax.process_index() != 0:
+        return []
+    out = pathlib.Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
+    paths.write_text_atomic(out.with_suffix(".md"), r["markdown"] + "\n")
+    return [out, out.with_suffix(".md")]

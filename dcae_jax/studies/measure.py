@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from dcae_jax import input_pipeline
+from dcae_jax.autoencoder.model import DCAEConfig, DCAEModel
+from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.data import images as image_io
+from dcae_jax.data import pipeline as input_pipeline
 from dcae_jax.metrics import image as image_metrics
-from dcae_jax.models.dcae import DCAEConfig, DCAEModel
-from dcae_jax.pretrained import DCAE
 
 # Radial frequencies (fraction of Nyquist) that count as "high": the upper half of the band.
 HF_BAND = (0.5, 1.0)
@@ -270,3 +272,51 @@ def evaluate(
 
 def load(export: str | pathlib.Path) -> DCAE:
     return DCAE.from_pretrained(export)
+
+
+def baseline_side(resolution: int, factor: int, channels: int) -> int:
+    """The largest RGB side whose 3 s^2 values do not exceed the latent's (R / f)^2 c."""
+    return math.isqrt((resolution // factor) ** 2 * channels // 3)  # exact: 3 s^2 <= (R / f)^2 c
+
+
+def bicubic_roundtrip(images: list[Image.Image], resolution: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(originals, round trips), both (N, R, R, 3) float in [-1, 1]."""
+    xs, ys = [], []
+    for img in images:
+        x = image_io.center_crop_adm(img, resolution)
+        y = x.resize((side, side), Image.BICUBIC).resize((resolution, resolution), Image.BICUBIC)
+        xs.append(image_io.pil_to_array(x))
+        ys.append(image_io.pil_to_array(y))
+    return np.stack(xs), np.stack(ys)
+
+
+def bicubic_baseline(
+    data: str, split: str, resolution: int, factor: int, channels: int, lpips: bool = True
+) -> dict[str, Any]:
+    """The equal-size bicubic baseline of an f x f, c-channel autoencoder on `data`: a latent holds (R / f)^2 c
+    values per R x R image, an RGB image of side s holds 3 s^2, so s = floor(R / f * sqrt(c / 3)) (never more
+    values than the latent). ADM center crop, PIL bicubic down to s x s and back, the evaluation's PSNR / SSIM
+    (uint8) and, with `lpips`, LPIPS (AlexNet, the genuine weights)."""
+
+    source = input_pipeline.make_source(data, split)
+    images = [image_io.open_image(source[i]) for i in range(len(source))]
+    side = baseline_side(resolution, factor, channels)
+    x, y = bicubic_roundtrip(images, resolution, side)
+    psnr, ssim = (np.asarray(v, np.float64) for v in image_metrics.psnr_ssim(x, y))
+    out = {
+        "images": len(images),
+        "resolution": resolution,
+        "side": side,
+        "values": 3 * side * side,
+        "latent_values": (resolution // factor) ** 2 * channels,
+        "psnr": float(psnr.mean()),
+        "ssim": float(ssim.mean()),
+    }
+    if lpips:
+        from dcae_jax.metrics import lpips as lpips_lib
+        from dcae_jax.metrics import weights
+
+        net, variables = lpips_lib.load_lpips(weights.resolve("lpips_alex"))
+        u8 = [image_metrics.quantize_uint8(v).astype(np.float32) / 127.5 - 1 for v in (x, y)]
+        out["lpips"] = float(np.mean(np.asarray(net.apply(variables, u8[1], u8[0]))))
+    return out

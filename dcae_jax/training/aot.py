@@ -177,7 +177,7 @@ def with_lpips_stand_in(config, tmpdir: str):
 
 def analyze(config, topo: Topology, devices: list[Any], mfu: float) -> dict[str, Any]:
     """Compiles one phase's train step for `devices`; memory per chip in bytes, FLOPs per chip and step."""
-    from dcae_jax import train
+    from dcae_jax.autoencoder import train
     from dcae_jax.diffusion import train as diffusion_train
 
     t0 = time.time()
@@ -240,3 +240,43 @@ def table(topo: Topology, mfu: float, rows: list[tuple[str, dict]]) -> str:
 
 def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _out_of_hbm(err: Exception) -> bool:
+    msg = str(err)
+    return "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg
+
+
+def analyze_all(
+    configs: list[tuple[str, Any]], topo: Topology, mfu: float, log=lambda s: None
+) -> tuple[list[tuple[str, dict]], list[str]]:
+    """`analyze` for each (name, config); a phase the TPU compiler cannot fit becomes a row with `fits` False and
+    the compiler's first line. Returns (rows, notes about stand-in LPIPS weights)."""
+    import tempfile
+
+    devices = topology_devices(topo)
+    rows, notes = [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, config in configs:
+            config, note = with_lpips_stand_in(config, tmp)
+            notes.update([note] if note else [])
+            try:
+                rows.append((name, analyze(config, topo, devices, mfu)))
+            except Exception as err:
+                if not _out_of_hbm(err):
+                    raise
+                first = str(err).strip().splitlines()[0][:300]
+                failed = {"resolution": config.get("resolution", "latents"), "global_batch": config.global_batch_size}
+                rows.append((name, {**failed, "fits": False, "error": f"TPU compiler: out of HBM ({first})"}))
+            log(f"{name} compiled")
+    return rows, sorted(notes)
+
+
+def write_json(path: str, topo: Topology, mfu: float, rows: list[tuple[str, dict]]) -> None:
+    """The numbers (bytes, FLOPs, seconds) per phase, with the topology and chip, as JSON (atomically)."""
+    import json
+
+    from dcae_jax.runtime import paths
+
+    info = {"topology": topo.name, "chips": topo.chips, "chip": dataclasses.asdict(topo.chip), "mfu": mfu}
+    paths.write_text_atomic(path, json.dumps({**info, "phases": dict(rows)}, indent=2))

@@ -20,7 +20,7 @@ from absl import logging
 
 def _train_fn(config):
     """The trainer a config names (`config.trainer`, default the autoencoder's)."""
-    from dcae_jax import train
+    from dcae_jax.autoencoder import train
     from dcae_jax.diffusion import train as diffusion_train
 
     trainers = {"dcae": train.train_and_evaluate, "diffusion": diffusion_train.train_and_evaluate}

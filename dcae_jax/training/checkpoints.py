@@ -24,7 +24,7 @@ def manager(workdir: pathlib.Path, keep: int):
     """The orbax CheckpointManager of `<workdir>/checkpoints`, keeping the newest `keep` steps."""
     import orbax.checkpoint as ocp
 
-    from dcae_jax import paths
+    from dcae_jax.runtime import paths
 
     if jax.process_index() == 0:
         paths.check_writable_dir(workdir.absolute() / "checkpoints", "checkpoint")

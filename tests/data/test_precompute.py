@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dcae_jax.autoencoder.model import init_variables, tiny_config
+from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.data import latents as fmt
 from dcae_jax.data import precompute as pl
 from dcae_jax.data.images import list_images, load_image
-from dcae_jax.models.dcae import init_variables, tiny_config
-from dcae_jax.pretrained import DCAE
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RES = 32
@@ -219,7 +219,7 @@ def test_labels(files, tmp_path, monkeypatch):
     class FakeTfds(list):
         dataset_info = info
 
-    from dcae_jax import input_pipeline
+    from dcae_jax.data import pipeline as input_pipeline
 
     monkeypatch.setattr(input_pipeline, "make_source", lambda spec, split: FakeTfds([{"image": b"", "label": 1}]))
     source, label_fn, names, how = pl.open_labeled_source("tfds:fake", "train", None)

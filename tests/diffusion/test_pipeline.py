@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from dcae_jax.autoencoder.model import init_variables, tiny_config
+from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.diffusion.pipeline import DCAEDiffusion, image_grid, sampler_settings
 from dcae_jax.diffusion.uvit import get_uvit_config, init_uvit_params
 from dcae_jax.metrics import fid as fid_lib
-from dcae_jax.models.dcae import init_variables, tiny_config
-from dcae_jax.pretrained import DCAE
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from dcae_jax import config as common
 from dcae_jax.diffusion import train as dtrain
+from dcae_jax.training import config as common
 
 LATENT_SHAPE = (4, 4, 8)
 
@@ -124,10 +124,10 @@ def test_training_lowers_the_loss_on_a_fixed_set():
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
     """Bundled real photos encoded at 32x32 by a tiny random DC-AE (4x4x8 latents, scaled to unit RMS)."""
+    from dcae_jax.autoencoder.model import init_variables
+    from dcae_jax.autoencoder.model import tiny_config as ae_config
+    from dcae_jax.autoencoder.pretrained import DCAE
     from dcae_jax.data import precompute
-    from dcae_jax.models.dcae import init_variables
-    from dcae_jax.models.dcae import tiny_config as ae_config
-    from dcae_jax.pretrained import DCAE
 
     root = tmp_path_factory.mktemp("latents")
     cfg = ae_config()

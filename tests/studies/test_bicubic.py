@@ -3,24 +3,24 @@
 from PIL import Image
 from skimage import data
 
-from dcae_jax.studies import bicubic
+from dcae_jax.studies import bicubic, measure
 
 
 def test_side_matches_the_latent_budget():
-    assert bicubic.baseline_side(128, 16, 16) == 18  # 972 values <= 8 * 8 * 16 = 1024
-    assert bicubic.baseline_side(512, 32, 32) == 52  # 8112 <= 16 * 16 * 32 = 8192
+    assert measure.baseline_side(128, 16, 16) == 18  # 972 values <= 8 * 8 * 16 = 1024
+    assert measure.baseline_side(512, 32, 32) == 52  # 8112 <= 16 * 16 * 32 = 8192
     for r, f, c in [(128, 16, 16), (256, 64, 128), (512, 32, 32), (1024, 128, 512)]:
-        s = bicubic.baseline_side(r, f, c)
+        s = measure.baseline_side(r, f, c)
         assert 3 * s * s <= (r // f) ** 2 * c < 3 * (s + 1) ** 2
 
 
 def test_roundtrip_on_real_photos():
     images = [Image.fromarray(data.astronaut()), Image.fromarray(data.coffee())]
-    x, y = bicubic.bicubic_roundtrip(images, 64, 9)
+    x, y = measure.bicubic_roundtrip(images, 64, 9)
     assert x.shape == y.shape == (2, 64, 64, 3) and x.min() >= -1 and y.max() <= 1.5
     err = abs(x - y).mean()
     assert 0.01 < err < 0.3  # a real loss of detail, not garbage
-    x2, y2 = bicubic.bicubic_roundtrip(images, 64, 64)  # no downsampling: (almost) identity
+    x2, y2 = measure.bicubic_roundtrip(images, 64, 64)  # no downsampling: (almost) identity
     assert abs(x2 - y2).max() < 1e-6
 
 

@@ -1,4 +1,4 @@
-"""dcae_jax.distributed: what JAX_NUM_PROCESSES starts, and a real 2-process start-up detected by JAX itself."""
+"""dcae_jax.runtime.distributed: what JAX_NUM_PROCESSES starts, and a real 2-process start-up detected by JAX itself."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import textwrap
 
 import pytest
 
-from dcae_jax import distributed
+from dcae_jax.runtime import distributed
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ WORKER = textwrap.dedent(
     """
     import json
     import numpy as np
-    from dcae_jax import distributed
+    from dcae_jax.runtime import distributed
     distributed.initialize_from_env()
     import jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from dcae_jax import inference
-from dcae_jax.models.dcae import init_variables, tiny_config
-from dcae_jax.pretrained import DCAE
+from dcae_jax.autoencoder import inference
+from dcae_jax.autoencoder.model import init_variables, tiny_config
+from dcae_jax.autoencoder.pretrained import DCAE
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _random_variables() -> dict:

@@ -28,10 +28,11 @@ from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from dcae_jax import losses, optim, sharding
+from dcae_jax.autoencoder import losses
+from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 from dcae_jax.metrics import history
-from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
-from dcae_jax.training import checkpoints
+from dcae_jax.runtime import sharding
+from dcae_jax.training import checkpoints, optim
 
 # ----------------------------------------------------------------------------------------------
 # State and metrics.
@@ -266,7 +267,7 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
         lpips_module, _ = lpips_lib.load_lpips(lpips_weights_path(config))
     disc = disc_tx = None
     if config.disc.enabled:
-        from dcae_jax.models.discriminator import PatchDiscriminator
+        from dcae_jax.autoencoder.discriminator import PatchDiscriminator
 
         disc = PatchDiscriminator(
             base_features=config.disc.base_features, num_layers=config.disc.num_layers, norm=config.disc.norm
@@ -339,7 +340,7 @@ def create_train_state(config, trainer: Trainer, cfg: DCAEConfig, mesh, init_var
 
 def _load_init_from(path: str) -> tuple[dict[str, Any], float | None]:
     """The variables of the model at `path` and its latent scaling factor (for the export)."""
-    from dcae_jax.pretrained import DCAE
+    from dcae_jax.autoencoder.pretrained import DCAE
 
     ae = DCAE.from_pretrained(path)
     return jax.tree_util.tree_map(np.asarray, ae.variables), ae.config.scaling_factor
@@ -359,7 +360,7 @@ def export_scaling_factor(config, cfg: DCAEConfig, init_scaling: Any = _UNREAD) 
     if config.get("init_from"):
         if init_scaling is not _UNREAD:
             return init_scaling
-        from dcae_jax.pretrained import DCAE, EXPORT_CONFIG
+        from dcae_jax.autoencoder.pretrained import DCAE, EXPORT_CONFIG
 
         exported = pathlib.Path(config.init_from) / EXPORT_CONFIG
         if exported.is_file():  # our export (a resumed run): its recorded factor, without loading the weights
@@ -404,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     The config is checked before anything is written; the workdir is locked for the run (one trainer per workdir).
     """
-    from dcae_jax import paths
+    from dcae_jax.runtime import paths
 
     check_config(config, model_config(config), sharding.mesh_from_config(config))
     workdir = pathlib.Path(workdir)
@@ -413,8 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
-    from dcae_jax import input_pipeline
-    from dcae_jax.pretrained import DCAE
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.data import pipeline as input_pipeline
 
     # Mesh and model (the config was checked by `train_and_evaluate`).
     mesh = sharding.mesh_from_config(config)
@@ -649,9 +650,9 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
     rFID: Frechet distance between the Inception features of the real and the reconstructed held-out images (or
     of aligned crops of them, `config.eval_rfid_crop`), float64 statistics over every process.
     """
-    from dcae_jax import input_pipeline
     from dcae_jax.data import batches
     from dcae_jax.data import images as image_io
+    from dcae_jax.data import pipeline as input_pipeline
     from dcae_jax.metrics import fid as fid_lib
 
     source = input_pipeline.make_source(config.data.eval, config.data.eval_split)

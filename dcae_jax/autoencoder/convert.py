@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax.models.dcae import DCAEConfig
+from dcae_jax.autoencoder.model import DCAEConfig
 
 # A torch BatchNorm buffer with no Flax counterpart; accepted and dropped.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -205,7 +205,7 @@ def expected_keys(cfg: DCAEConfig, fmt: str) -> set[str]:
 
 def match_registry(keys: set[str], fmt: str) -> list[str]:
     """Names of released variants whose key set equals `keys` (-in/-mix share an architecture)."""
-    from dcae_jax.models.dcae import VARIANTS
+    from dcae_jax.autoencoder.model import VARIANTS
 
     keys = {k for k in keys if not k.endswith(IGNORED_SUFFIXES)}
     return [name for name, cfg in VARIANTS.items() if expected_keys(cfg, fmt) == keys]

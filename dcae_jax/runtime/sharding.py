@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dcae_jax.optim import param_path
+from dcae_jax.training.optim import param_path
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:

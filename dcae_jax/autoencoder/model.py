@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax.models import layers
+from dcae_jax.autoencoder import layers
 
 Array = jax.Array
 

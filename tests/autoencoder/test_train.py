@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcae_jax import config as common
-from dcae_jax import train
-from dcae_jax.pretrained import DCAE
+from dcae_jax.autoencoder import train
+from dcae_jax.autoencoder.pretrained import DCAE
+from dcae_jax.training import config as common
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_train_config(phase: int = 1, steps: int = 3, **overrides):
     c = common.base_config()
-    c.eval_lpips = c.eval_rfid = False  # tests/test_train.py::test_eval_perceptual_metrics covers them
+    c.eval_lpips = c.eval_rfid = False  # tests/autoencoder/test_train.py::test_eval_perceptual_metrics covers them
     common.apply_phase(c, phase, num_stages=4)
     c.resolution = c.eval_resolution = 32
     c.global_batch_size, c.eval_batch_size = 4, 4
@@ -66,7 +66,7 @@ def test_frozen_parameters_are_bit_identical(phase, phase1_dir, tmp_path):
     train.train_and_evaluate(config, tmp_path)
     before = DCAE.from_pretrained(phase1_dir / "export").variables
     after = DCAE.from_pretrained(tmp_path / "export").variables
-    from dcae_jax import optim
+    from dcae_jax.training import optim
 
     labels = optim.label_params(before["params"], [tuple(r) for r in config.trainable])
     changed = [
@@ -100,7 +100,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     config = tiny_train_config(1, steps=4, checkpoint_every=2)
     train.train_and_evaluate(config, tmp_path / "straight")
     # Crash at step 3, after the step-2 checkpoint: assembling the third batch raises.
-    from dcae_jax import sharding
+    from dcae_jax.runtime import sharding
 
     real = sharding.global_batch
     calls = {"n": 0}
@@ -164,8 +164,8 @@ SHARDED = """
 import json, sys, numpy as np, jax
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from test_train import tiny_train_config
-from dcae_jax import train
-from dcae_jax.pretrained import DCAE
+from dcae_jax.autoencoder import train
+from dcae_jax.autoencoder.pretrained import DCAE
 out = {{}}
 for name, shape, n in [("single", (1, 1), 1), ("data", (8, 1), 8), ("fsdp", (2, 4), 8)]:
     c = tiny_train_config(1, steps=3, **{{"mesh.shape": shape, "mesh.num_devices": n, "sharding.min_size": 1,
@@ -274,7 +274,7 @@ def test_main_reports_a_config_mistake_in_one_line(tmp_path):
 
 
 def test_one_trainer_per_workdir(tmp_path):
-    from dcae_jax import paths
+    from dcae_jax.runtime import paths
 
     busy = rf"{tmp_path / 'run'} is in use by another trainer \(pid {os.getpid()}"
     with paths.workdir_lock(tmp_path / "run"), pytest.raises(paths.WorkdirBusy, match=busy):  # held as by another run
@@ -292,7 +292,7 @@ def test_an_unwritable_checkpoint_folder_fails_at_once_with_its_name(tmp_path):
 
 
 def test_export_scaling_factor_follows_init_from_or_an_explicit_override(tmp_path):
-    from dcae_jax.models.dcae import init_variables, tiny_config
+    from dcae_jax.autoencoder.model import init_variables, tiny_config
 
     cfg = tiny_config(scaling_factor=0.5)
     DCAE(cfg, init_variables(cfg, jax.random.key(0), 32)).save_pretrained(tmp_path / "released")

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from dcae_jax import config as common
-from dcae_jax import optim
-from dcae_jax.models.dcae import DCAEModel, tiny_config
+from dcae_jax.autoencoder.model import DCAEModel, tiny_config
+from dcae_jax.training import config as common
+from dcae_jax.training import optim
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_trainable_table_counts_per_module(params):
 @pytest.mark.parametrize(("warmup", "decay"), [(0, 0), (4, 0), (3, 8)])
 def test_logged_learning_rate_is_the_one_each_update_applied(warmup, decay):
     """With a constant gradient and eps -> 0, Adam's k-th update is exactly -lr_k: the trainer's logged value."""
-    from dcae_jax import train
+    from dcae_jax.autoencoder import train
 
     c = common.base_config()
     c.optim.learning_rate, c.optim.warmup_steps, c.optim.decay_steps = 0.5, warmup, decay

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcae_jax import losses
+from dcae_jax.autoencoder import losses
 
 
 def _softplus(x: float) -> float:

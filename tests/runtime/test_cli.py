@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 COMMANDS = [
     "dcae_jax.main",
     "dcae_jax.evaluate",
@@ -74,7 +74,7 @@ def test_debug_env_shows_the_traceback():
 
 
 def test_a_short_model_name_suggests_the_repo_id():
-    from dcae_jax.pretrained import DCAE
+    from dcae_jax.autoencoder.pretrained import DCAE
 
     with pytest.raises(FileNotFoundError, match=r"use its repo id, e\.g\. mit-han-lab/dc-ae-f32c32-in-1\.0-diffusers"):
         DCAE.from_pretrained("dc-ae-f32c32-in-1.0")
@@ -88,10 +88,62 @@ def test_main_help_lists_the_configs_and_their_args():
 
 
 def test_old_hyphenated_flag_spellings_still_work_with_a_note(capsys):
-    from dcae_jax import cli
+    from dcae_jax.runtime import cli
 
     got = cli.snake_case_flags(["--batch-size", "8", "--max-images=3", "--data", "x-y", "-h", "--model=a-b"], "demo")
     assert got == ["--batch_size", "8", "--max_images=3", "--data", "x-y", "-h", "--model=a-b"]
     err = capsys.readouterr().err
     assert "demo: note: --batch-size is deprecated, use --batch_size" in err and "--max-images is deprecated" in err
     assert "--model" not in err and "--data" not in err
+
+
+def _demo(argv, seen):
+    """A command built the way every command is (`cli.run` over a fresh FlagValues)."""
+    from dcae_jax.runtime import cli
+
+    def define_flags(f):
+        f.string("out", None, "Output folder.", required=True)
+        f.integer("batch_size", 4, "Batch.", lower_bound=1)
+
+    def body(flags):
+        seen.append((flags.out, flags.batch_size))
+        if flags.out == "missing":
+            raise FileNotFoundError("missing: no such folder")
+        return 0
+
+    return cli.run("demo", "Demo command.\n\nLonger text.", define_flags, body, argv)
+
+
+def test_commands_parse_into_their_own_flags_and_map_mistakes_to_exit_2(capsys):
+    seen = []
+    assert _demo(["--out=a", "--batch-size=8"], seen) == 0 and seen == [("a", 8)]  # the old spelling, with a note
+    assert "--batch-size is deprecated, use --batch_size" in capsys.readouterr().err
+    assert _demo(["--out=b"], seen) == 0 and seen[-1] == ("b", 4)  # fresh flags: nothing left from the last call
+    for argv, message in (
+        (["--batch_size=8"], "--out must have a value"),
+        (["--out=a", "--batch_size=0"], "--batch_size=0"),
+        (["--out=a", "--nope=1"], "nope"),
+        (["--out=a", "stray"], "unexpected arguments: stray"),
+        (["--out=missing"], "missing: no such folder"),
+    ):
+        assert _demo(argv, seen) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("demo: error:") and message in err[0], (argv, err)
+    assert _demo(["--help"], seen) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m") and "Longer text." in out and "--batch_size" in out
+
+
+def test_every_command_uses_the_one_convention():
+    """absl flags through `cli.run`; no argparse, no global absl FLAGS left in any command."""
+    import ast
+
+    package = REPO / "dcae_jax"
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        if not any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body):
+            continue
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
+        assert "argparse" not in names and "FLAGS" not in text, path
+        assert "cli.run(" in text and "cli.exit_with(main())" in text, path

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch_reference import make_torch_model, to_efficientvit_state_dict, torch_encode_decode
 
 from dcae_jax import DCAE, VARIANTS, get_config
-from dcae_jax.models.dcae import DCAEConfig
+from dcae_jax.autoencoder.model import DCAEConfig
 
 
 def _images(res: int, batch: int = 2, seed: int = 0) -> np.ndarray:

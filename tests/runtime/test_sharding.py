@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from dcae_jax import config as common
-from dcae_jax import sharding
+from dcae_jax.runtime import sharding
+from dcae_jax.training import config as common
 
 
 def test_mesh_from_config_and_the_fsdp_axis_is_config_data():

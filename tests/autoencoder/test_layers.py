@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcae_jax.models import layers
+from dcae_jax.autoencoder import layers
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:

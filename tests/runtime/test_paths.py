@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from dcae_jax import paths
+from dcae_jax.runtime import paths
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_local_dir():
@@ -46,7 +46,7 @@ def test_entry_points_refuse_urls(tmp_path, args, message):
 
 
 def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
-    from dcae_jax import paths
+    from dcae_jax.runtime import paths
 
     target = tmp_path / "r.json"
     paths.write_text_atomic(target, "old")

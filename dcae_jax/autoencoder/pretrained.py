@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax.models import convert
-from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
+from dcae_jax.autoencoder import convert
+from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
 
 EXPORT_CONFIG = "dcae_config.json"
 EXPORT_VARIABLES = "variables"
@@ -122,7 +122,7 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
         return p
     s = str(path_or_repo_id)
     if s.count("/") != 1 or s.startswith((".", "/")):
-        from dcae_jax.models.dcae import VARIANTS
+        from dcae_jax.autoencoder.model import VARIANTS
 
         hint = f"; for the released model use its repo id, e.g. mit-han-lab/{s}-diffusers" if s in VARIANTS else ""
         raise FileNotFoundError(f"{s}: no such file or directory (and not a Hugging Face repo id 'owner/name'){hint}")

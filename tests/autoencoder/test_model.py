@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dcae_jax.models.dcae import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config, init_variables, tiny_config
+from dcae_jax.autoencoder.model import (
+    VARIANTS,
+    DCAEConfig,
+    DCAEModel,
+    count_params,
+    get_config,
+    init_variables,
+    tiny_config,
+)
 
 # Parameter counts of the PyTorch reference (efficientvit and diffusers agree).
 REFERENCE_PARAMS = {

@@ -34,11 +34,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dcae_jax import paths as paths_lib
+from dcae_jax.autoencoder.model import DCAEModel
+from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.data.images import ImageReadError, load_image, save_image, to_uint8
 from dcae_jax.metrics.image import SSIM_WINDOW, psnr, psnr_ssim
-from dcae_jax.models.dcae import DCAEModel
-from dcae_jax.pretrained import DCAE
+from dcae_jax.runtime import paths as paths_lib
 
 # ----------------------------------------------------------------------------------------------
 # Shared input handling.
@@ -213,7 +213,7 @@ def make_spatial_mesh(num_devices: int | None = None, axis: str = "space") -> Me
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices}: {len(devices)} devices are available")
-    from dcae_jax import sharding
+    from dcae_jax.runtime import sharding
 
     return sharding.make_mesh([n], [axis], devices[:n])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from dcae_jax.models.discriminator import DISC_NORMS, PatchDiscriminator, get_disc_norm
+from dcae_jax.autoencoder.discriminator import DISC_NORMS, PatchDiscriminator, get_disc_norm
 
 
 def torch_nlayer_discriminator(in_ch: int, base: int, num_layers: int, norm: str, groups: int) -> tnn.Sequential:

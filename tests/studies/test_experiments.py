@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from dcae_jax import input_pipeline
-from dcae_jax.studies import measure, reproduce
+from dcae_jax.data import pipeline as input_pipeline
+from dcae_jax.studies import experiments, measure
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Compile-time only: a cheaper LLVM pipeline halves XLA:CPU compile time, which is most of this test.
@@ -39,7 +39,7 @@ def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path, genuine_
     proc = subprocess.run([*cmd, "--scale", "smoke"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    scale = reproduce.SCALES["smoke"]
+    scale = experiments.SCALES["smoke"]
 
     e1 = results["experiment1"]
     assert {(r["residual"], r["factor"]) for r in e1["runs"]} == {(True, 4), (False, 4)}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcae_jax import input_pipeline as ip
+from dcae_jax.data import pipeline as ip
 from dcae_jax.data.images import load_image
 
 R = 16  # training resolution in these tests; images with a short side < 4 are too small
@@ -286,7 +286,7 @@ _MP_SCRIPT = """
 import sys
 import numpy as np
 from absl import flags
-from dcae_jax import input_pipeline as ip
+from dcae_jax.data import pipeline as ip
 
 if __name__ == "__main__":
     flags.FLAGS(sys.argv[:1])  # grain workers read absl flags
@@ -312,7 +312,7 @@ if __name__ == "__main__":
 def test_multiprocess_worker_matches_in_process(id_folder, tmp_path):
     script = tmp_path / "mp_check.py"
     script.write_text(textwrap.dedent(_MP_SCRIPT))
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, str(script), str(id_folder)],
         capture_output=True,

@@ -1,0 +1,176 @@
+"""The commands' one failure policy.
+
+* A user mistake (a missing or unreadable file, a bad value, a busy workdir, a full disk, ...) prints one message
+  `<command>: error: ...` to stderr and exits 2; no traceback unless `DCAE_JAX_DEBUG=1` asks for one.
+* Any failure in a multi-process job ends that process at once (`os._exit`), so launchers and the coordination
+  service see it and stop the peers instead of leaving them waiting in a collective.
+* One flag convention: absl flags, snake_case (`--batch_size`); the old hyphenated spellings of the commands
+  that once used argparse (`--batch-size`) still work, with a deprecation note (`snake_case_flags`).
+* `--help` prints the command's docstring and its flags and exits 0.
+
+Each command parses into its own `absl.flags.FlagValues` (`run`), so a command's `main(argv)` can be called in
+one process with any other (tests do) and importing a command defines nothing global:
+
+    def define_flags(f: cli.Flags) -> None:
+        f.string("out", None, "Output folder.", required=True)
+
+    def body(flags: absl.flags.FlagValues) -> int | None:
+        ...  # one library call, then print what was written and where
+
+    def main(argv: list[str] | None = None) -> int:
+        return cli.run("name", __doc__, define_flags, body, argv)
+
+    if __name__ == "__main__":
+        cli.exit_with(main())
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+DEBUG_ENV = "DCAE_JAX_DEBUG"
+
+# Exceptions that describe the user's input or environment; their messages name the file, flag or field.
+USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError)
+try:  # absl's usage errors (a bad flag value found in a command's body) are user mistakes too
+    from absl.app import UsageError
+
+    USER_ERRORS = (*USER_ERRORS, UsageError)
+except ImportError:  # pragma: no cover
+    pass
+_HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _multi_process() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client is not None
+    except Exception:  # private API moved: fall back to the environment the launchers set
+        return os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1")
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _multi_process():
+        os._exit(code)  # a normal exit would wait in jax's shutdown barrier for peers that wait for this process
+    sys.exit(code)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        return err.args[0]  # KeyError's str() adds quotes
+    return str(err) or type(err).__name__
+
+
+def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs a command's body under the policy; returns its exit code (None -> 0; 2 after a user mistake, which
+    ends a multi-process run's process at once)."""
+    try:
+        code = fn(*args)
+    except SystemExit:
+        raise
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{name}: error: {_message(err)}", file=sys.stderr)
+        if _multi_process():
+            _exit(2)
+        return 2
+    except BaseException:
+        if _multi_process():
+            import traceback
+
+            traceback.print_exc()
+            _exit(1)
+        raise
+    return 0 if code is None else int(code)
+
+
+def snake_case_flags(argv: list[str] | None, name: str) -> list[str]:
+    """`argv` (default: the command line) with `--old-spelling[=v]` rewritten to `--old_spelling[=v]`, noting each."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = []
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=")
+        if arg.startswith("--") and "-" in key:
+            new = key.replace("-", "_")
+            print(f"{name}: note: --{key} is deprecated, use --{new}", file=sys.stderr)
+            arg = f"--{new}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+class Flags:
+    """absl's `DEFINE_*` (and `mark_*`) bound to one `FlagValues`: `f.string(...)`, `f.enum(...)`, ...
+
+    `f.values` is the `FlagValues` itself (for `ml_collections.config_flags.DEFINE_config_file(...,
+    flag_values=f.values)`).
+    """
+
+    def __init__(self, values: Any):
+        self.values = values
+
+    def __getattr__(self, kind: str) -> Callable[..., Any]:
+        from absl import flags
+
+        define = getattr(flags, kind if kind.startswith("mark_") else f"DEFINE_{kind}", None)
+        if define is None:
+            raise AttributeError(f"absl.flags has no DEFINE_{kind}")
+        return functools.partial(define, flag_values=self.values)
+
+
+def _usage(name: str, doc: str, values: Any) -> str:
+    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else name
+    flags_help = values.get_help(include_special_flags=False)
+    return f"usage: python -m {module} [flags]\n\n{doc.strip()}\n\nflags:\n{flags_help}\n"
+
+
+def run(
+    name: str,
+    doc: str | None,
+    define_flags: Callable[[Flags], None],
+    body: Callable[[Any], int | None],
+    argv: list[str] | None = None,
+    *,
+    verbosity: str = "info",
+) -> int:
+    """Parses `argv` (default: the command line) into fresh flags and runs `body(flags)` under the policy.
+
+    Returns the exit code: `body`'s (None -> 0), 0 for `--help`, 2 for a bad flag or a user mistake. absl log
+    lines go to stderr at `verbosity` ("info" for the trainer; "warning" keeps orbax's INFO lines out of a
+    command's report).
+    """
+    from absl import flags, logging
+
+    argv = snake_case_flags(argv, name)
+    values = flags.FlagValues()
+    define_flags(Flags(values))
+    if any(a.split("=")[0] in _HELP_FLAGS for a in argv):
+        print(_usage(name, doc or "", values))
+        return 0
+    try:
+        rest = values([name, *argv])
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
+    except flags.Error as err:
+        print(f"{name}: error: {err} (--help lists the flags)", file=sys.stderr)
+        return 2
+    logging.use_absl_handler()
+    logging.set_verbosity(verbosity)
+    return guard(name, body, values)
+
+
+def exit_with(code: int) -> None:
+    """`sys.exit(code)`; a failing process of a multi-process run leaves at once (a normal exit would wait in
+    jax's shutdown barrier for peers that wait for it), a successful one shuts down normally."""
+    if code:
+        _exit(code)
+    sys.exit(0)
