@@ -29,6 +29,7 @@ import numpy as np
 
 from dcae_jax.autoencoder import convert
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
+from dcae_jax.runtime import distributed
 
 EXPORT_CONFIG = "dcae_config.json"
 EXPORT_VARIABLES = "variables"
@@ -250,10 +251,7 @@ class DCAE:
             tmp = out / (EXPORT_CONFIG + ".tmp")
             tmp.write_text(self.config.to_json())
             tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
-        if jax.process_count() > 1:  # nobody reads the export before the config is there
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"save_pretrained {out}")
+        distributed.barrier(f"save_pretrained {out}")  # nobody reads the export before the config is there
         return out
 
     # ------------------------------------------------------------------------------------------

@@ -26,12 +26,11 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
-from jax.experimental import multihost_utils
 
 from dcae_jax.autoencoder import losses
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import sharding
+from dcae_jax.runtime import distributed, sharding
 from dcae_jax.training import checkpoints, optim
 
 # ----------------------------------------------------------------------------------------------
@@ -683,8 +682,7 @@ def evaluate(config, state, eval_fn, workdir, writer, step, mesh, write: bool = 
             x_np, y_np = images[mask][:8], np.asarray(y)[mask][:8]
             grid = np.concatenate([np.concatenate(list(x_np), 1), np.concatenate(list(y_np), 1)], 0)
     values = np.concatenate(per_batch, axis=1)
-    if jax.process_count() > 1:  # every process's images, not only this process's share
-        values = np.concatenate(list(np.asarray(multihost_utils.process_allgather(values))), axis=1)
+    values = distributed.process_concat(values, axis=1)  # every process's images, not only this process's share
     psnrs, ssims, lpipss = values[:3, values[3] > 0]
     out = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
     if not np.all(np.isnan(lpipss)):  # NaN marks "LPIPS switched off"

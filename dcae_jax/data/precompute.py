@@ -42,6 +42,7 @@ import numpy as np
 from absl import logging
 
 from dcae_jax.data import latents as fmt
+from dcae_jax.runtime import distributed
 
 DTYPES = ("float32", "bfloat16")
 BUNDLED_PACKAGES = ("skimage", "sklearn", "matplotlib")
@@ -201,8 +202,6 @@ def measure_rms(encoder: Encoder, source, resolution: int, num: int, read_thread
     """(RMS of the unscaled latents, images used) over `num` records spread evenly over `source`, all processes."""
     import jax
 
-    from dcae_jax.metrics.fid import process_sum
-
     picks = np.unique(np.linspace(0, len(source) - 1, min(num, len(source))).round().astype(np.int64))
     mine = picks[jax.process_index() :: jax.process_count()]
     sums = np.zeros(3)  # images, elements, sum of squares
@@ -213,7 +212,7 @@ def measure_rms(encoder: Encoder, source, resolution: int, num: int, read_thread
         sums[:] += (m.sum(), zm.size, np.square(zm).sum())
 
     encoder.run(_Subset(source, mine), resolution, consume, "measure latent rms", read_threads=read_threads)
-    images, count, sq = process_sum(sums)
+    images, count, sq = distributed.process_sum(sums)
     if count == 0:
         raise ValueError("no readable image among the records measured for the scaling factor")
     return math.sqrt(sq / count), round(images)
@@ -261,12 +260,8 @@ class _ShardAssembler:
 
 
 def _barrier(name: str) -> None:
-    import jax
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    distributed.barrier(name)
 
 
 def _requested_scale(scaling_factor) -> float | str | None:
@@ -318,7 +313,6 @@ def precompute(
     import jax.numpy as jnp
 
     from dcae_jax.autoencoder.pretrained import DCAE
-    from dcae_jax.metrics.fid import process_sum
 
     t_start = time.time()
     if resolution <= 0:
@@ -438,7 +432,7 @@ def precompute(
 
     # Counts and float64 sums over all processes (one collective), then metadata.json from process 0.
     local = sum((shard_sums[i] for i in sorted(shard_sums)), np.zeros(2 + 2 * c))  # fixed order: reproducible
-    packed = process_sum(np.concatenate([shard_counts.ravel(), local, counts, label_counts]))
+    packed = distributed.process_sum(np.concatenate([shard_counts.ravel(), local, counts, label_counts]))
     packed, label_counts = packed[: -(num_classes + 1)], packed[-(num_classes + 1) :]
     shard_counts = packed[: 2 * num_shards].reshape(num_shards, 2)
     total, total_sq = packed[2 * num_shards : 2 * num_shards + 2]

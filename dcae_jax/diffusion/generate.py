@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from dcae_jax.runtime import distributed
+
 
 def class_ids(
     num_samples: int, num_classes: int, seed: int, explicit: list[int], trained: list[int] | None = None
@@ -147,10 +149,7 @@ def run(args: SampleRun) -> dict:
         _write_atomic(path, **arrays)
         done += 1
         progress(skipped + done)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("dcae_jax.sample chunks")
+    distributed.barrier("dcae_jax.sample chunks")
 
     result = {
         "model": str(args.model),

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from dcae_jax.diffusion import gaussian_diffusion, objectives, samplers
 from dcae_jax.diffusion.dit import DiT, DiTConfig, init_dit_params
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, init_uvit_params
+from dcae_jax.runtime import distributed
 
 CONFIG_FILE = "diffusion_config.json"
 PARAMS_DIR = "params"
@@ -217,10 +218,7 @@ class DCAEDiffusion:
             tmp = out / (CONFIG_FILE + ".tmp")
             tmp.write_text(json.dumps(raw, indent=2))
             tmp.replace(out / CONFIG_FILE)  # atomic: no config, no loadable export
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"DCAEDiffusion.save_pretrained {out}")
+        distributed.barrier(f"DCAEDiffusion.save_pretrained {out}")
         return out
 
     @property

@@ -36,6 +36,7 @@ from dcae_jax.metrics import fid as fid_lib
 from dcae_jax.metrics import image as image_metrics
 from dcae_jax.metrics import lpips as lpips_lib
 from dcae_jax.metrics import weights
+from dcae_jax.runtime import distributed
 
 SSIM_NOTE = (
     "SSIM follows the DC-AE reference evaluator (torchmetrics' StructuralSimilarityIndexMeasure on uint8 images: "
@@ -181,7 +182,7 @@ def evaluate_dataset(
 
     # All processes: exact float64 reductions.
     keys = list(sums)
-    totals = dict(zip(keys, fid_lib.process_sum(np.array([sums[k] for k in keys])), strict=True))
+    totals = dict(zip(keys, distributed.process_sum(np.array([sums[k] for k in keys])), strict=True))
     n, skipped = round(float(totals["count"])), round(float(totals["skipped"]))
     if totals["nonfinite"]:
         raise ValueError(
@@ -279,7 +280,7 @@ def reference_stats(
         skipped[0] += int(np.asarray(batch["skipped"]).sum())
 
     batches.run_batches(loader, bound, consume, sharded, len(loader), "fid stats")
-    return fid_lib.allreduce_stats(stats), int(fid_lib.process_sum(np.array([skipped[0]]))[0])
+    return fid_lib.allreduce_stats(stats), int(distributed.process_sum(np.array([skipped[0]]))[0])
 
 
 def _default_or_note(name: str, what: str, flag: str, notes: list[str]) -> str | None:

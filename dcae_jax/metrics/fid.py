@@ -52,6 +52,7 @@ from flax import traverse_util
 
 from dcae_jax.metrics._variables import check_variables
 from dcae_jax.metrics._variables import format_keys as _fmt_keys
+from dcae_jax.runtime import distributed
 
 Array = jax.Array
 
@@ -465,25 +466,6 @@ def _as_f64_rows(features: Any, mask: Any | None) -> np.ndarray:
     return f
 
 
-def _f64_bits(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float64).view(np.uint32)
-
-
-def process_sum(x: Any) -> np.ndarray:
-    """Exact float64 sum of a host array over all JAX processes (identical result on every process).
-
-    `process_allgather` would demote float64 to float32 without `jax_enable_x64`, so the bits travel as uint32.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if jax.process_count() == 1:
-        return x.copy()
-    from jax.experimental import multihost_utils
-
-    bits = np.asarray(multihost_utils.process_allgather(_f64_bits(x), tiled=False))  # (P, ...) uint32
-    parts = np.ascontiguousarray(bits).view(np.float64).reshape((jax.process_count(), *x.shape))
-    return np.sum(parts, axis=0)
-
-
 @dataclasses.dataclass
 class FeatureStats:
     """Streaming mean/covariance of feature vectors: count, sum and sum of outer products, all float64.
@@ -545,7 +527,7 @@ class FeatureStats:
 def allreduce_stats(stats: FeatureStats) -> FeatureStats:
     """Every process's `stats` merged (the same result on every process); a copy with one process."""
     packed = np.concatenate([[float(stats.count)], stats.total, stats.total_outer.ravel()])
-    summed = process_sum(packed)
+    summed = distributed.process_sum(packed)
     d = stats.dim
     return FeatureStats(d, round(float(summed[0])), summed[1 : d + 1], summed[d + 1 :].reshape(d, d))
 
@@ -730,7 +712,6 @@ __all__ = [
     "kernel_inception_distance",
     "load_fid_inception",
     "load_stats",
-    "process_sum",
     "resize_bilinear",
     "save_fid_weights",
     "save_stats",

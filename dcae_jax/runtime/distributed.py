@@ -1,10 +1,16 @@
-"""Multi-process start-up shared by the entry points (training, sampling, latent precompute)."""
+"""Multi-process machinery, the one home for it: start-up from the launchers' environment, and the host-side
+collectives the library uses (exact float64 sums, row gathers, whole arrays on every host, barriers).
+
+Every function is a no-op or a plain copy in a single process, so callers never branch on the process count.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
+import numpy as np
 
 AUTO = "auto"
 
@@ -43,3 +49,46 @@ def _use_gloo_on_cpu() -> None:
     platforms = (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).lower().split(",")
     if "cpu" in platforms:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def process_sum(x: Any) -> np.ndarray:
+    """Exact float64 sum of a host array over all JAX processes (the identical result on every process).
+
+    `process_allgather` would demote float64 to float32 without `jax_enable_x64`, so the bits travel as uint32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if jax.process_count() == 1:
+        return x.copy()
+    from jax.experimental import multihost_utils
+
+    bits = np.ascontiguousarray(x, dtype=np.float64).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(bits, tiled=False))  # (P, ...) uint32
+    parts = np.ascontiguousarray(gathered).view(np.float64).reshape((jax.process_count(), *x.shape))
+    return np.sum(parts, axis=0)
+
+
+def process_concat(x: Any, axis: int = 0) -> np.ndarray:
+    """Every process's host array `x` (same shape on each), concatenated along `axis` in process order."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.concatenate(list(np.asarray(multihost_utils.process_allgather(x, tiled=False))), axis=axis)
+
+
+def host_array(x: Any) -> np.ndarray:
+    """A (possibly sharded, multi-host) jax.Array as one full numpy array on every process."""
+    if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (e.g. nobody reads a file before it is written)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

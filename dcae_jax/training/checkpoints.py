@@ -17,7 +17,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+
+from dcae_jax.runtime import distributed
 
 
 def manager(workdir: pathlib.Path, keep: int):
@@ -90,7 +91,7 @@ def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:
 def host_variables(tree: Any) -> Any:
     """Sharded arrays -> full numpy arrays on every process, one leaf at a time: at most one leaf is ever gathered
     whole on a device, never the whole model."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    return jax.tree_util.tree_map(distributed.host_array, tree)
 
 
 def stop_non_finite(what: str, step: int, mngr, workdir: pathlib.Path) -> None:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
 
 from dcae_jax.runtime import distributed
@@ -140,3 +142,44 @@ def test_auto_detects_a_cluster_for_real():
     results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["index"])
     # Device values: process 0 holds 0, 1; process 1 holds 10, 11.
     assert results == [{"index": i, "count": 2, "devices": 4, "sum": 22.0} for i in range(2)]
+
+
+def test_process_sum_multi_process_path(monkeypatch):
+    """The float64 bit-cast through process_allgather (simulated with 3 processes holding different values)."""
+    from jax.experimental import multihost_utils
+
+    x = np.array([[1e-300, np.pi], [2.0**60 + 1, -1 / 3]], np.float64)
+    calls = []
+
+    def fake_allgather(tree, tiled=False):
+        calls.append(tree.dtype)
+        bits = [np.asarray(tree), (x * 2).view(np.uint32), (x * 3).view(np.uint32)]
+        return np.stack(bits)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
+    got = distributed.process_sum(x)
+    assert calls == [np.uint32]
+    np.testing.assert_array_equal(got, x + x * 2 + x * 3)  # exact float64 (no float32 demotion)
+
+
+def test_single_process_collectives_are_plain_copies():
+    """One process: sums are float64 copies, concatenation is the array itself, a barrier returns at once."""
+    import jax.numpy as jnp
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = distributed.process_sum(x)
+    assert got.dtype == np.float64 and np.array_equal(got, x) and got is not x
+    assert np.array_equal(distributed.process_concat(x, axis=1), x)
+    np.testing.assert_array_equal(distributed.host_array(jnp.asarray(x)), x)
+    distributed.barrier("nothing to wait for")
+
+
+def test_process_concat_multi_process_path(monkeypatch):
+    """Rows of 2 simulated processes end up side by side along the requested axis, in process order."""
+    from jax.experimental import multihost_utils
+
+    a = np.arange(4.0).reshape(2, 2)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, tiled=False: np.stack([x, x + 10]))
+    np.testing.assert_array_equal(distributed.process_concat(a, axis=1), np.concatenate([a, a + 10], axis=1))
