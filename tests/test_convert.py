@@ -114,7 +114,7 @@ def test_every_variable_has_exactly_one_source():
 
 
 def test_wrapper_prefixes_are_stripped():
-    from dcae_jax.autoencoder.convert import _strip_prefix
+    from dcae_jax.autoencoder.convert import strip_wrappers
 
     sd = {"encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
     for wrapped in (
@@ -122,9 +122,9 @@ def test_wrapper_prefixes_are_stripped():
         {"state_dict": {f"model.{k}": v for k, v in sd.items()}},  # efficientvit's trainer
         {"state_dict": {f"module.model.{k}": v for k, v in sd.items()}},
     ):
-        assert _strip_prefix(wrapped) == sd
+        assert strip_wrappers(wrapped) == sd
     mixed = {"module.encoder.conv_in.weight": 1, "decoder.conv_out.bias": 2}
-    assert _strip_prefix(mixed) == mixed  # only a prefix every key has is a wrapper
+    assert strip_wrappers(mixed) == mixed  # only a prefix every key has is a wrapper
 
 
 def test_integer_and_non_finite_weights_are_refused(tiny_diffusers_dir, tmp_path, capsys):
@@ -216,3 +216,17 @@ def test_bad_config_fields_are_named(tiny_diffusers_dir, tmp_path, change, messa
     (d / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=message):
         DCAE.from_pretrained(d)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "efficientvit"])
+def test_export_to_a_pytorch_format_inverts_the_conversion(fmt):
+    """`to_state_dict` writes exactly the keys the format has and converts back to the same variables."""
+    cfg = tiny_config()
+    variables = init_variables(cfg, jax.random.key(3))
+    sd = convert_lib.to_state_dict(variables, cfg, fmt)
+    assert set(sd) == convert_lib.expected_keys(cfg, fmt)
+    back = convert_lib.convert_state_dict(sd, cfg, fmt)
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves_with_path(back), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))

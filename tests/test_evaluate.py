@@ -43,8 +43,9 @@ def files(tmp_path_factory):
     fid_lib.save_fid_weights(fid_lib.init_fid_variables(0), root / "fid_inception.npz")
     rng = np.random.default_rng(0)
     sds: dict[str, dict] = {"backbone": {}, "lin": {}}
-    for e in lpips_lib.weight_entries("alex"):
-        sds[e.source][e.torch_key] = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.1
+    for source, table in lpips_lib.weight_entries("alex").items():
+        for e in table:
+            sds[source][e.torch[0]] = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.1
     variables = lpips_lib.convert_lpips_weights(sds["backbone"], sds["lin"], "alex")
     lpips_lib.save_lpips_weights(variables, root / "lpips_alex.npz", "alex")
     return {

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.test_cli import COMMANDS
+
+from tests.runtime.test_cli import COMMANDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,9 @@ so every parameter has exactly one source and every source key is accounted for:
 * efficientvit (original `DCAE`): `encoder.stages.{i}.op_list.{j}.main.conv1.conv.weight`, fused
   `context_module.main.qkv.conv.weight`.
 
-Torch conv weights (O, I, kh, kw) become HWIO kernels, Linear weights (O, I) become 1x1 kernels.
+Torch conv weights (O, I, kh, kw) become HWIO kernels, Linear weights (O, I) become 1x1 kernels. The rows
+(`Entry`, both formats' keys) become `dcae_jax.runtime.state_dict` tables (`table`), which do the checking and
+the conversion both ways (`convert_state_dict`, `to_state_dict`).
 
 CLI: `python -m dcae_jax.convert --src SRC --out OUT` writes our export (orbax + JSON config).
 """
@@ -21,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from dcae_jax.autoencoder.model import DCAEConfig
+from dcae_jax.runtime import state_dict
 
 # A torch BatchNorm buffer with no Flax counterpart; accepted and dropped.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -154,18 +156,19 @@ def entries(cfg: DCAEConfig) -> list[Entry]:
     return out
 
 
-def _to_flax(kind: str, fmt: str, tensors: list[np.ndarray]) -> np.ndarray:
-    if kind == "vector":
-        return tensors[0]
-    if kind == "qkv" and fmt == "diffusers":
-        w = np.concatenate(tensors, axis=0)  # (3C, C): the fused projection, thirds in q, k, v order
-        return w.T[None, None]
-    if kind == "pointwise" and fmt == "diffusers":
-        return tensors[0].T[None, None]  # Linear (O, I) -> (1, 1, I, O)
-    (w,) = tensors
-    if w.ndim != 4:
-        raise ValueError(f"expected a 4-d conv weight, got shape {w.shape}")
-    return w.transpose(2, 3, 1, 0)  # (O, I, kh, kw) -> (kh, kw, I, O)
+FORMATS = ("diffusers", "efficientvit")
+# Entry.kind -> the torch <-> Flax layout, per format (diffusers stores the 1x1 projections as nn.Linear).
+_LAYOUT = {
+    "diffusers": {"vector": "copy", "conv": "conv", "pointwise": "linear_as_1x1", "qkv": "linear_as_1x1"},
+    "efficientvit": {"vector": "copy", "conv": "conv", "pointwise": "conv", "qkv": "conv"},
+}
+
+
+def table(cfg: DCAEConfig, fmt: str) -> list[state_dict.Key]:
+    """`entries(cfg)` as the key table of one checkpoint format (Flax paths start with the collection)."""
+    if fmt not in _LAYOUT:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
+    return [state_dict.Key((e.collection, *e.path), getattr(e, fmt), _LAYOUT[fmt][e.kind]) for e in entries(cfg)]
 
 
 def detect_format(keys: Iterator[str] | list[str]) -> str:
@@ -184,23 +187,14 @@ def detect_format(keys: Iterator[str] | list[str]) -> str:
 WRAPPER_PREFIXES = ("module.", "model.")  # PyTorch DDP / DataParallel; efficientvit's trainer
 
 
-def _strip_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
+def strip_wrappers(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """Accepts `{"state_dict": ...}` wrappers and `module.` (DDP) / `model.` (efficientvit .pt) prefixes on every
     key, in any nesting (`module.model.encoder...`)."""
-    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    stripped = True
-    while state and stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                stripped = True
-    return state
+    return state_dict.unwrap(state, WRAPPER_PREFIXES)
 
 
 def expected_keys(cfg: DCAEConfig, fmt: str) -> set[str]:
-    return {k for e in entries(cfg) for k in getattr(e, fmt)}
+    return state_dict.torch_keys(table(cfg, fmt))
 
 
 def match_registry(keys: set[str], fmt: str) -> list[str]:
@@ -217,76 +211,26 @@ def convert_state_dict(
     fmt: str | None = None,
     expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None,
 ) -> dict[str, Any]:
-    """Torch-layout state dict (numpy arrays or torch tensors) -> Flax variables (nested dicts).
+    """Torch-layout state dict (numpy arrays or torch tensors) -> Flax variables (nested dicts, on the device).
 
-    Raises ValueError listing missing keys, unexpected keys and shape mismatches.
-    `expected_shapes` maps (collection, *path) to the Flax shape; when given, every converted
-    array is checked against it.
+    Raises ValueError listing missing keys, unexpected keys, non-float or non-finite tensors and shape
+    mismatches. `expected_shapes` maps (collection, *path) to the Flax shape; when given, every converted
+    array is checked against it. Tensors go onto the device one at a time, so peak host memory stays ~1x the
+    checkpoint.
     """
-    state = _strip_prefix(state)
+    state = strip_wrappers(state)
     fmt = fmt or detect_format(state.keys())
-    table = entries(cfg)
-    wanted = {k for e in table for k in getattr(e, fmt)}
-    present = {k for k in state if not k.endswith(IGNORED_SUFFIXES)}
-    missing = sorted(wanted - present)
-    unexpected = sorted(present - wanted)
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    variables: dict[str, Any] = {}
-    if not problems:
-        for e in table:
-            keys = getattr(e, fmt)
-            bad = [f"{k}: dtype {_dtype_name(state[k])}" for k in keys if not _is_float(state[k])]
-            if bad:  # e.g. a quantized checkpoint: casting would silently change the values
-                problems.append(
-                    f"{', '.join(bad)} (not a floating-point weight; quantized checkpoints are not supported)"
-                )
-                continue
-            tensors = [_as_numpy(state[k]) for k in keys]
-            if not all(np.isfinite(t).all() for t in tensors):
-                problems.append(f"{', '.join(keys)}: non-finite values (NaN or inf)")
-                continue
-            try:
-                arr = _to_flax(e.kind, fmt, tensors)
-            except ValueError as err:
-                problems.append(f"{getattr(e, fmt)}: {err}")
-                continue
-            full = (e.collection, *e.path)
-            if expected_shapes is not None and tuple(arr.shape) != tuple(expected_shapes[full]):
-                problems.append(
-                    f"{', '.join(getattr(e, fmt))}: shape {[tuple(t.shape) for t in tensors]} converts to "
-                    f"{tuple(arr.shape)}, model {'/'.join(full)} expects {tuple(expected_shapes[full])}"
-                )
-                continue
-            node = variables
-            for p in full[:-1]:
-                node = node.setdefault(p, {})
-            # One tensor at a time onto the device, so peak host memory stays ~1x the checkpoint.
-            node[full[-1]] = jnp.asarray(np.ascontiguousarray(arr, dtype=np.float32))
-    if problems:
-        raise ValueError(
-            f"checkpoint ({fmt} format) does not match DC-AE config {cfg.name!r}:\n  " + "\n  ".join(problems)
-        )
+    variables, _ = state_dict.convert(
+        state,
+        table(cfg, fmt),
+        f"checkpoint ({fmt} format) does not match DC-AE config {cfg.name!r}",
+        ignore=lambda k: k.endswith(IGNORED_SUFFIXES),
+        expected=expected_shapes,
+        place=jnp.asarray,
+    )
     return variables
 
 
-def _dtype_name(t: Any) -> str:
-    return str(getattr(t, "dtype", type(t).__name__)).replace("torch.", "")
-
-
-def _is_float(t: Any) -> bool:
-    dtype = getattr(t, "dtype", None)
-    if hasattr(dtype, "is_floating_point"):  # torch
-        return bool(dtype.is_floating_point)
-    return np.issubdtype(np.asarray(t).dtype if dtype is None else dtype, np.floating) or str(dtype) == "bfloat16"
-
-
-def _as_numpy(t: Any) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t
-    if hasattr(t, "detach"):  # torch tensor, only when the user loaded a .pt file
-        return t.detach().float().cpu().numpy()
-    return np.asarray(t)
+def to_state_dict(variables: Mapping[str, Any], cfg: DCAEConfig, fmt: str) -> dict[str, Any]:
+    """The inverse of `convert_state_dict`: a `fmt` ("diffusers" or "efficientvit") state dict, float32 NumPy."""
+    return state_dict.to_torch(variables, table(cfg, fmt))

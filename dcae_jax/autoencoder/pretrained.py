@@ -20,7 +20,6 @@ import json
 import os
 import pathlib
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,7 +28,7 @@ import numpy as np
 
 from dcae_jax.autoencoder import convert
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, state_dict
 
 EXPORT_CONFIG = "dcae_config.json"
 EXPORT_VARIABLES = "variables"
@@ -42,56 +41,6 @@ def _registry_name_hint(text: str | None) -> str | None:
         return None
     base = str(text).rstrip("/").split("/")[-1].removesuffix("-diffusers")
     return base if base in VARIANTS else None
-
-
-class LazySafetensors(Mapping):
-    """Read-only mapping over a .safetensors file that loads one tensor at a time (no torch needed).
-
-    Converting a 1B-parameter checkpoint this way never holds the whole file in memory twice.
-    """
-
-    def __init__(self, path: pathlib.Path):
-        from safetensors import safe_open
-
-        self._path = path
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                self._keys = list(f.keys())
-            self._handle = safe_open(str(path), framework="numpy")
-        except Exception as err:  # safetensors' own errors do not name the file
-            size = path.stat().st_size if path.exists() else 0
-            raise ValueError(
-                f"{path}: not a readable safetensors file ({size} bytes; {err}); truncated download?"
-            ) from None
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
-            raise KeyError(key)
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as err:
-            raise ValueError(f"{self._path}: cannot read tensor {key!r} ({err}); truncated file?") from None
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def _read_state_dict(path: pathlib.Path) -> Mapping[str, Any]:
-    if path.suffix == ".safetensors":
-        return LazySafetensors(path)
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        try:
-            import torch
-        except ImportError as err:
-            raise ImportError(
-                f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), "
-                "or convert it to model.safetensors first"
-            ) from err
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: unsupported weights file (expected .safetensors, .pt or .pth)")
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -179,13 +128,13 @@ class DCAE:
             except (KeyError, TypeError, ValueError) as err:
                 msg = f"missing field {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
                 raise ValueError(f"{cfg_path}: not a usable AutoencoderDC config ({msg})") from None
-            state = _read_state_dict(root / DIFFUSERS_WEIGHTS)
+            state = state_dict.read(root / DIFFUSERS_WEIGHTS)
             return cls._from_state(config, state, "diffusers", root / DIFFUSERS_WEIGHTS, dtype)
         weights = root if root.is_file() else _find_efficientvit_weights(root)
         if root.is_dir() and (root / "config.json").exists():
             raw = _read_json(root / "config.json")
             hint = hint or _registry_name_hint(raw.get("model_name"))
-        state = convert._strip_prefix(_read_state_dict(weights))
+        state = convert.strip_wrappers(state_dict.read(weights))
         fmt = convert.detect_format(state.keys())
         candidates = convert.match_registry(set(state), fmt)
         if hint is not None:

@@ -30,64 +30,59 @@ A ``module.`` (DDP) prefix is stripped too.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from dcae_jax.diffusion.dit import DiTConfig, sincos_pos_embed_2d
 from dcae_jax.diffusion.uvit import UViTConfig
+from dcae_jax.runtime import state_dict as sd_lib
 
 # Prefixes stripped (in this order, each only when *every* key has it) after the weights are selected;
 # "diffusion_model." (the HF release) is handled first, dropping the bundled autoencoder.
 _PREFIXES = ("module.", "uvit.", "dit.")
-_MAX_LISTED = 20
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyEntry:
-    """One torch tensor and where it goes: `kind` "linear" (transpose), "conv" (OIHW -> HWIO) or "copy"."""
-
-    torch_key: str
-    torch_shape: tuple[int, ...]
-    flax_path: tuple[str, ...] | None  # None: checked, then dropped (DiT's fixed pos_embed)
-    kind: str = "copy"
+def _k(torch_key: str, torch_shape: tuple[int, ...], flax_path: tuple[str, ...] | None, layout: str = "copy"):
+    """One row of a key table: `layout` "linear" (transpose), "conv" (OIHW -> HWIO) or "copy"; a `flax_path` of
+    None is checked, then dropped (DiT's fixed pos_embed)."""
+    return sd_lib.key(flax_path, torch_key, layout, torch_shape)
 
 
-def _linear(tk: str, fp: tuple[str, ...], out_f: int, in_f: int, bias: bool = True) -> list[KeyEntry]:
-    out = [KeyEntry(f"{tk}.weight", (out_f, in_f), (*fp, "kernel"), "linear")]
+def _linear(tk: str, fp: tuple[str, ...], out_f: int, in_f: int, bias: bool = True) -> list[sd_lib.Key]:
+    out = [_k(f"{tk}.weight", (out_f, in_f), (*fp, "kernel"), "linear")]
     if bias:
-        out.append(KeyEntry(f"{tk}.bias", (out_f,), (*fp, "bias")))
+        out.append(_k(f"{tk}.bias", (out_f,), (*fp, "bias")))
     return out
 
 
-def _patch_conv(tk: str, fp: tuple[str, ...], d: int, c: int, p: int) -> list[KeyEntry]:
+def _patch_conv(tk: str, fp: tuple[str, ...], d: int, c: int, p: int) -> list[sd_lib.Key]:
     return [
-        KeyEntry(f"{tk}.weight", (d, c, p, p), (*fp, "kernel"), "conv"),
-        KeyEntry(f"{tk}.bias", (d,), (*fp, "bias")),
+        _k(f"{tk}.weight", (d, c, p, p), (*fp, "kernel"), "conv"),
+        _k(f"{tk}.bias", (d,), (*fp, "bias")),
     ]
 
 
-def _mlp(tk: str, fp: tuple[str, ...], d: int, hidden: int) -> list[KeyEntry]:
+def _mlp(tk: str, fp: tuple[str, ...], d: int, hidden: int) -> list[sd_lib.Key]:
     return _linear(f"{tk}.fc1", (*fp, "fc1"), hidden, d) + _linear(f"{tk}.fc2", (*fp, "fc2"), d, hidden)
 
 
-def uvit_key_table(config: UViTConfig) -> list[KeyEntry]:
+def uvit_key_table(config: UViTConfig) -> list[sd_lib.Key]:
     """Every tensor of the reference `UViT` state dict (efficientvit ``diffusioncore/models/uvit.py``)."""
     d, c, p = config.hidden_size, config.in_channels, config.patch_size
     hidden = int(d * config.mlp_ratio)
 
-    def block(tk: str, fp: str, skip: bool) -> list[KeyEntry]:
+    def block(tk: str, fp: str, skip: bool) -> list[sd_lib.Key]:
         out = []
         if skip:
             out += _linear(f"{tk}.skip_linear", (fp, "skip_linear"), d, 2 * d)
         for norm in ("norm1", "norm2"):
             out += [
-                KeyEntry(f"{tk}.{norm}.weight", (d,), (fp, norm, "scale")),
-                KeyEntry(f"{tk}.{norm}.bias", (d,), (fp, norm, "bias")),
+                _k(f"{tk}.{norm}.weight", (d,), (fp, norm, "scale")),
+                _k(f"{tk}.{norm}.bias", (d,), (fp, norm, "bias")),
             ]
         out += _linear(f"{tk}.attn.qkv", (fp, "attn", "qkv"), 3 * d, d, bias=False)  # qkv_bias=False
         out += _linear(f"{tk}.attn.proj", (fp, "attn", "proj"), d, d)
@@ -95,32 +90,32 @@ def uvit_key_table(config: UViTConfig) -> list[KeyEntry]:
 
     table = _patch_conv("patch_embed.proj", ("patch_embed", "proj"), d, c, p)
     table.append(
-        KeyEntry(
+        _k(
             "label_emb.embedding_table.weight",
             (config.num_classes + 1, d),
             ("label_emb", "embedding_table", "embedding"),
         )
     )
-    table.append(KeyEntry("pos_embed", (1, config.seq_len, d), ("pos_embed",)))
+    table.append(_k("pos_embed", (1, config.seq_len, d), ("pos_embed",)))
     for i in range(config.depth // 2):
         table += block(f"in_blocks.{i}", f"in_blocks_{i}", skip=False)
     table += block("mid_block", "mid_block", skip=False)
     for i in range(config.depth // 2):
         table += block(f"out_blocks.{i}", f"out_blocks_{i}", skip=True)
-    table += [KeyEntry("norm.weight", (d,), ("norm", "scale")), KeyEntry("norm.bias", (d,), ("norm", "bias"))]
+    table += [_k("norm.weight", (d,), ("norm", "scale")), _k("norm.bias", (d,), ("norm", "bias"))]
     return table + _linear("decoder_pred", ("decoder_pred",), p * p * c, d)
 
 
-def dit_key_table(config: DiTConfig) -> list[KeyEntry]:
+def dit_key_table(config: DiTConfig) -> list[sd_lib.Key]:
     """Every tensor of the reference `DiT` state dict (efficientvit ``diffusioncore/models/dit.py``, = facebookresearch/DiT)."""
     d, c, p, f = config.hidden_size, config.in_channels, config.patch_size, config.frequency_embedding_size
     hidden = int(d * config.mlp_ratio)
     table = _patch_conv("x_embedder.proj", ("x_embedder", "proj"), d, c, p)
-    table.append(KeyEntry("pos_embed", (1, config.num_patches, d), None))
+    table.append(_k("pos_embed", (1, config.num_patches, d), None))
     table += _linear("t_embedder.mlp.0", ("t_embedder", "mlp_0"), d, f)
     table += _linear("t_embedder.mlp.2", ("t_embedder", "mlp_2"), d, d)
     table.append(
-        KeyEntry(
+        _k(
             "y_embedder.embedding_table.weight",
             (config.label_table_size, d),
             ("y_embedder", "embedding_table", "embedding"),
@@ -140,35 +135,6 @@ def dit_key_table(config: DiTConfig) -> list[KeyEntry]:
 # Conversion.
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor (any float dtype, any device), NumPy or JAX array -> float32 NumPy."""
-    if hasattr(value, "detach"):  # torch, without importing it
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def _torch_to_flax(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return np.ascontiguousarray(arr.T)
-    if kind == "conv":
-        return np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
-    return arr
-
-
-def _flax_to_torch(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "linear":
-        return np.ascontiguousarray(arr.T)
-    if kind == "conv":
-        return np.ascontiguousarray(arr.transpose(3, 2, 0, 1))
-    return arr
-
-
-def _listing(what: str, items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return f"{len(items)} {what}: [{shown}{more}]"
-
-
 def _describe(config: UViTConfig | DiTConfig) -> str:
     kind = "UViT" if isinstance(config, UViTConfig) else "DiT"
     return (
@@ -178,40 +144,11 @@ def _describe(config: UViTConfig | DiTConfig) -> str:
 
 
 def _convert(
-    table: list[KeyEntry], state_dict: Mapping[str, Any], config: UViTConfig | DiTConfig, source: str | None
+    table: list[sd_lib.Key], state_dict: Mapping[str, Any], config: UViTConfig | DiTConfig, source: str | None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(nested Flax params, dropped tensors by torch key); raises listing every problem at once."""
     where = f"{source}: " if source else ""
-    expected = {e.torch_key: e for e in table}
-    present = set(state_dict)
-    missing = [k for k in expected if k not in present]
-    unexpected = sorted(present - expected.keys())
-    problems = []
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
-    if problems:  # fail before reading any tensor
-        raise ValueError(f"{where}state dict does not match {_describe(config)}: " + "; ".join(problems))
-
-    params: dict = {}
-    dropped: dict[str, np.ndarray] = {}
-    wrong = []
-    for e in table:
-        arr = _to_numpy(state_dict[e.torch_key])
-        if arr.shape != e.torch_shape:
-            wrong.append(f"{e.torch_key} {tuple(arr.shape)} (expected {e.torch_shape})")
-            continue
-        if e.flax_path is None:
-            dropped[e.torch_key] = arr
-            continue
-        node = params
-        for name in e.flax_path[:-1]:
-            node = node.setdefault(name, {})
-        node[e.flax_path[-1]] = _torch_to_flax(arr, e.kind)
-    if wrong:
-        raise ValueError(f"{where}state dict does not match {_describe(config)}: " + _listing("wrong shapes", wrong))
-    return params, dropped
+    return sd_lib.convert(state_dict, table, f"{where}state dict does not match {_describe(config)}")
 
 
 def convert_uvit_state_dict(state_dict: Mapping[str, Any], config: UViTConfig, *, source: str | None = None) -> dict:
@@ -241,26 +178,14 @@ def convert_dit_state_dict(state_dict: Mapping[str, Any], config: DiTConfig, *, 
     return params
 
 
-def _params_to_state_dict(params: Mapping[str, Any], table: list[KeyEntry]) -> dict[str, np.ndarray]:
-    out = {}
-    for e in table:
-        if e.flax_path is None:
-            continue
-        node: Any = params
-        for name in e.flax_path:
-            node = node[name]
-        out[e.torch_key] = _flax_to_torch(np.asarray(node, np.float32), e.kind)
-    return out
-
-
 def uvit_params_to_state_dict(params: Mapping[str, Any], config: UViTConfig) -> dict[str, np.ndarray]:
     """The inverse of `convert_uvit_state_dict`: a reference-layout state dict (NumPy, torch shapes)."""
-    return _params_to_state_dict(params, uvit_key_table(config))
+    return sd_lib.to_torch(params, uvit_key_table(config))
 
 
 def dit_params_to_state_dict(params: Mapping[str, Any], config: DiTConfig) -> dict[str, np.ndarray]:
     """The inverse of `convert_dit_state_dict`, including the fixed `pos_embed` the reference stores."""
-    out = _params_to_state_dict(params, dit_key_table(config))
+    out = sd_lib.to_torch(params, dit_key_table(config))
     out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None].copy()
     return out
 
@@ -274,7 +199,7 @@ def dit_state_dict_from_diffusers(state_dict: Mapping[str, Any], config: DiTConf
     (half - 1))) where DiT and this port divide by ``half``: from the same weights diffusers computes a
     slightly different function.
     """
-    sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+    sd = {k: sd_lib.to_numpy(v) for k, v in state_dict.items()}
     out: dict[str, np.ndarray] = {}
 
     def pop(key: str) -> np.ndarray:
@@ -300,7 +225,7 @@ def dit_state_dict_from_diffusers(state_dict: Mapping[str, Any], config: DiTConf
         for key in [k for k in sd if k.startswith(emb.format(i))]:
             ref_key = key.replace(emb.format(i), emb.format(0))
             first = state_dict[ref_key]
-            if not np.array_equal(_to_numpy(first), sd.pop(key)):
+            if not np.array_equal(sd_lib.to_numpy(first), sd.pop(key)):
                 raise ValueError(f"{key} differs from block 0's copy; cannot map to one shared embedder")
     for i in range(config.depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
@@ -313,32 +238,13 @@ def dit_state_dict_from_diffusers(state_dict: Mapping[str, Any], config: DiTConf
     take("proj_out_1", "final_layer.adaLN_modulation.1")
     take("proj_out_2", "final_layer.linear")
     if sd:
-        raise ValueError(_listing("unmapped diffusers keys", sorted(sd)))
+        raise ValueError(sd_lib.listing("unmapped diffusers keys", sd))
     out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None].copy()
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Reading checkpoints.
-
-
-class _PrefixView(Mapping):
-    """Keys of `base` that start with `prefix`, with the prefix removed; values read lazily."""
-
-    def __init__(self, base: Mapping[str, Any], prefix: str):
-        self._base, self._prefix = base, prefix
-        self._keys = {k[len(prefix) :]: None for k in base if k.startswith(prefix)}  # ordered set
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._base[self._prefix + key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def _is_tensor_dict(m: Any) -> bool:
@@ -369,10 +275,10 @@ def select_weights(checkpoint: Mapping[Any, Any], prefer_ema: bool = True) -> Ma
             )
         ckpt = chosen
     if any(k.startswith("diffusion_model.") for k in ckpt):  # the HF release bundles the autoencoder
-        ckpt = _PrefixView(ckpt, "diffusion_model.")
+        ckpt = sd_lib.PrefixView(ckpt, "diffusion_model.")
     for prefix in _PREFIXES:
         if len(ckpt) and all(k.startswith(prefix) for k in ckpt):
-            ckpt = _PrefixView(ckpt, prefix)
+            ckpt = sd_lib.PrefixView(ckpt, prefix)
     return ckpt
 
 
@@ -392,14 +298,12 @@ def load_diffusion_state_dict(path: str | os.PathLike, *, prefer_ema: bool = Tru
     """The diffusion model's state dict from a file or directory: `.safetensors` read lazily without torch,
     `.pt` / `.pth` with ``torch.load(weights_only=True)`` (a clear ImportError without torch), then
     `select_weights`."""
-    from dcae_jax.autoencoder.pretrained import LazySafetensors, _read_state_dict
-
     p = pathlib.Path(path).expanduser()
     if p.is_dir():
         p = _find_weights_file(p)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
-    raw = LazySafetensors(p) if p.suffix == ".safetensors" else _read_state_dict(p)
+    raw = sd_lib.read(p)
     try:
         return select_weights(raw, prefer_ema=prefer_ema)
     except ValueError as err:

@@ -102,8 +102,8 @@ def _model_name(root: pathlib.Path, hint: str) -> str:
 def _bundled_autoencoder(weights: pathlib.Path, release: Release, dtype: Any):
     """The DC-AE stored in the same file under `autoencoder.` (efficientvit's layout), else None."""
     from dcae_jax.autoencoder import model as dcae
-    from dcae_jax.autoencoder.pretrained import DCAE, LazySafetensors
-    from dcae_jax.diffusion.convert import _PrefixView
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.runtime.state_dict import LazySafetensors, PrefixView
 
     if weights.suffix != ".safetensors":
         return None
@@ -111,7 +111,7 @@ def _bundled_autoencoder(weights: pathlib.Path, release: Release, dtype: Any):
     if not any(k.startswith("autoencoder.") for k in state):
         return None
     return DCAE._from_state(
-        dcae.get_config(release.autoencoder), _PrefixView(state, "autoencoder."), "efficientvit", weights, dtype
+        dcae.get_config(release.autoencoder), PrefixView(state, "autoencoder."), "efficientvit", weights, dtype
     )
 
 

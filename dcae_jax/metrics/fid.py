@@ -51,8 +51,7 @@ import numpy as np
 from flax import traverse_util
 
 from dcae_jax.metrics._variables import check_variables
-from dcae_jax.metrics._variables import format_keys as _fmt_keys
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, state_dict
 
 Array = jax.Array
 
@@ -313,20 +312,6 @@ IGNORED_KEYS = ("fc.weight", "fc.bias")  # the 1008-way logits layer
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # BatchNorm counters (absent from the 2015 port, present in new saves)
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One Flax variable, its torch key and torch shape."""
-
-    path: tuple[str, ...]  # (collection, *modules, leaf)
-    torch_key: str
-    torch_shape: tuple[int, ...]
-
-
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """HWIO (kh, kw, I, O) -> (O, I, kh, kw); vectors unchanged."""
-    return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if len(flax_shape) == 4 else flax_shape
-
-
 @functools.lru_cache(maxsize=1)
 def _variable_shapes() -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     x = jax.ShapeDtypeStruct((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3), jnp.float32)
@@ -335,13 +320,15 @@ def _variable_shapes() -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
     return tuple((k, tuple(v.shape)) for k, v in sorted(flat.items()))
 
 
-def weight_entries() -> list[Entry]:
+def weight_entries() -> list[state_dict.Key]:
     """Every variable of `FIDInception` with its pytorch-fid key, generated from the module itself."""
     out = []
     for path, shape in _variable_shapes():
         collection, *modules, leaf = path
-        key = ".".join([*modules, _LEAF_TO_TORCH[(collection, leaf)]])
-        out.append(Entry(path, key, _torch_shape(shape)))
+        torch_key = ".".join([*modules, _LEAF_TO_TORCH[(collection, leaf)]])
+        conv = len(shape) == 4
+        torch_shape = tuple(shape[i] for i in (3, 2, 0, 1)) if conv else shape  # HWIO -> (O, I, kh, kw)
+        out.append(state_dict.key(path, torch_key, "conv" if conv else "copy", torch_shape))
     return out
 
 
@@ -349,39 +336,17 @@ def _ignored(key: str) -> bool:
     return key in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
 
 
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        v = v.detach().cpu().float().numpy()
-    return np.asarray(v, dtype=np.float32)
-
-
-def convert_fid_inception(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def convert_fid_inception(state: Mapping[str, Any]) -> dict[str, Any]:
     """pytorch-fid's `pt_inception-2015-12-05` state dict (`fid_inception_v3().state_dict()` keys) -> variables.
 
     Every key is mapped; `fc.*` (logits) and BatchNorm `num_batches_tracked` are accepted and dropped. Missing or
     unexpected keys and shape mismatches raise one ValueError listing them all. Torch conv weights (O, I, kh, kw)
     become HWIO kernels. Values may be torch tensors or arrays.
     """
-    entries = weight_entries()
-    want = {e.torch_key for e in entries}
-    have = {k for k in state_dict if not _ignored(k)}
-    problems = []
-    if want - have:
-        problems.append(f"missing keys {_fmt_keys(want - have)}")
-    if have - want:
-        problems.append(f"unexpected keys {_fmt_keys(have - want)}")
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    for e in entries:
-        if e.torch_key not in state_dict:
-            continue
-        v = _to_numpy(state_dict[e.torch_key])
-        if v.shape != e.torch_shape:
-            problems.append(f"{e.torch_key}: shape {v.shape}, expected {e.torch_shape}")
-            continue
-        flat[e.path] = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v
-    if problems:
-        raise ValueError("cannot convert FID Inception weights:\n  " + "\n  ".join(problems))
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    variables, _ = state_dict.convert(
+        state, weight_entries(), "cannot convert FID Inception weights", ignore=_ignored, place=jnp.asarray
+    )
+    return variables
 
 
 def _check_variables(variables: Mapping[str, Any], where: str) -> dict[tuple[str, ...], np.ndarray]:
@@ -662,19 +627,6 @@ def kernel_inception_distance(
 # CLI.
 
 
-def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
-    """A PyTorch state dict file (optionally wrapped in {"state_dict": ...}); needs torch."""
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            f"{path} is a PyTorch pickle; reading it needs torch (pip install torch). "
-            "Convert once where torch is installed, then use the .npz without torch."
-        ) from err
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    return sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
-
-
 def _sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -692,7 +644,7 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike) -> int:
         raise FileNotFoundError(f"{src}: not found; download it with: wget {FID_WEIGHTS_URL}")
     if src.name == FID_WEIGHTS_FILE and not _sha256(src).startswith(FID_WEIGHTS_SHA256_PREFIX):
         warnings.warn(f"{src}: sha256 does not start with {FID_WEIGHTS_SHA256_PREFIX}; corrupt download?", stacklevel=2)
-    variables = convert_fid_inception(read_pth(src))
+    variables = convert_fid_inception(state_dict.unwrap(state_dict.read(src)))
     save_fid_weights(variables, out)
     return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))
 

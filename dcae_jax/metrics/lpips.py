@@ -43,7 +43,7 @@ import numpy as np
 from flax import traverse_util
 
 from dcae_jax.metrics._variables import check_variables
-from dcae_jax.metrics._variables import format_keys as _fmt_keys
+from dcae_jax.runtime import state_dict
 
 Array = jax.Array
 
@@ -238,40 +238,29 @@ class LPIPS(nn.Module):
 # Weight conversion (torchvision trunk + lpips heads -> Flax variables).
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One Flax parameter, its torch key and torch shape."""
-
-    path: tuple[str, ...]  # under "params"
-    torch_key: str
-    torch_shape: tuple[int, ...]
-    source: str  # "backbone" | "lin"
+SOURCES = ("backbone", "lin")  # the torchvision trunk's state dict; the lpips package's heads
 
 
-def weight_entries(net: str) -> list[Entry]:
-    """Every parameter of `LPIPS(net)`, generated from the trunk definition."""
+def weight_entries(net: str) -> dict[str, list[state_dict.Key]]:
+    """Every parameter of `LPIPS(net)` as key tables, one per source state dict, generated from the trunk."""
     backbone = get_backbone(net)
-    out, c = [], 3
+    trunk, c = [], 3
     for op in backbone.ops:
         if isinstance(op, Conv):
-            name = f"features_{op.index}"
+            name, k = f"features_{op.index}", f"features.{op.index}"
             shape = (op.features, c, op.kernel, op.kernel)
-            out.append(Entry(("trunk", name, "kernel"), f"features.{op.index}.weight", shape, "backbone"))
-            out.append(Entry(("trunk", name, "bias"), f"features.{op.index}.bias", (op.features,), "backbone"))
+            trunk.append(state_dict.key(("params", "trunk", name, "kernel"), f"{k}.weight", "conv", shape))
+            trunk.append(state_dict.key(("params", "trunk", name, "bias"), f"{k}.bias", "copy", (op.features,)))
             c = op.features
-    for n, ch in enumerate(backbone.tap_channels):
-        out.append(Entry((f"lin{n}", "kernel"), f"lin{n}.model.1.weight", (1, ch, 1, 1), "lin"))
-    return out
+    lin = [
+        state_dict.key(("params", f"lin{n}", "kernel"), f"lin{n}.model.1.weight", "conv", (1, ch, 1, 1))
+        for n, ch in enumerate(backbone.tap_channels)
+    ]
+    return {"backbone": trunk, "lin": lin}
 
 
 # Keys of the published torchvision checkpoints that LPIPS does not use: accepted and dropped.
 IGNORED_PREFIXES = ("classifier.",)
-
-
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
-        v = v.detach().cpu().float().numpy()
-    return np.asarray(v, dtype=np.float32)
 
 
 def convert_lpips_weights(
@@ -283,40 +272,27 @@ def convert_lpips_weights(
     and shape mismatches raise one ValueError listing them all. Torch conv weights (O, I, kh, kw) become
     HWIO kernels. Values may be torch tensors or arrays.
     """
-    entries = weight_entries(net)
+    variables: dict[str, Any] = {"params": {}}
     problems = []
     for source, sd in (("backbone", backbone_state_dict), ("lin", lin_state_dict)):
-        want = {e.torch_key for e in entries if e.source == source}
-        have = {k for k in sd if not (source == "backbone" and k.startswith(IGNORED_PREFIXES))}
-        if want - have:
-            problems.append(f"{source} state dict: missing keys {_fmt_keys(want - have)}")
-        if have - want:
-            problems.append(f"{source} state dict: unexpected keys {_fmt_keys(have - want)}")
-    params: dict[tuple[str, ...], np.ndarray] = {}
-    for e in entries:
-        sd = backbone_state_dict if e.source == "backbone" else lin_state_dict
-        if e.torch_key not in sd:
-            continue
-        v = _to_numpy(sd[e.torch_key])
-        if v.shape != e.torch_shape:
-            problems.append(f"{e.torch_key}: shape {v.shape}, expected {e.torch_shape} for net={net!r}")
-            continue
-        params[e.path] = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v  # -> _flax_shape
+        converted, _, found = state_dict.convert_checked(
+            sd,
+            weight_entries(net)[source],
+            ignore=(lambda k: k.startswith(IGNORED_PREFIXES)) if source == "backbone" else (lambda k: False),
+            place=jnp.asarray,
+        )
+        problems += [f"{source} state dict: {p}" for p in found]
+        variables["params"].update(converted.get("params", {}))
     if problems:
         raise ValueError(f"cannot convert LPIPS {net!r} weights:\n  " + "\n  ".join(problems))
-    return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in params.items()})}
-
-
-def _flax_shape(torch_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(O, I, kh, kw) -> HWIO (kh, kw, I, O); vectors unchanged."""
-    return tuple(torch_shape[i] for i in (2, 3, 1, 0)) if len(torch_shape) == 4 else torch_shape
+    return variables
 
 
 def _check_variables(variables: Mapping[str, Any], net: str, where: str) -> dict[tuple[str, ...], np.ndarray]:
     """Flattens `variables` and checks them against `LPIPS(net)`'s parameter names and shapes."""
     return check_variables(
         variables,
-        {("params", *e.path): _flax_shape(e.torch_shape) for e in weight_entries(net)},
+        {e.path: e.flax_shape for table in weight_entries(net).values() for e in table},
         where,
         f"LPIPS {net!r}",
     )
@@ -376,18 +352,6 @@ def load_lpips(path: str | os.PathLike) -> tuple[LPIPS, dict[str, Any]]:
 # CLI.
 
 
-def read_pth(path: str | os.PathLike) -> Mapping[str, Any]:
-    """A PyTorch state dict file; needs torch. Published lpips heads hold CUDA storages, hence map_location."""
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError(
-            f"{path} is a PyTorch pickle; reading it needs torch (pip install torch). "
-            "Convert once where torch is installed, then use the .npz without torch."
-        ) from err
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
 def default_lin_path(net: str) -> pathlib.Path:
     """lpips' shipped `weights/v0.1/{net}.pth`, located without importing lpips (or torch)."""
     spec = importlib.util.find_spec("lpips")
@@ -409,6 +373,6 @@ def convert_files(net: str, backbone: str | os.PathLike, lin: str | os.PathLike 
     if net not in BACKBONES:
         raise ValueError(f"unknown LPIPS net {net!r}; valid: {', '.join(sorted(BACKBONES))}")
     lin = pathlib.Path(lin) if lin else default_lin_path(net)
-    variables = convert_lpips_weights(read_pth(backbone), read_pth(lin), net)
+    variables = convert_lpips_weights(state_dict.read(backbone), state_dict.read(lin), net)
     save_lpips_weights(variables, out, net)
     return sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(variables))

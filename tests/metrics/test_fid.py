@@ -6,8 +6,6 @@ Parity tests need torch + torchvision + pytorch-fid and skip without them. Nothi
 strict `load_state_dict` then checks against the real network.
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +38,7 @@ def random_torch_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     sd = {}
     for e in weight_entries():
-        k, shape = e.torch_key, e.torch_shape
+        k, shape = e.torch[0], e.torch_shape
         if k.endswith("conv.weight"):
             v = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
         elif k.endswith("bn.weight"):
@@ -70,7 +68,7 @@ def _random_stats(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray,
 
 
 def test_weight_layout():
-    entries = {e.torch_key: e for e in weight_entries()}
+    entries = {e.torch[0]: e for e in weight_entries()}
     assert len(entries) == 94 * 5  # 94 BasicConv2d: conv weight + BN weight, bias, running mean, running var
     assert entries["Conv2d_1a_3x3.conv.weight"].torch_shape == (32, 3, 3, 3)
     assert entries["Mixed_6b.branch7x7_2.conv.weight"].torch_shape == (128, 128, 1, 7)
@@ -113,12 +111,12 @@ def test_convert_errors():
     with pytest.raises(ValueError) as err:
         convert_fid_inception(sd)
     msg = str(err.value)
-    assert "missing keys 1: ['Mixed_7c.branch_pool.bn.running_var']" in msg
-    assert "unexpected keys 1: ['AuxLogits.fc.weight']" in msg
+    assert "missing keys (1): ['Mixed_7c.branch_pool.bn.running_var']" in msg
+    assert "unexpected keys (1): ['AuxLogits.fc.weight']" in msg
     assert "Mixed_5b.branch_pool.conv.weight: shape (64, 192, 1, 1), expected (32, 192, 1, 1)" in msg
     # pytorch-fid's InceptionV3 wrapper keys (blocks.*) are not the published file: everything listed, capped.
     wrapped = {f"blocks.0.{k}": v for k, v in random_torch_state_dict().items()}
-    with pytest.raises(ValueError, match=r"missing keys 470: .*\(\+458 more\)\n  unexpected keys 472:"):
+    with pytest.raises(ValueError, match=r"missing keys \(470\): .*\(\+458 more\)\n  unexpected keys \(472\):"):
         convert_fid_inception(wrapped)
 
 
@@ -153,12 +151,6 @@ def test_missing_file_message(tmp_path):
         FileNotFoundError, match=r"(?s)ref\.npz: FID reference statistics not found.*python -m dcae_jax.fid_stats"
     ):
         load_stats(tmp_path / "ref.npz")
-
-
-def test_read_pth_without_torch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ImportError, match=r"x\.pth is a PyTorch pickle; reading it needs torch"):
-        fid.read_pth("x.pth")
 
 
 def test_input_checks():

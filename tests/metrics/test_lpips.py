@@ -6,7 +6,6 @@ randomly initialized with `pnet_rand=True`, the heads are the files inside the l
 """
 
 import io
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,6 @@ from dcae_jax.metrics.lpips import (
     default_lin_path,
     get_backbone,
     load_lpips,
-    read_pth,
     save_lpips_weights,
     unit_normalize,
     weight_entries,
@@ -39,8 +37,9 @@ def _random_state_dicts(net: str, seed: int = 0) -> tuple[dict, dict]:
     """torch-format (numpy) trunk and head state dicts with the right keys and shapes."""
     rng = np.random.default_rng(seed)
     sds: dict[str, dict] = {"backbone": {}, "lin": {}}
-    for e in weight_entries(net):
-        sds[e.source][e.torch_key] = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.1
+    for source, table in weight_entries(net).items():
+        for e in table:
+            sds[source][e.torch[0]] = rng.standard_normal(e.torch_shape).astype(np.float32) * 0.1
     return sds["backbone"], sds["lin"]
 
 
@@ -59,11 +58,11 @@ def test_registry_and_unknown_net():
 
 
 def test_torchvision_key_layout():
-    keys = [e.torch_key for e in weight_entries("vgg") if e.source == "backbone" and e.torch_key.endswith("weight")]
+    keys = [e.torch[0] for e in weight_entries("vgg")["backbone"] if e.torch[0].endswith("weight")]
     assert [int(k.split(".")[1]) for k in keys] == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    keys = [e.torch_key for e in weight_entries("alex") if e.source == "backbone" and e.torch_key.endswith("weight")]
+    keys = [e.torch[0] for e in weight_entries("alex")["backbone"] if e.torch[0].endswith("weight")]
     assert [int(k.split(".")[1]) for k in keys] == [0, 3, 6, 8, 10]
-    assert weight_entries("alex")[0].torch_shape == (64, 3, 11, 11)
+    assert weight_entries("alex")["backbone"][0].torch_shape == (64, 3, 11, 11)
 
 
 def test_convert_layout_and_ignored_classifier():
@@ -91,9 +90,9 @@ def test_convert_errors():
     with pytest.raises(ValueError) as err:
         convert_lpips_weights(bb, lin, "vgg")
     msg = str(err.value)
-    assert "missing keys 1: ['features.0.bias']" in msg
-    assert "unexpected keys 1: ['features.99.weight']" in msg
-    assert "lin state dict: unexpected keys 1: ['lins.0.model.1.weight']" in msg
+    assert "backbone state dict: missing keys (1): ['features.0.bias']" in msg
+    assert "backbone state dict: unexpected keys (1): ['features.99.weight']" in msg
+    assert "lin state dict: unexpected keys (1): ['lins.0.model.1.weight']" in msg
     assert "lin0.model.1.weight: shape (1, 32, 1, 1), expected (1, 64, 1, 1)" in msg
 
     # AlexNet weights for the VGG trunk: every mismatch listed in one message.
@@ -101,8 +100,9 @@ def test_convert_errors():
     with pytest.raises(ValueError) as err:
         convert_lpips_weights(bb, lin, "vgg")
     msg = str(err.value)
-    assert "features.0.weight: shape (64, 3, 11, 11), expected (64, 3, 3, 3) for net='vgg'" in msg
-    assert "missing keys 22:" in msg and "(+10 more)" in msg and "unexpected keys 6:" in msg
+    assert msg.startswith("cannot convert LPIPS 'vgg' weights:")
+    assert "features.0.weight: shape (64, 3, 11, 11), expected (64, 3, 3, 3)" in msg
+    assert "missing keys (22):" in msg and "(+10 more)" in msg and "unexpected keys (6):" in msg
     with pytest.raises(ValueError, match="valid names"):
         convert_lpips_weights(bb, lin, "squeeze")
 
@@ -142,12 +142,6 @@ def test_missing_file_message(tmp_path):
     # A name that does not say which net: both recipes.
     with pytest.raises(FileNotFoundError, match=r"(?s)--lpips=alex .*--lpips=vgg "):
         load_lpips(tmp_path / "weights.npz")
-
-
-def test_read_pth_without_torch(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(ImportError, match=r"vgg\.pth is a PyTorch pickle; reading it needs torch"):
-        read_pth("vgg.pth")
 
 
 def test_too_small_and_shape_errors():

@@ -79,7 +79,7 @@ def test_fid_name_mapping_covers_pytorch_fid_layout():
         tf_names += [f"{layer}.{leaf}" for leaf in ("weight", "beta", "mean", "var")]
     fake = {n: np.zeros(1, np.float32) for n in tf_names}
     sd = weights.fid_helper_to_pytorch_fid(fake)
-    want = {e.torch_key for e in fid_lib.weight_entries()}
+    want = {e.torch[0] for e in fid_lib.weight_entries()}
     assert set(sd) == want
     with pytest.raises(ValueError, match="without a mapping"):
         weights.fid_helper_to_pytorch_fid({**fake, "net.layers.mixed_11.conv.weight": np.zeros(1)})
