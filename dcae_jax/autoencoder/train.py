@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,14 +23,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from clu import metrics as clu_metrics
 
 from dcae_jax.autoencoder import losses
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 from dcae_jax.metrics import history
 from dcae_jax.runtime import distributed, sharding
-from dcae_jax.training import checkpoints, optim
+from dcae_jax.training import checkpoints, loop, optim
 
 # ----------------------------------------------------------------------------------------------
 # State and metrics.
@@ -466,68 +465,40 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
 
     nets, eval_vars = eval_nets(config)
     aux = jax.device_put({**_lpips_aux(config), **eval_vars}, sharding.replicated(mesh))
-    step_fn = jax.jit(
-        functools.partial(train_step, trainer=trainer),
-        in_shardings=(shardings, data_sharding, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding, 1)
     step_fn_l1 = step_fn  # steps <= config.loss.lpips_start: L1 only (its own compiled step, no VGG pass)
     if trainer.lpips is not None and trainer.lpips_start > 0:
-        step_fn_l1 = jax.jit(
-            functools.partial(train_step, trainer=dataclasses.replace(trainer, lpips=None, lpips_weight=0.0)),
-            in_shardings=(shardings, data_sharding, None),
-            out_shardings=(shardings, None),
-            donate_argnums=(0,),
-        )
+        l1_only = dataclasses.replace(trainer, lpips=None, lpips_weight=0.0)
+        step_fn_l1 = loop.jit_step(functools.partial(train_step, trainer=l1_only), shardings, data_sharding, 1)
     # Evaluation is data-parallel like training: images split over every mesh device, outputs kept split.
     eval_fn = functools.partial(
         jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets), out_shardings=data_sharding),
         aux_vars=aux,
     )
 
-    hooks = []
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
-    if is_main:
-        hooks.append(report)
-    start = int(jax.device_get(state.step))
-    metrics = None
-    skipped = 0
-    last_summary: dict[str, float] = {}
-    t_log, n_images = time.time(), 0
+    def next_batch():
+        local = next(train_iter)
+        return sharding.global_batch({"image": local["image"]}, data_sharding), int(np.sum(local.get("skipped", 0)))
+
     # Metrics that are zero by construction in this phase are not logged (no LPIPS term, no discriminator).
     unused = set() if trainer.lpips is not None else {"lpips"}
     if trainer.disc is None:
         unused |= {"gen_loss", "disc_loss", "gan_weight", "disc_grad_norm"}
-    logging.info("training phase %s from step %d to %d", config.phase, start, config.num_steps)
-    for step in range(start + 1, config.num_steps + 1):
-        local = next(train_iter)
-        skipped += int(np.sum(local.get("skipped", 0)))
-        batch = sharding.global_batch({"image": local["image"]}, data_sharding)
-        with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
-            state, step_metrics = (step_fn if step > trainer.lpips_start else step_fn_l1)(state, batch, aux)
-        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-        n_images += config.global_batch_size
-        for h in hooks:
-            h(step)
-        is_last = step == config.num_steps
-        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
-            summary = {k: v for k, v in summary.items() if k not in unused}
-            dt = time.time() - t_log
-            summary["images_per_sec"] = n_images / max(dt, 1e-9)
-            summary["skipped_images"] = skipped
-            summary["learning_rate"] = logged_learning_rate(config, step)
-            writer.write_scalars(step, summary)
-            if is_main:
-                history.append(workdir, step, summary)
-            last_summary = summary
-            metrics, t_log, n_images = None, time.time(), 0
-        if step % config.checkpoint_every == 0 or is_last:
-            checkpoints.save_checked(mngr, step, state, train_iter, workdir)
-        if config.eval_every and step % config.eval_every == 0 and not is_last:
-            evaluate(config, state, eval_fn, workdir, writer, step, mesh)
-    mngr.wait_until_finished()
+    this_run = loop.Loop(
+        step=lambda s, batch, step: (step_fn if step > trainer.lpips_start else step_fn_l1)(s, batch, aux),
+        next_batch=next_batch,
+        schedule=learning_rate_schedule(config.optim),
+        unit="images",
+        every=config.eval_every,
+        periodic=lambda step, s: evaluate(config, s, eval_fn, workdir, writer, step, mesh),
+        unused=frozenset(unused),
+    )
+    logging.info(
+        "training phase %s from step %d to %d", config.phase, int(jax.device_get(state.step)), config.num_steps
+    )
+    state, last_summary = loop.run(
+        this_run, state, config, mngr=mngr, data_iter=train_iter, workdir=workdir, writer=writer
+    )
 
     # Export the final model in the format DCAE.from_pretrained loads.
     final = evaluate(config, state, eval_fn, workdir, writer, config.num_steps, mesh)
@@ -617,19 +588,18 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         )
     }
     aux = jax.eval_shape(lambda: _lpips_aux(config))
-    step_fn = jax.jit(
-        functools.partial(train_step, trainer=trainer),
-        in_shardings=(shardings, data_sharding, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding, 1)
     return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch, aux)
+
+
+def learning_rate_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
+    """The optimizer's schedule (`optim.adamw_with_warmup`): linear warm-up, then constant or cosine decay."""
+    return optim.warmup_schedule(o.learning_rate, o.warmup_steps, o.get("decay_steps", 0))
 
 
 def logged_learning_rate(config, step: int) -> float:
     """The learning rate the update of training step `step` (1-based) applied: the optimizer's own schedule."""
-    o = config.optim
-    return float(optim.warmup_schedule(o.learning_rate, o.warmup_steps, o.get("decay_steps", 0))(step - 1))
+    return loop.logged_learning_rate(learning_rate_schedule(config.optim), step)
 
 
 def _pad_rows(images: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import time
 from typing import Any
 
 import flax
@@ -26,14 +25,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from clu import metrics as clu_metrics
 
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
 from dcae_jax.runtime import sharding
-from dcae_jax.training import checkpoints
+from dcae_jax.training import checkpoints, loop
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -195,12 +194,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         "latent": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=data_sharding),
         "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sharding),
     }
-    step_fn = jax.jit(
-        functools.partial(train_step, trainer=trainer),
-        in_shardings=(shardings, data_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding)
     return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch)
 
 
@@ -287,18 +281,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         logging.info("resumed from step %d", latest)
     logging.info("%s: %.2fM parameters, %d tokens", cfg.name, _num_params(state.params) / 1e6, cfg.seq_len)
 
-    step_fn = jax.jit(
-        functools.partial(train_step, trainer=trainer),
-        in_shardings=(shardings, data_sharding),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding)
 
     sampling_pipe: DCAEDiffusion | None = None  # built once: its autoencoder and compiled sampler are reused
 
-    def export() -> DCAEDiffusion:
+    def export(s: DiffusionState) -> DCAEDiffusion:
         nonlocal sampling_pipe
-        params = state.ema_params if trainer.ema_decay > 0 else state.params
+        params = s.ema_params if trainer.ema_decay > 0 else s.params
         params = checkpoints.host_variables(params)  # one leaf at a time
         if sampling_pipe is None:
             sampling_pipe = DCAEDiffusion(
@@ -314,50 +303,43 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
             sampling_pipe.params = jax.tree_util.tree_map(jnp.asarray, params)
         return sampling_pipe
 
-    def write_samples(step: int, pipe: DCAEDiffusion | None = None) -> None:
+    def write_samples(step: int, s: DiffusionState, pipe: DCAEDiffusion | None = None) -> None:
         if not config.autoencoder:
             return
-        pipe = pipe or export()  # every process: the export gathers the parameters
+        pipe = pipe or export(s)  # every process: the export gathers the parameters
         if not is_main:
             return
         path = workdir / "samples" / f"step{step:07d}.png"
         sample_grid(pipe, path, seed=config.seed)
         logging.info("samples at step %d: %s", step, path)
 
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
-    start = int(jax.device_get(state.step))
-    metrics, last_summary = None, {}
-    t_log, n_seen = time.time(), 0
-    lr = learning_rate_schedule(config.optim)
-    logging.info("training %s (%s) from step %d to %d", cfg.name, config.objective, start, config.num_steps)
-    for step in range(start + 1, config.num_steps + 1):
+    def next_batch():
         local = next(train_iter)
-        batch = sharding.global_batch({"latent": local["latent"], "label": local["label"]}, data_sharding)
-        state, step_metrics = step_fn(state, batch)
-        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-        n_seen += config.global_batch_size
-        if is_main:
-            report(step)
-        is_last = step == config.num_steps
-        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
-            summary["latents_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
-            summary["learning_rate"] = float(lr(step - 1))
-            writer.write_scalars(step, summary)
-            if is_main:
-                history.append(workdir, step, summary)
-            last_summary = summary
-            metrics, t_log, n_seen = None, time.time(), 0
-        if step % config.checkpoint_every == 0 or is_last:
-            checkpoints.save_checked(mngr, step, state, train_iter, workdir)
-        if config.sample.every and step % config.sample.every == 0 and not is_last:
-            write_samples(step)
-    mngr.wait_until_finished()
+        return sharding.global_batch({"latent": local["latent"], "label": local["label"]}, data_sharding), 0
 
-    pipe = export()
+    this_run = loop.Loop(
+        step=lambda s, batch, step: step_fn(s, batch),
+        next_batch=next_batch,
+        schedule=learning_rate_schedule(config.optim),
+        unit="latents",
+        every=config.sample.every,
+        periodic=write_samples,
+    )
+    logging.info(
+        "training %s (%s) from step %d to %d",
+        cfg.name,
+        config.objective,
+        int(jax.device_get(state.step)),
+        config.num_steps,
+    )
+    state, last_summary = loop.run(
+        this_run, state, config, mngr=mngr, data_iter=train_iter, workdir=workdir, writer=writer
+    )
+
+    pipe = export(state)
     # A local autoencoder folder is copied into the export, so that the export stays loadable when moved.
     pipe.save_pretrained(workdir / "export", bundle_autoencoder=True)  # every process: the save is collective
-    write_samples(config.num_steps, pipe)
+    write_samples(config.num_steps, state, pipe)
     result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
     if is_main:
         (workdir / "eval.json").write_text(json.dumps(result, indent=2))

@@ -197,7 +197,7 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(tmp_path):
     the sharding (measured: 2.7e-5 at lr 1e-4 for one such kernel). A sharding bug (a local-only
     BatchNorm mean, a wrong batch) still moves the loss and most parameters, and is caught.
     """
-    code = SHARDED.format(repo=str(REPO), tests=str(REPO / "tests"), tmp=str(tmp_path))
+    code = SHARDED.format(repo=str(REPO), tests=str(REPO / "tests" / "autoencoder"), tmp=str(tmp_path))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,98 @@
+"""The train loop both trainers share: compiling the step, and the cadence of logging, checkpoints, periodic work
+and the non-finite stop. The trainers give it what differs (their step, their batches, their periodic work).
+
+Cadence, for steps `start + 1 .. config.num_steps`:
+* every step: the next global batch, the compiled step under `jax.transfer_guard("disallow")` (an accidental
+  host round trip in the step is an error, not a slowdown), metrics merged on the device (no host sync);
+* every `config.log_every` steps, at checkpoints and at the last step: the metrics are fetched (the one host
+  sync; a non-finite loss stops the run naming the last good checkpoint), with throughput, skipped inputs and
+  the learning rate the step's update applied, to TensorBoard and `history.jsonl`;
+* every `config.checkpoint_every` steps and at the last step: a checkpoint (refused if the state is not
+  finite); then `every` / `periodic` (evaluation, sample grids), except at the last step, which the trainer
+  handles itself after the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from clu import periodic_actions
+
+from dcae_jax.metrics import history
+from dcae_jax.training import checkpoints
+
+
+def jit_step(step: Callable, state_shardings: Any, data_sharding: Any, num_extra: int = 0):
+    """`step(state, batch, *extra)` compiled the way every train step is: state and batch sharded as given (the
+    extra inputs, e.g. frozen perceptual networks, as they come), metrics replicated, the old state donated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, data_sharding, *([None] * num_extra)),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def logged_learning_rate(schedule: Callable[[int], Any], step: int) -> float:
+    """The learning rate the update of training step `step` (1-based) applied: optax counts updates from 0."""
+    return float(schedule(step - 1))
+
+
+@dataclasses.dataclass
+class Loop:
+    """What a trainer gives the shared loop.
+
+    `step(state, batch, step_number) -> (state, metrics)`; `next_batch() -> (global batch, inputs skipped)`;
+    `schedule`: the optimizer's learning-rate schedule; `unit`: what a batch holds ("images", "latents"), for
+    the throughput line; `periodic(step, state)` runs every `every` steps but the last; `unused`: metrics that
+    are zero by construction in this run and are not logged.
+    """
+
+    step: Callable[[Any, Any, int], tuple[Any, Any]]
+    next_batch: Callable[[], tuple[Any, int]]
+    schedule: Callable[[int], Any]
+    unit: str
+    every: int = 0
+    periodic: Callable[[int, Any], None] | None = None
+    unused: frozenset[str] = frozenset()
+
+
+def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> tuple[Any, dict[str, float]]:
+    """Trains from the state's step to `config.num_steps` (see the module docstring); returns (state, the last
+    logged summary). Waits for the last checkpoint to be on disk before returning."""
+    is_main = jax.process_index() == 0
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
+    start = int(jax.device_get(state.step))
+    metrics, last_summary = None, {}
+    t_log, n_seen, skipped = time.time(), 0, 0
+    for step in range(start + 1, config.num_steps + 1):
+        batch, n_skipped = loop.next_batch()
+        skipped += n_skipped
+        with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
+            state, step_metrics = loop.step(state, batch, step)
+        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+        n_seen += config.global_batch_size
+        if is_main:
+            report(step)
+        is_last = step == config.num_steps
+        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
+            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
+            summary = {k: v for k, v in summary.items() if k not in loop.unused}
+            summary[f"{loop.unit}_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
+            summary[f"skipped_{loop.unit}"] = skipped
+            summary["learning_rate"] = logged_learning_rate(loop.schedule, step)
+            writer.write_scalars(step, summary)
+            if is_main:
+                history.append(workdir, step, summary)
+            last_summary = summary
+            metrics, t_log, n_seen = None, time.time(), 0
+        if step % config.checkpoint_every == 0 or is_last:
+            checkpoints.save_checked(mngr, step, state, data_iter, workdir)
+        if loop.periodic is not None and loop.every and step % loop.every == 0 and not is_last:
+            loop.periodic(step, state)
+    mngr.wait_until_finished()
+    return state, last_summary
