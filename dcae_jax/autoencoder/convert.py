@@ -106,8 +106,7 @@ def entries(cfg: DCAEConfig) -> list[Entry]:
     pixel = cfg.downsample_block_type == "pixel_unshuffle"
     # Encoder.
     e = ("encoder",)
-    ed, ee = cfg.encoder_layers_per_block, cfg.encoder_block_out_channels
-    del ee
+    ed = cfg.encoder_layers_per_block
     if ed[0] > 0:
         out += _conv_b((*e, "project_in"), "encoder.conv_in", "encoder.project_in.conv")
     else:

@@ -238,9 +238,6 @@ class LPIPS(nn.Module):
 # Weight conversion (torchvision trunk + lpips heads -> Flax variables).
 
 
-SOURCES = ("backbone", "lin")  # the torchvision trunk's state dict; the lpips package's heads
-
-
 def weight_entries(net: str) -> dict[str, list[state_dict.Key]]:
     """Every parameter of `LPIPS(net)` as key tables, one per source state dict, generated from the trunk."""
     backbone = get_backbone(net)

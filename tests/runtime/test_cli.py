@@ -147,3 +147,33 @@ def test_every_command_uses_the_one_convention():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
         assert "argparse" not in names and "FLAGS" not in text, path
         assert "cli.run(" in text and "cli.exit_with(main())" in text, path
+
+
+def _readme_commands(name: str = "README.md") -> list[tuple[str, set[str]]]:
+    """(module, flags) for every `python -m dcae_jax...` command in a markdown file (continued lines joined)."""
+    text = (REPO / name).read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        for m in re.finditer(r"python -m (dcae_jax(?:\.\w+)+)((?:\s+(?!python )[^\s#&|;]+)*)", line):
+            out.append((m.group(1), set(re.findall(r"(?<!\S)--([a-z_0-9]+)", m.group(2)))))
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("docs/*.md"))])
+def test_every_documented_command_exists_and_its_flags_are_defined(doc):
+    """README's and docs' commands name real commands (whose --help test_help_exits_zero runs) and only flags
+    they define."""
+    import importlib
+
+    from absl import flags
+
+    from dcae_jax.runtime import cli
+
+    commands = _readme_commands(doc)
+    assert len(commands) >= (15 if doc == "README.md" else 0), commands
+    for module, used in commands:
+        assert module in COMMANDS, f"README runs {module}, which is not a command"
+        values = flags.FlagValues()
+        importlib.import_module(module).define_flags(cli.Flags(values))
+        unknown = used - set(values) - {"help"}
+        assert not unknown, f"README passes {sorted(unknown)} to {module}, which defines {sorted(values)}"
