@@ -32,18 +32,7 @@ def define_flags(f: cli.Flags) -> None:
 def body(flags) -> int:
     from dcae_jax.metrics import evaluation
 
-    r = evaluation.evaluate_dataset(
-        flags.model,
-        flags.data,
-        flags.resolution,
-        split=flags.split,
-        batch_size=flags.batch_size,
-        max_images=flags.max_images,
-        lpips_weights=flags.lpips_weights,
-        fid_weights=flags.fid_weights,
-        ref_stats=flags.ref_stats,
-        dtype=flags.dtype,
-    )
+    r = evaluation.evaluate_dataset(**cli.values(flags, exclude=("output",)))
     written = evaluation.write_results(r, flags.output)  # process 0 only; [] elsewhere
     if written:
         z = r["latent"]

@@ -33,14 +33,7 @@ def body(flags) -> int:
     from dcae_jax.metrics import evaluation
 
     t_start = time.time()
-    total, n_skipped = evaluation.reference_stats(
-        flags.data,
-        flags.resolution,
-        split=flags.split,
-        batch_size=flags.batch_size,
-        max_images=flags.max_images,
-        fid_weights=flags.fid_weights,
-    )
+    total, n_skipped = evaluation.reference_stats(**cli.values(flags, exclude=("out",)))
     if total.count < 2:
         raise ValueError(f"FID statistics need at least 2 readable images, {flags.data} gave {total.count}")
     if jax.process_index() == 0:

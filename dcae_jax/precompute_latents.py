@@ -35,20 +35,7 @@ def body(flags) -> None:
 
     paths.local_dir(flags.out, "--out")  # before joining a pod's other processes
     distributed.initialize_from_env()
-    precompute.precompute(
-        flags.model,
-        flags.data,
-        flags.resolution,
-        flags.out,
-        split=flags.split,
-        batch_size=flags.batch_size,
-        shard_size=flags.shard_size,
-        max_images=flags.max_images,
-        scaling_factor=flags.scaling_factor,
-        auto_scale_examples=flags.auto_scale_examples,
-        dtype=flags.dtype,
-        read_threads=flags.read_threads,
-    )
+    precompute.precompute(**cli.values(flags))
 
 
 def main(argv: list[str] | None = None) -> int:

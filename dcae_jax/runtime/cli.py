@@ -127,6 +127,15 @@ class Flags:
         return functools.partial(define, flag_values=self.values)
 
 
+def values(flags: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The command's own flags as keyword arguments (name -> value), for a library call whose parameters carry
+    the flags' names."""
+    return {name: flags[name].value for name in flags if name not in exclude and name not in _ABSL_FLAGS}
+
+
+_ABSL_FLAGS = ("flagfile", "undefok")
+
+
 def _usage(name: str, doc: str, values: Any) -> str:
     module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else name
     flags_help = values.get_help(include_special_flags=False)
