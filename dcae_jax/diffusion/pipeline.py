@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from dcae_jax.diffusion import gaussian_diffusion, objectives, samplers
 from dcae_jax.diffusion.dit import DiT, DiTConfig, init_dit_params
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, init_uvit_params
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, sharding
 
 CONFIG_FILE = "diffusion_config.json"
 PARAMS_DIR = "params"
@@ -109,8 +109,7 @@ def make_sample_fn(model: UViT | DiT, objective: str, settings: dict[str, Any]) 
 
 
 def _local_batch_sharding() -> NamedSharding:
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
-    return NamedSharding(mesh, P("batch"))
+    return NamedSharding(sharding.make_mesh([-1], ["batch"], devices=jax.local_devices()), P("batch"))
 
 
 class DCAEDiffusion:
