@@ -136,6 +136,26 @@ def values(flags: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 _ABSL_FLAGS = ("flagfile", "undefok")
 
 
+def skip_absent_tpu() -> bool:
+    """Keeps JAX from probing for a TPU that is not there: with libtpu installed (the test requirements bring it, for
+    `aot`) and no TPU device on this machine, JAX's TPU plugin asks the cloud metadata server for a TPU and logs
+    alarming lines before falling back to the CPU. When JAX_PLATFORMS is unset, no TPU device exists and no GPU
+    plugin is installed, the platforms become "cpu". Returns whether it changed anything."""
+    import glob
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return False
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs (v4/v5p: accel, v5e/v6e: vfio)
+        return False
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for processes this one starts
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return True
+
+
 def _usage(name: str, doc: str, values: Any) -> str:
     module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else name
     flags_help = values.get_help(include_special_flags=False)
@@ -159,6 +179,7 @@ def run(
     """
     from absl import flags, logging
 
+    skip_absent_tpu()
     argv = snake_case_flags(argv, name)
     values = flags.FlagValues()
     define_flags(Flags(values))
@@ -172,6 +193,8 @@ def run(
     except flags.Error as err:
         print(f"{name}: error: {err} (--help lists the flags)", file=sys.stderr)
         return 2
+    if not flags.FLAGS.is_parsed():  # the commands use their own flags; absl's global ones are not parsed
+        flags.FLAGS.mark_as_parsed()  # ... which would make absl logging warn "Logging before flag parsing"
     logging.use_absl_handler()
     logging.set_verbosity(verbosity)
     return guard(name, body, values)

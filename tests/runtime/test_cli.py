@@ -177,3 +177,19 @@ def test_every_documented_command_exists_and_its_flags_are_defined(doc):
         importlib.import_module(module).define_flags(cli.Flags(values))
         unknown = used - set(values) - {"help"}
         assert not unknown, f"README passes {sorted(unknown)} to {module}, which defines {sorted(values)}"
+
+
+def test_no_tpu_probe_on_a_machine_without_one():
+    """With libtpu installed (test requirements) but no TPU, a command starts JAX on the CPU without libtpu's
+    metadata-server probe and its alarming log lines."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed: nothing would probe")
+    code = "from dcae_jax.runtime import cli; print(cli.skip_absent_tpu()); import jax; print(jax.devices())"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if proc.stdout.startswith("False"):  # a TPU VM or a GPU plugin: nothing to skip
+        pytest.skip(f"this machine has an accelerator or its plugin: {proc.stdout.strip()}")
+    assert "CpuDevice" in proc.stdout and "libtpu" not in proc.stderr and "TPU" not in proc.stderr, proc.stderr
