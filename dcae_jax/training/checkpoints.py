@@ -33,11 +33,45 @@ def manager(workdir: pathlib.Path, keep: int):
     return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes this process writes for `state` in a checkpoint (its addressable shards, each replica once)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(state):
+        if isinstance(leaf, jax.Array):
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.replica_id == 0)
+        else:
+            total += np.asarray(leaf).nbytes
+    return total
+
+
+def check_free_space(mngr, step: int, state: Any) -> None:
+    """Refuses to start checkpoint `step` when the disk lacks room for it (a full disk mid-write ends in a storm
+    of tracebacks from the writer threads); waits for the previous checkpoint first, so it is intact on disk."""
+    import errno
+    import shutil
+
+    directory = pathlib.Path(str(mngr.directory))
+    need = int(state_bytes(state) * 1.05) + (1 << 20)  # + metadata, the iterator state, filesystem blocks
+    free = shutil.disk_usage(directory).free
+    if free >= need:
+        return
+    mngr.wait_until_finished()
+    latest = mngr.latest_step()
+    kept = f"checkpoint {latest} is intact" if latest is not None else "no checkpoint has been written yet"
+    raise OSError(
+        errno.ENOSPC,
+        f"{directory}: {free / 2**20:.1f} MiB free, checkpoint {step} needs about {need / 2**20:.1f} MiB; {kept}. "
+        "Free some space (or move the workdir) and rerun the same command to resume",
+    )
+
+
 def save(mngr, step: int, state: Any, data_iter) -> None:
-    """Writes `state` (and the data iterator's position) as checkpoint `step` (asynchronously)."""
+    """Writes `state` (and the data iterator's position) as checkpoint `step` (asynchronously), after checking
+    that the disk has room for it."""
     import grain.python as grain
     import orbax.checkpoint as ocp
 
+    check_free_space(mngr, step, state)
     items = {"state": ocp.args.StandardSave(flax.serialization.to_state_dict(state))}
     if data_iter is not None:
         items["data_iter"] = grain.PyGrainCheckpointSave(data_iter)
