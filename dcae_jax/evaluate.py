@@ -44,6 +44,9 @@ def body(flags) -> int:
         for note in r["notes"]:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {' and '.join(map(str, written))}")
+        print(
+            f"see the reconstructions with python -m dcae_jax.reconstruct --model={flags.model} --input=PHOTOS --output=recon/"
+        )
     return 0 if r["num_images"] else 1
 
 

@@ -47,6 +47,9 @@ def body(flags) -> int:
     if failed:
         print(f"{len(failed)} of {len(files)} images could not be read: {[f['name'] for f in failed]}", file=sys.stderr)
     print(f"wrote {len(images)} reconstructions and comparisons, results.md and results.json under {out}")
+    print(
+        f"score a whole dataset with python -m dcae_jax.evaluate --model={flags.model} --data=folder:DIR --resolution=R --output=r.json"
+    )
     return 0 if images else 1
 
 

@@ -175,6 +175,8 @@ def run(args: SampleRun) -> dict:
             image_io.save_image(image_grid(grid.astype(np.float32) / 127.5 - 1.0, columns=columns), out / "grid.png")
         (out / "results.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
+        wrote = [out / "results.json", *([out / "grid.png"] if grid is not None else [])]
+        print(f"wrote {', '.join(map(str, wrote))} and {len(chunks)} sample chunks in {out}")
     return result
 
 
