@@ -68,6 +68,8 @@ def body(flags) -> int:
             file=sys.stderr,
         )
         return 1
+    config_file = config_flags.get_config_filename(flag)
+    print(f"\nfits; launch it with launch/tpu_pod.sh --tpu NAME --zone ZONE {config_file}[:ARGS] WORKDIR")
     return 0
 
 
