@@ -489,12 +489,10 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         next_batch=next_batch,
         schedule=learning_rate_schedule(config.optim),
         unit="images",
+        name=f"training phase {config.phase}",
         every=config.eval_every,
         periodic=lambda step, s: evaluate(config, s, eval_fn, workdir, writer, step, mesh),
         unused=frozenset(unused),
-    )
-    logging.info(
-        "training phase %s from step %d to %d", config.phase, int(jax.device_get(state.step)), config.num_steps
     )
     state, last_summary = loop.run(
         this_run, state, config, mngr=mngr, data_iter=train_iter, workdir=workdir, writer=writer

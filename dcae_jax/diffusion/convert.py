@@ -276,10 +276,7 @@ def select_weights(checkpoint: Mapping[Any, Any], prefer_ema: bool = True) -> Ma
         ckpt = chosen
     if any(k.startswith("diffusion_model.") for k in ckpt):  # the HF release bundles the autoencoder
         ckpt = sd_lib.PrefixView(ckpt, "diffusion_model.")
-    for prefix in _PREFIXES:
-        if len(ckpt) and all(k.startswith(prefix) for k in ckpt):
-            ckpt = sd_lib.PrefixView(ckpt, prefix)
-    return ckpt
+    return sd_lib.unwrap(ckpt, _PREFIXES, wrappers=())
 
 
 def _find_weights_file(d: pathlib.Path) -> pathlib.Path:

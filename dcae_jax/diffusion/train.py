@@ -322,15 +322,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
         next_batch=next_batch,
         schedule=learning_rate_schedule(config.optim),
         unit="latents",
+        name=f"training {cfg.name} ({config.objective})",
         every=config.sample.every,
         periodic=write_samples,
-    )
-    logging.info(
-        "training %s (%s) from step %d to %d",
-        cfg.name,
-        config.objective,
-        int(jax.device_get(state.step)),
-        config.num_steps,
     )
     state, last_summary = loop.run(
         this_run, state, config, mngr=mngr, data_iter=train_iter, workdir=workdir, writer=writer

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
-
-def format_keys(keys: Sequence[str], limit: int = 12) -> str:
-    """'N: [first keys] ... (+M more)' for error messages."""
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{len(keys)}: {keys[:limit]}{more}"
+from dcae_jax.runtime.state_dict import listing
 
 
 def check_variables(
@@ -23,9 +18,9 @@ def check_variables(
     flat = traverse_util.flatten_dict(dict(variables))
     problems = []
     if set(want) - set(flat):
-        problems.append(f"missing {format_keys(['/'.join(k) for k in set(want) - set(flat)])}")
+        problems.append(listing("missing", {"/".join(k) for k in set(want) - set(flat)}))
     if set(flat) - set(want):
-        problems.append(f"unexpected {format_keys(['/'.join(k) for k in set(flat) - set(want)])}")
+        problems.append(listing("unexpected", {"/".join(k) for k in set(flat) - set(want)}))
     for k in set(want) & set(flat):
         if tuple(np.shape(flat[k])) != want[k]:
             problems.append(f"{'/'.join(k)}: shape {tuple(np.shape(flat[k]))}, expected {want[k]}")

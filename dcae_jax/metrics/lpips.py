@@ -271,10 +271,11 @@ def convert_lpips_weights(
     """
     variables: dict[str, Any] = {"params": {}}
     problems = []
+    tables = weight_entries(net)
     for source, sd in (("backbone", backbone_state_dict), ("lin", lin_state_dict)):
         converted, _, found = state_dict.convert_checked(
             sd,
-            weight_entries(net)[source],
+            tables[source],
             ignore=(lambda k: k.startswith(IGNORED_PREFIXES)) if source == "backbone" else (lambda k: False),
             place=jnp.asarray,
         )

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from absl import logging
 from clu import periodic_actions
 
 from dcae_jax.metrics import history
@@ -48,7 +49,7 @@ class Loop:
 
     `step(state, batch, step_number) -> (state, metrics)`; `next_batch() -> (global batch, inputs skipped)`;
     `schedule`: the optimizer's learning-rate schedule; `unit`: what a batch holds ("images", "latents"), for
-    the throughput line; `periodic(step, state)` runs every `every` steps but the last; `unused`: metrics that
+    the throughput line; `name`: what the start line calls the run; `periodic(step, state)` runs every `every` steps but the last; `unused`: metrics that
     are zero by construction in this run and are not logged.
     """
 
@@ -56,6 +57,7 @@ class Loop:
     next_batch: Callable[[], tuple[Any, int]]
     schedule: Callable[[int], Any]
     unit: str
+    name: str = "training"
     every: int = 0
     periodic: Callable[[int, Any], None] | None = None
     unused: frozenset[str] = frozenset()
@@ -67,6 +69,7 @@ def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> 
     is_main = jax.process_index() == 0
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
     start = int(jax.device_get(state.step))
+    logging.info("%s from step %d to %d", loop.name, start, config.num_steps)
     metrics, last_summary = None, {}
     t_log, n_seen, skipped = time.time(), 0, 0
     for step in range(start + 1, config.num_steps + 1):
