@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,65 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
         ) from err
 
 
+class _Found(NamedTuple):
+    config: DCAEConfig
+    fmt: str  # "export", "diffusers" or an efficientvit key format
+    path: pathlib.Path  # the export directory or the weights file
+    state: Any  # the (lazy) state dict; None for an export
+
+
+def _locate(path_or_repo_id: str | os.PathLike, variant: str | None) -> _Found:
+    """What a checkpoint is: its format, architecture and weights file. Reads configs and key names only (a
+    safetensors file is read lazily; a .pt state dict is loaded)."""
+    root = _resolve(path_or_repo_id)
+    hint = variant or _registry_name_hint(str(path_or_repo_id))
+    if root.is_dir() and (root / EXPORT_CONFIG).exists():
+        return _Found(DCAEConfig.from_dict(_read_json(root / EXPORT_CONFIG)), "export", root, None)
+    if root.is_dir() and (root / DIFFUSERS_WEIGHTS).exists():
+        cfg_path = root / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{root}: diffusers weights without config.json")
+        raw = _read_json(cfg_path)
+        name = hint or _registry_name_hint(raw.get("_name_or_path")) or "custom"
+        try:
+            config = DCAEConfig.from_diffusers(raw, name=name)
+        except (KeyError, TypeError, ValueError) as err:
+            msg = f"missing field {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"{cfg_path}: not a usable AutoencoderDC config ({msg})") from None
+        return _Found(config, "diffusers", root / DIFFUSERS_WEIGHTS, state_dict.read(root / DIFFUSERS_WEIGHTS))
+    weights = root if root.is_file() else _find_efficientvit_weights(root)
+    if root.is_dir() and (root / "config.json").exists():
+        raw = _read_json(root / "config.json")
+        hint = hint or _registry_name_hint(raw.get("model_name"))
+    state = convert.strip_wrappers(state_dict.read(weights))
+    fmt = convert.detect_format(state.keys())
+    candidates = convert.match_registry(set(state), fmt)
+    if hint is not None:
+        config = get_config(hint)
+        if candidates and hint not in candidates:
+            raise ValueError(f"{weights}: keys match {candidates}, not the requested variant {hint!r}")
+    elif candidates:
+        config = VARIANTS[candidates[0]]
+        if len({VARIANTS[c].scaling_factor for c in candidates}) > 1:
+            warnings.warn(
+                f"{weights}: the architecture matches {candidates}, which differ only in scaling_factor; "
+                f"pass variant=... to choose. Loaded as {candidates[0]!r} with scaling_factor=None.",
+                stacklevel=3,
+            )
+            config = config.replace(scaling_factor=None, name=candidates[0].replace("-in-", "-in|mix-"))
+    else:
+        raise ValueError(
+            f"{weights}: the keys match none of the released DC-AE variants {sorted(VARIANTS)}; "
+            "a custom architecture needs a config (diffusers config.json or a dcae_jax export)"
+        )
+    return _Found(config, fmt, weights, state)
+
+
+def load_config(path_or_repo_id: str | os.PathLike, variant: str | None = None) -> DCAEConfig:
+    """The architecture of a checkpoint in any format `DCAE.from_pretrained` takes, without converting its weights."""
+    return _locate(path_or_repo_id, variant).config
+
+
 class DCAE:
     """A DC-AE with its weights: jitted, batched encode/decode on NHWC float images in [-1, 1]."""
 
@@ -113,49 +172,10 @@ class DCAE:
         cls, path_or_repo_id: str | os.PathLike, variant: str | None = None, dtype: Any = jnp.float32
     ) -> DCAE:
         """Loads a checkpoint in any supported format (see module docstring)."""
-        root = _resolve(path_or_repo_id)
-        hint = variant or _registry_name_hint(str(path_or_repo_id))
-        if root.is_dir() and (root / EXPORT_CONFIG).exists():
-            return cls._load_export(root, dtype)
-        if root.is_dir() and (root / DIFFUSERS_WEIGHTS).exists():
-            cfg_path = root / "config.json"
-            if not cfg_path.exists():
-                raise FileNotFoundError(f"{root}: diffusers weights without config.json")
-            raw = _read_json(cfg_path)
-            name = hint or _registry_name_hint(raw.get("_name_or_path")) or "custom"
-            try:
-                config = DCAEConfig.from_diffusers(raw, name=name)
-            except (KeyError, TypeError, ValueError) as err:
-                msg = f"missing field {err.args[0]!r}" if isinstance(err, KeyError) else str(err)
-                raise ValueError(f"{cfg_path}: not a usable AutoencoderDC config ({msg})") from None
-            state = state_dict.read(root / DIFFUSERS_WEIGHTS)
-            return cls._from_state(config, state, "diffusers", root / DIFFUSERS_WEIGHTS, dtype)
-        weights = root if root.is_file() else _find_efficientvit_weights(root)
-        if root.is_dir() and (root / "config.json").exists():
-            raw = _read_json(root / "config.json")
-            hint = hint or _registry_name_hint(raw.get("model_name"))
-        state = convert.strip_wrappers(state_dict.read(weights))
-        fmt = convert.detect_format(state.keys())
-        candidates = convert.match_registry(set(state), fmt)
-        if hint is not None:
-            config = get_config(hint)
-            if candidates and hint not in candidates:
-                raise ValueError(f"{weights}: keys match {candidates}, not the requested variant {hint!r}")
-        elif candidates:
-            config = VARIANTS[candidates[0]]
-            if len({VARIANTS[c].scaling_factor for c in candidates}) > 1:
-                warnings.warn(
-                    f"{weights}: the architecture matches {candidates}, which differ only in scaling_factor; "
-                    f"pass variant=... to choose. Loaded as {candidates[0]!r} with scaling_factor=None.",
-                    stacklevel=2,
-                )
-                config = config.replace(scaling_factor=None, name=candidates[0].replace("-in-", "-in|mix-"))
-        else:
-            raise ValueError(
-                f"{weights}: the keys match none of the released DC-AE variants {sorted(VARIANTS)}; "
-                "a custom architecture needs a config (diffusers config.json or a dcae_jax export)"
-            )
-        return cls._from_state(config, state, fmt, weights, dtype)
+        found = _locate(path_or_repo_id, variant)
+        if found.fmt == "export":
+            return cls._load_export(found.path, dtype)
+        return cls._from_state(found.config, found.state, found.fmt, found.path, dtype)
 
     @classmethod
     def _from_state(cls, config: DCAEConfig, state, fmt: str, source, dtype) -> DCAE:
@@ -192,7 +212,13 @@ class DCAE:
 
         out = pathlib.Path(out).absolute()
         out.mkdir(parents=True, exist_ok=True)
-        variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.variables)
+        # An empty collection (a model without BatchNorm has no batch_stats) is not written: the loader expects
+        # exactly the collections the architecture has.
+        variables = {
+            k: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), v)
+            for k, v in self.variables.items()
+            if jax.tree_util.tree_leaves(v)
+        }
         with ocp.StandardCheckpointer() as ckptr:  # multi-process: every process calls this, process 0 writes
             ckptr.save(out / EXPORT_VARIABLES, variables, force=True)
             ckptr.wait_until_finished()

@@ -87,11 +87,20 @@ class Trainer:
 
 
 def model_config(config: ml_collections.ConfigDict) -> DCAEConfig:
-    """The DCAEConfig named by `config.model.variant` ("tiny" or a released name) plus overrides."""
+    """The DCAEConfig named by `config.model.variant` ("tiny" or a released name; empty: the architecture of the
+    `config.init_from` checkpoint, any format `DCAE.from_pretrained` reads) plus overrides."""
     variant = config.model.variant
-    base = tiny_config() if variant == "tiny" else get_config(variant) if variant in VARIANTS else None
+    if not variant and config.get("init_from"):
+        from dcae_jax.autoencoder.pretrained import load_config
+
+        base = load_config(config.init_from)
+    else:
+        base = tiny_config() if variant == "tiny" else get_config(variant) if variant in VARIANTS else None
     if base is None:
-        raise KeyError(f"config.model.variant={variant!r}; valid: 'tiny' or one of {sorted(VARIANTS)}")
+        raise KeyError(
+            f"config.model.variant={variant!r}; valid: 'tiny', one of {sorted(VARIANTS)}, "
+            "or empty with config.init_from set (its architecture)"
+        )
     overrides = config.model.get("overrides", ml_collections.ConfigDict()).to_dict()
     overrides = {
         k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
