@@ -9,9 +9,9 @@ Args:
            full:    every layer, at the training resolution (the latent space moves: re-encode your latents);
            highres: phase-2-style adaptation of the latent-adjacent layers (encoder project_out, decoder
                     project_in, + `adapt_stages` deepest stages) to a new, larger `resolution`.
-  model    a released name (e.g. dc-ae-f32c32-sana-1.1, dc-ae-f64c128-in-1.0; converted on the fly from its
-           Hugging Face repo, so the first run needs to be online), a repo id, or a local directory: diffusers,
-           efficientvit or a dcae_jax export (`python -m dcae_jax.convert` once offline).
+  model    a released name (e.g. dc-ae-f32c32-sana-1.1, dc-ae-lite-f32c32, dc-ae-f64c128-1.5; converted on the fly
+           from its Hugging Face repo, so the first run needs to be online), a repo id, or a local directory:
+           diffusers, efficientvit or a dcae_jax export (`python -m dcae_jax.convert` once offline).
   data     folder:DIR (with train/ and val/ subfolders, else the same images are used to evaluate),
            tfds:NAME[@DATA_DIR], or bundled.
   gan      also train against the PatchGAN (the paper's phase 3 loss); sharper textures, slower steps.
@@ -21,7 +21,7 @@ Args:
   runlocal tiny batch and steps at the smallest resolution the model takes: checks that everything runs.
 """
 
-from dcae_jax.autoencoder.model import VARIANTS
+from dcae_jax.autoencoder.model import REPO_IDS, canonical_name
 from dcae_jax.autoencoder.model import get_config as model_config
 from dcae_jax.training import config as common
 
@@ -49,8 +49,9 @@ def get_config(arg: str = ""):
     c.recipe = a.recipe
     # A released name: its architecture is known, its weights come from the hub repo. Anything else: the trainer
     # reads the architecture from the checkpoint itself (model.variant empty).
-    if a.model in VARIANTS:
-        c.model.variant, c.init_from = a.model, f"mit-han-lab/{a.model}-diffusers"
+    released = canonical_name(a.model) if "/" not in a.model else None
+    if released:
+        c.model.variant, c.init_from = released, REPO_IDS[released]
     else:
         c.model.variant, c.init_from = "", a.model
     c.data.train = c.data.eval = a.data
@@ -66,7 +67,7 @@ def get_config(arg: str = ""):
         c.trainable = [(".*", "train")]
     else:
         c.phase = 2
-        num_stages = len(model_config(a.model).encoder_block_out_channels) if a.model in VARIANTS else 0
+        num_stages = len(model_config(a.model).encoder_block_out_channels) if released else 0
         if a.adapt_stages and not num_stages:
             raise ValueError("adapt_stages needs a released model name (its stage count)")
         c.trainable = common.trainable_rules(2, num_stages, a.adapt_stages)
@@ -102,7 +103,7 @@ def get_config(arg: str = ""):
     c.log_every = 50
     c.mesh.shape = (-1, a.fsdp)
     if a.runlocal:
-        smallest = model_config(a.model).spatial_compression_ratio if a.model in VARIANTS else 64
+        smallest = model_config(a.model).spatial_compression_ratio if released else 64
         c.resolution = c.eval_resolution = a.resolution or max(64, smallest) * (2 if a.recipe == "highres" else 1)
         c.global_batch_size = c.eval_batch_size = a.batch or 2
         c.num_steps = a.steps or 10

@@ -27,6 +27,9 @@ def define_flags(f: cli.Flags) -> None:
     f.integer("auto_scale_examples", 2048, "Records (spread over the split) that 'auto' measures.", lower_bound=1)
     f.enum("dtype", "float32", list(precompute.DTYPES), "Autoencoder compute dtype (latents are stored float32).")
     f.integer("read_threads", 16, "Image decoding threads per process.", lower_bound=1)
+    f.integer(
+        "latent_channels", None, "Keep only the first C latent channels (DC-AE 1.5's structured latent).", lower_bound=1
+    )
 
 
 def body(flags) -> None:

@@ -124,11 +124,14 @@ def entries(cfg: DCAEConfig) -> list[Entry]:
         if i < n - 1 and ed[i] > 0:
             ev = f"encoder.stages.{i}.op_list.{ed[i]}.main.conv" + (".conv" if pixel else "")
             out += _conv_b((*e, f"stage_{i}_down", "conv"), f"encoder.down_blocks.{i}.{ed[i]}.conv", ev)
-    out += _conv_b((*e, "project_out"), "encoder.conv_out", "encoder.project_out.main.op_list.0.conv")
+    # efficientvit wraps a layer with a shortcut in a ResidualBlock (`.main.`); DC-AE 1.5's latent layers have none.
+    main = ".main" if cfg.encoder_out_shortcut else ""
+    out += _conv_b((*e, "project_out"), "encoder.conv_out", f"encoder.project_out{main}.op_list.0.conv")
     # Decoder.
     d = ("decoder",)
     dd = cfg.decoder_layers_per_block
-    out += _conv_b((*d, "project_in"), "decoder.conv_in", "decoder.project_in.main.conv")
+    main = ".main" if cfg.decoder_in_shortcut else ""
+    out += _conv_b((*d, "project_in"), "decoder.conv_in", f"decoder.project_in{main}.conv")
     for i in reversed(range(n)):
         offset = 0
         if i < n - 1 and dd[i] > 0:

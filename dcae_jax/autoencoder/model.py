@@ -3,7 +3,9 @@
 Residual autoencoding: every down block adds a parameter-free space-to-channel + channel-averaging
 shortcut, every up block a channel-duplicating + channel-to-space shortcut, and the encoder's
 `project_out` / decoder's `project_in` are residual too (factor-1 averaging / duplicating).
-`DCAEConfig.residual=False` removes all of them at equal parameter count (the paper's ablation).
+`DCAEConfig.residual=False` removes all of them at equal parameter count (the paper's ablation). DC-AE 1.5 keeps
+the block shortcuts but drops the two around the latent (`encoder_out_shortcut`, `decoder_in_shortcut`), which makes
+its latent channels orderable: any prefix of them decodes (`DCAEModel.encode(x, latent_channels=c)`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class DCAEConfig:
     in_channels: int = 3
     attention_head_dim: int = 32
     residual: bool = True  # False: remove every shortcut (the paper's non-residual baseline)
+    encoder_out_shortcut: bool = True  # the channel-averaging shortcut around the encoder's project_out (1.5: off)
+    decoder_in_shortcut: bool = True  # the channel-duplicating shortcut around the decoder's project_in (1.5: off)
+    decoder_conv_act_fn: str = (
+        "relu"  # activation between the decoder's head norm and its output conv (Lite, 1.5: silu)
+    )
     scaling_factor: float | None = None
     name: str = "custom"
 
@@ -69,7 +76,7 @@ class DCAEConfig:
             layers.get_block(t)
         for t in self.decoder_norm_types:
             layers.get_norm(t)
-        for t in self.decoder_act_fns:
+        for t in (*self.decoder_act_fns, self.decoder_conv_act_fn):
             layers.get_activation(t)
         if self.downsample_block_type not in ("pixel_unshuffle", "conv"):
             raise ValueError(
@@ -87,6 +94,12 @@ class DCAEConfig:
     @property
     def spatial_compression_ratio(self) -> int:
         return 2 ** (self.num_stages - 1)
+
+    @property
+    def adaptive_latent(self) -> bool:
+        """Whether a prefix of the latent channels decodes on its own: no shortcut spreads a channel over others
+        (DC-AE 1.5's structured latent space)."""
+        return not (self.residual and (self.encoder_out_shortcut or self.decoder_in_shortcut))
 
     def replace(self, **changes: Any) -> DCAEConfig:
         return dataclasses.replace(self, **changes)
@@ -126,12 +139,11 @@ class DCAEConfig:
                 v = (v,) * n
             return tuple(tuple(x) if isinstance(x, list) else x for x in v)
 
-        if not d.get("encoder_out_shortcut", True) or not d.get("decoder_in_shortcut", True):
-            raise ValueError("AutoencoderDC configs without in/out shortcuts are not supported")
+        for key in ("encoder_out_shortcut", "decoder_in_shortcut"):
+            if not isinstance(d.get(key, True), bool):
+                raise ValueError(f"{key}={d[key]!r} must be true or false")
         down = "pixel_unshuffle" if d.get("downsample_block_type", "pixel_unshuffle") == "pixel_unshuffle" else "conv"
         up = "interpolate" if d.get("upsample_block_type", "pixel_shuffle") == "interpolate" else "pixel_shuffle"
-        if d.get("decoder_conv_act_fn", "relu") != "relu":
-            raise ValueError(f"decoder_conv_act_fn={d['decoder_conv_act_fn']!r} is not supported (only 'relu')")
         return cls(
             latent_channels=d["latent_channels"],
             in_channels=d.get("in_channels", 3),
@@ -148,6 +160,9 @@ class DCAEConfig:
             decoder_act_fns=per_stage("decoder_act_fns", "silu"),
             downsample_block_type=down,
             upsample_block_type=up,
+            encoder_out_shortcut=d.get("encoder_out_shortcut", True),
+            decoder_in_shortcut=d.get("decoder_in_shortcut", True),
+            decoder_conv_act_fn=d.get("decoder_conv_act_fn", "relu"),
             scaling_factor=d.get("scaling_factor"),
             name=name,
         )
@@ -172,6 +187,9 @@ class DCAEConfig:
             downsample_block_type=self.downsample_block_type,
             decoder_norm_types=list(self.decoder_norm_types),
             decoder_act_fns=list(self.decoder_act_fns),
+            encoder_out_shortcut=self.encoder_out_shortcut,
+            decoder_in_shortcut=self.decoder_in_shortcut,
+            decoder_conv_act_fn=self.decoder_conv_act_fn,
             scaling_factor=self.scaling_factor if self.scaling_factor is not None else 1.0,
         )
 
@@ -215,6 +233,39 @@ def _sana(name: str) -> DCAEConfig:
     )
 
 
+def _lite(name: str) -> DCAEConfig:
+    """DC-AE-Lite: the sana-1.0 encoder; a ResBlock-only decoder with pixel-shuffle up blocks and a SiLU head."""
+    return _sana(name).replace(
+        decoder_layers_per_block=(0, 3, 5, 4, 4, 4),
+        decoder_block_types=("ResBlock",) * 6,
+        decoder_qkv_multiscales=((),) * 6,
+        upsample_block_type="pixel_shuffle",
+        decoder_conv_act_fn="silu",
+    )
+
+
+def _v15(stages: int, scaling_factor: float | None, name: str) -> DCAEConfig:
+    """DC-AE 1.5: ResBlocks everywhere, 128 latent channels, no shortcut around the latent, SiLU head."""
+    return DCAEConfig(
+        latent_channels=128,
+        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024) + (1024,) * (stages - 6),
+        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024) + (1024,) * (stages - 6),
+        encoder_layers_per_block=(0, 5, 10, 4, 4, 4) + (4,) * (stages - 6),
+        decoder_layers_per_block=(0, 5, 10, 4, 4, 4) + (4,) * (stages - 6),
+        encoder_block_types=("ResBlock",) * stages,
+        decoder_block_types=("ResBlock",) * stages,
+        encoder_qkv_multiscales=((),) * stages,
+        decoder_qkv_multiscales=((),) * stages,
+        decoder_norm_types=("rms_norm",) * stages,
+        decoder_act_fns=("silu",) * stages,
+        encoder_out_shortcut=False,
+        decoder_in_shortcut=False,
+        decoder_conv_act_fn="silu",
+        scaling_factor=scaling_factor,
+        name=name,
+    )
+
+
 VARIANTS: dict[str, DCAEConfig] = {
     "dc-ae-f32c32-in-1.0": _in_mix(32, 6, 0.3189, "dc-ae-f32c32-in-1.0"),
     "dc-ae-f32c32-mix-1.0": _in_mix(32, 6, 0.4552, "dc-ae-f32c32-mix-1.0"),
@@ -224,14 +275,45 @@ VARIANTS: dict[str, DCAEConfig] = {
     "dc-ae-f128c512-mix-1.0": _in_mix(512, 8, 0.3620, "dc-ae-f128c512-mix-1.0"),
     "dc-ae-f32c32-sana-1.0": _sana("dc-ae-f32c32-sana-1.0"),
     "dc-ae-f32c32-sana-1.1": _sana("dc-ae-f32c32-sana-1.1"),
+    # The in-1.0 architecture trained at 256 px; its latent scaling factor is not published.
+    "dc-ae-f32c32-in-1.0-256px": _in_mix(32, 6, None, "dc-ae-f32c32-in-1.0-256px"),
+    # Lite's scaling factor is sana-1.0's: same encoder, usable with diffusion models trained on sana-1.0 latents.
+    "dc-ae-lite-f32c32-sana-1.1": _lite("dc-ae-lite-f32c32-sana-1.1"),
+    # f32c128-1.5: no published scaling factor; f64c128-1.5: 0.5935, the factor its USiT models use.
+    "dc-ae-f32c128-1.5": _v15(6, None, "dc-ae-f32c128-1.5"),
+    "dc-ae-f64c128-1.5": _v15(7, 0.5935, "dc-ae-f64c128-1.5"),
 }
+# Other names of released models (Hugging Face repos use all of them).
+ALIASES: dict[str, str] = {
+    "dc-ae-lite-f32c32": "dc-ae-lite-f32c32-sana-1.1",
+    "dc-ae-turbo-f32c32-sana-1.1": "dc-ae-lite-f32c32-sana-1.1",
+}
+# Where each released model's weights live on the Hugging Face hub (`DCAE.from_pretrained` takes these ids).
+REPO_IDS: dict[str, str] = {
+    **{
+        f"dc-ae-{arch}-{data}-{version}": f"mit-han-lab/dc-ae-{arch}-{data}-{version}-diffusers"
+        for arch, data, version in [(a, d, "1.0") for a in ("f32c32", "f64c128", "f128c512") for d in ("in", "mix")]
+        + [("f32c32", "sana", "1.0"), ("f32c32", "sana", "1.1")]
+    },
+    "dc-ae-f32c32-in-1.0-256px": "mit-han-lab/dc-ae-f32c32-in-1.0-256px",
+    "dc-ae-lite-f32c32-sana-1.1": "dc-ai/dc-ae-lite-f32c32-diffusers",
+    "dc-ae-f32c128-1.5": "dc-ai/dc-ae-f32c128-1.5",
+    "dc-ae-f64c128-1.5": "dc-ai/dc-ae-f64c128-1.5",
+}
+
+
+def canonical_name(name: str) -> str | None:
+    """The registry name of a released model from a name, alias, repo id or path ending in one; else None."""
+    key = str(name).rstrip("/").split("/")[-1].removesuffix("-diffusers")
+    key = ALIASES.get(key, key)
+    return key if key in VARIANTS else None
 
 
 def get_config(name: str) -> DCAEConfig:
     """The config of a released model, by name (a `-diffusers` suffix or `mit-han-lab/` prefix is ok)."""
-    key = name.rstrip("/").split("/")[-1].removesuffix("-diffusers")
-    if key not in VARIANTS:
-        raise KeyError(f"unknown DC-AE variant {name!r}; valid names: {sorted(VARIANTS)}")
+    key = canonical_name(name)
+    if key is None:
+        raise KeyError(f"unknown DC-AE variant {name!r}; valid names: {sorted(VARIANTS)} (aliases: {sorted(ALIASES)})")
     return VARIANTS[key]
 
 
@@ -293,7 +375,7 @@ class Encoder(nn.Module):
             if i < n - 1 and depths[i] > 0:
                 x = layers.DownBlock(widths[i + 1], pixel_unshuffle, cfg.residual, name=f"stage_{i}_down", **kw)(x)
         z = layers.Conv2d(cfg.latent_channels, 3, name="project_out", **kw)(x)
-        if cfg.residual:
+        if cfg.residual and cfg.encoder_out_shortcut:
             z = z + layers.channel_average(x, cfg.latent_channels).astype(z.dtype)
         return z
 
@@ -312,8 +394,15 @@ class Decoder(nn.Module):
         widths, depths = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block
         n = cfg.num_stages
         interpolate = cfg.upsample_block_type == "interpolate"
+        if z.shape[-1] < cfg.latent_channels:  # a channel prefix (DC-AE 1.5): the rest are zeros
+            if not cfg.adaptive_latent:
+                raise ValueError(
+                    f"latent has {z.shape[-1]} of {cfg.latent_channels} channels; only a model without the "
+                    "shortcuts around its latent (decoder_in_shortcut=False, as DC-AE 1.5) decodes a channel prefix"
+                )
+            z = jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(0, cfg.latent_channels - z.shape[-1])])
         x = layers.Conv2d(widths[-1], 3, name="project_in", **kw)(z)
-        if cfg.residual:
+        if cfg.residual and cfg.decoder_in_shortcut:
             x = x + layers.channel_duplicate(z, widths[-1]).astype(x.dtype)
         for i in reversed(range(n)):
             if i < n - 1 and depths[i] > 0:
@@ -330,7 +419,7 @@ class Decoder(nn.Module):
                 )
                 x = block(x, train)
         x = layers.RMSNorm(param_dtype=self.param_dtype, name="head_norm")(x)
-        x = nn.relu(x)
+        x = layers.get_activation(cfg.decoder_conv_act_fn)(x)
         if depths[0] > 0:
             x = layers.Conv2d(cfg.in_channels, 3, name="head_conv", **kw)(x)
         else:
@@ -349,8 +438,13 @@ class DCAEModel(nn.Module):
         self.encoder = Encoder(self.config, self.dtype, self.param_dtype)
         self.decoder = Decoder(self.config, self.dtype, self.param_dtype)
 
-    def encode(self, x: Array, train: bool = False) -> Array:
-        return self.encoder(x, train)
+    def encode(self, x: Array, train: bool = False, latent_channels: int | None = None) -> Array:
+        """`latent_channels=c`: the first c channels only (a DC-AE 1.5 model's structured latent)."""
+        z = self.encoder(x, train)
+        if latent_channels is not None and latent_channels != z.shape[-1]:
+            check_latent_channels(self.config, latent_channels)
+            z = z[..., :latent_channels]
+        return z
 
     def decode(self, z: Array, train: bool = False) -> Array:
         return self.decoder(z, train)
@@ -358,6 +452,18 @@ class DCAEModel(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
         z = self.encode(x, train)
         return self.decode(z, train), z
+
+
+def check_latent_channels(config: DCAEConfig, c: int) -> None:
+    """Raises unless `c` channels of `config`'s latent can be encoded / decoded on their own."""
+    if not 1 <= c <= config.latent_channels:
+        raise ValueError(f"latent_channels={c} must be in 1..{config.latent_channels}")
+    if c < config.latent_channels and not config.adaptive_latent:
+        raise ValueError(
+            f"latent_channels={c}: {config.name} has shortcuts around its latent (each latent channel feeds every "
+            "decoder channel), so a channel prefix does not decode; only DC-AE 1.5-style models "
+            "(encoder_out_shortcut=decoder_in_shortcut=False) have a structured latent"
+        )
 
 
 def init_variables(config: DCAEConfig, rng: Array | int, resolution: int | None = None) -> dict[str, Any]:

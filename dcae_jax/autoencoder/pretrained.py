@@ -27,9 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from dcae_jax.autoencoder import convert
-from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, count_params, get_config
+from dcae_jax.autoencoder.model import (
+    VARIANTS,
+    DCAEConfig,
+    DCAEModel,
+    canonical_name,
+    check_latent_channels,
+    count_params,
+    get_config,
+)
 from dcae_jax.runtime import distributed, state_dict
 
+SAVE_FORMATS = ("dcae_jax", "diffusers", "efficientvit")
 EXPORT_CONFIG = "dcae_config.json"
 EXPORT_VARIABLES = "variables"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -39,8 +48,7 @@ def _registry_name_hint(text: str | None) -> str | None:
     """A released variant name contained in a path or repo id, if any (longest match wins)."""
     if not text:
         return None
-    base = str(text).rstrip("/").split("/")[-1].removesuffix("-diffusers")
-    return base if base in VARIANTS else None
+    return canonical_name(text)
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -72,9 +80,10 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
         return p
     s = str(path_or_repo_id)
     if s.count("/") != 1 or s.startswith((".", "/")):
-        from dcae_jax.autoencoder.model import VARIANTS
+        from dcae_jax.autoencoder.model import REPO_IDS
 
-        hint = f"; for the released model use its repo id, e.g. mit-han-lab/{s}-diffusers" if s in VARIANTS else ""
+        name = canonical_name(s)
+        hint = f"; for the released model use its repo id, {REPO_IDS[name]}" if name in REPO_IDS else ""
         raise FileNotFoundError(f"{s}: no such file or directory (and not a Hugging Face repo id 'owner/name'){hint}")
     try:
         from huggingface_hub import snapshot_download
@@ -119,6 +128,7 @@ def _locate(path_or_repo_id: str | os.PathLike, variant: str | None) -> _Found:
             raise ValueError(f"{cfg_path}: not a usable AutoencoderDC config ({msg})") from None
         return _Found(config, "diffusers", root / DIFFUSERS_WEIGHTS, state_dict.read(root / DIFFUSERS_WEIGHTS))
     weights = root if root.is_file() else _find_efficientvit_weights(root)
+    raw = {}
     if root.is_dir() and (root / "config.json").exists():
         raw = _read_json(root / "config.json")
         hint = hint or _registry_name_hint(raw.get("model_name"))
@@ -143,7 +153,21 @@ def _locate(path_or_repo_id: str | os.PathLike, variant: str | None) -> _Found:
             f"{weights}: the keys match none of the released DC-AE variants {sorted(VARIANTS)}; "
             "a custom architecture needs a config (diffusers config.json or a dcae_jax export)"
         )
+    if "scaling_factor" in raw:  # written by `save_pretrained(format="efficientvit")`: the model's own factor
+        config = config.replace(scaling_factor=raw["scaling_factor"])
     return _Found(config, fmt, weights, state)
+
+
+def released_architecture(config: DCAEConfig) -> str | None:
+    """The released model whose architecture `config` has (name and scaling factor aside), if any."""
+    if config.name in VARIANTS and config.replace(scaling_factor=None) == VARIANTS[config.name].replace(
+        scaling_factor=None
+    ):
+        return config.name
+    for name, c in VARIANTS.items():
+        if config.replace(name=name, scaling_factor=None) == c.replace(scaling_factor=None):
+            return name
+    return None
 
 
 def load_config(path_or_repo_id: str | os.PathLike, variant: str | None = None) -> DCAEConfig:
@@ -203,11 +227,22 @@ class DCAE:
         _check_variables(variables, shapes, root)
         return cls(config, variables, dtype)
 
-    def save_pretrained(self, out: str | os.PathLike) -> pathlib.Path:
-        """Writes our export format: `dcae_config.json` + an orbax checkpoint of the variables (fp32).
+    def save_pretrained(self, out: str | os.PathLike, format: str = "dcae_jax") -> pathlib.Path:
+        """Writes the model (fp32) in one of `SAVE_FORMATS`:
+
+        - "dcae_jax" (default): `dcae_config.json` + an orbax checkpoint of the variables;
+        - "diffusers": `config.json` + `diffusion_pytorch_model.safetensors`, for `AutoencoderDC.from_pretrained`;
+        - "efficientvit": `model.safetensors` in the original (efficientvit / DC-Gen) key layout + a `config.json`
+          naming the released architecture it has (that format has no config of its own, so only released
+          architectures can be written in it).
 
         Multi-process jobs call it on every process (orbax saves collectively); process 0 writes the files.
+        A model a format cannot express (e.g. `residual=False`) raises ValueError before anything is written.
         """
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"format={format!r}; valid: {', '.join(SAVE_FORMATS)}")
+        if format != "dcae_jax":
+            return self._save_torch_format(pathlib.Path(out).absolute(), format)
         import orbax.checkpoint as ocp
 
         out = pathlib.Path(out).absolute()
@@ -227,6 +262,34 @@ class DCAE:
             tmp.write_text(self.config.to_json())
             tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
         distributed.barrier(f"save_pretrained {out}")  # nobody reads the export before the config is there
+        return out
+
+    def _save_torch_format(self, out: pathlib.Path, fmt: str) -> pathlib.Path:
+        from safetensors.numpy import save_file
+
+        if fmt == "diffusers":
+            files = {"config.json": {"_class_name": "AutoencoderDC", **self.config.to_diffusers()}}
+            weights = DIFFUSERS_WEIGHTS
+        else:
+            name = released_architecture(self.config)
+            if name is None:
+                raise ValueError(
+                    f"{self.config.name}: the efficientvit format has no config of its own, so only a released "
+                    f"architecture ({', '.join(sorted(VARIANTS))}) can be written in it; use format='diffusers'"
+                )
+            files = {"config.json": {"model_name": name, "scaling_factor": self.config.scaling_factor}}
+            weights = "model.safetensors"
+        tensors = convert.to_state_dict(jax.device_get(self.variables), self.config, fmt)  # raises if inexpressible
+        if jax.process_index() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / (weights + ".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            tmp.replace(out / weights)
+            for filename, content in files.items():  # the config last: a partial export is not loadable
+                tmp = out / (filename + ".tmp")
+                tmp.write_text(json.dumps(content, indent=2))
+                tmp.replace(out / filename)
+        distributed.barrier(f"save_pretrained {out}")
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -253,25 +316,31 @@ class DCAE:
             )
         return x.astype(self.dtype)
 
-    def encode(self, images) -> jax.Array:
+    def encode(self, images, latent_channels: int | None = None) -> jax.Array:
         """(B, H, W, 3) in [-1, 1] -> (B, ceil(H/f), ceil(W/f), latent_channels).
 
-        H and W that are not multiples of the compression factor f are edge-padded first.
+        H and W that are not multiples of the compression factor f are edge-padded first. `latent_channels=c`
+        keeps the first c channels of a structured latent (DC-AE 1.5); `decode` takes such a prefix back.
         """
+        if latent_channels is not None:
+            check_latent_channels(self.config, latent_channels)
         x = self._check_images(images)
         f = self.config.spatial_compression_ratio
         ph, pw = -x.shape[1] % f, -x.shape[2] % f
         if ph or pw:
             x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-        return self._encode_fn(self.variables, x)
+        z = self._encode_fn(self.variables, x)
+        return z if latent_channels is None else z[..., :latent_channels]
 
     def decode(self, latents) -> jax.Array:
-        """(B, h, w, latent_channels) -> (B, h*f, w*f, 3); values are not clamped."""
+        """(B, h, w, c) -> (B, h*f, w*f, 3); values are not clamped. c: all latent channels, or (a DC-AE 1.5 model)
+        any prefix of them, the rest taken as zeros."""
         z = jnp.asarray(latents)
-        if z.ndim != 4 or z.shape[-1] != self.config.latent_channels:
+        if z.ndim != 4 or not 1 <= z.shape[-1] <= self.config.latent_channels:
             raise ValueError(
                 f"expected NHWC latents with {self.config.latent_channels} channels, got shape {tuple(z.shape)}"
             )
+        check_latent_channels(self.config, z.shape[-1])
         return self._decode_fn(self.variables, z.astype(self.dtype))
 
     def reconstruct(self, images) -> jax.Array:

@@ -157,7 +157,7 @@ class _Subset:
 class Encoder:
     """The DC-AE's encode, jitted data-parallel over this process's devices (no cross-process collectives)."""
 
-    def __init__(self, ae, batch_size: int):
+    def __init__(self, ae, batch_size: int, latent_channels: int | None = None):
         import jax
         import jax.numpy as jnp
         from jax.sharding import NamedSharding
@@ -179,7 +179,8 @@ class Encoder:
             h, w = x.shape[1:3]
             if h % f or w % f:  # as DCAE.encode: edge-pad to a multiple of f
                 x = jnp.pad(x, ((0, 0), (0, -h % f), (0, -w % f), (0, 0)), mode="edge")
-            return ae.model.apply(variables, x, method=DCAEModel.encode).astype(jnp.float32)
+            z = ae.model.apply(variables, x, latent_channels=latent_channels, method=DCAEModel.encode)
+            return z.astype(jnp.float32)
 
         step = jax.jit(encode, in_shardings=(rep, self.sharding), out_shardings=self.sharding)
         variables = jax.device_put(ae.variables, rep)
@@ -301,13 +302,15 @@ def precompute(
     auto_scale_examples: int = 2048,
     dtype: str = "float32",
     read_threads: int = 16,
+    latent_channels: int | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Encodes `data` into the latents folder `out` (or finishes it); every process calls it. Returns metadata.json
     plus this call's counts (`shards_written`, `shards_skipped`, `seconds`).
 
     `model`: a path / repo id for `DCAE.from_pretrained`, or a `DCAE`. `scaling_factor`: a number, "auto", or None
-    (the model's, else auto).
+    (the model's, else auto). `latent_channels`: keep only the first c channels (a DC-AE 1.5 model's structured
+    latent); None: all.
     """
     import jax
     import jax.numpy as jnp
@@ -331,7 +334,11 @@ def precompute(
     source, label_fn, class_names, label_source = open_labeled_source(data, split, max_images)
     num_records = len(source)
     f = ae.config.spatial_compression_ratio
-    latent_shape = [-(-resolution // f), -(-resolution // f), ae.config.latent_channels]
+    if latent_channels is not None:
+        from dcae_jax.autoencoder.model import check_latent_channels
+
+        check_latent_channels(ae.config, latent_channels)
+    latent_shape = [-(-resolution // f), -(-resolution // f), latent_channels or ae.config.latent_channels]
     num_shards = -(-num_records // shard_size)
     settings = {
         "format": fmt.FORMAT,
@@ -350,7 +357,7 @@ def precompute(
         "class_names": class_names,
         "label_source": label_source,
     }
-    encoder = Encoder(ae, batch_size)
+    encoder = Encoder(ae, batch_size, latent_channels)
 
     # The scaling factor: from an earlier run of this folder, the flag, the model, or measured.
     run_path = out / fmt.RUN

@@ -222,6 +222,7 @@ def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
         out=out,
         batch_size=config.data.get("encode_batch_size", 8),
         scaling_factor=config.data.get("scaling_factor") or None,  # "" -> the autoencoder's (else 1/RMS)
+        latent_channels=config.data.get("latent_channels") or None,  # 0 -> all (else a DC-AE 1.5 channel prefix)
     )
     return out
 

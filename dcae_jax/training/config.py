@@ -156,6 +156,7 @@ def diffusion_config() -> ml_collections.ConfigDict:
             "resolution": 512,
             "encode_batch_size": 8,
             "scaling_factor": "",  # for encoding images: "" = the autoencoder's, "auto" = 1/RMS, or a number
+            "latent_channels": 0,  # for encoding images: 0 = all, c = the first c (a DC-AE 1.5 structured latent)
             "latent_shape": (8, 8, 128),  # only for `dcae_jax.aot` (training reads the shape from the latents)
             "num_workers": 0,
         }

@@ -85,6 +85,15 @@ def test_decoder_recipe_keeps_every_latent_bit_identical(released_dir, released,
     np.testing.assert_array_equal(np.asarray(tuned.encode(x)), np.asarray(released.encode(x)))
     assert not np.array_equal(np.asarray(tuned.reconstruct(x)), np.asarray(released.reconstruct(x)))
     assert tuned.config.scaling_factor == released.config.scaling_factor  # same latent space, same factor
+    # What our trainer wrote goes back to PyTorch: diffusers' loader takes it and decodes our latents as we do.
+    import torch
+    from diffusers import AutoencoderDC
+
+    exported = AutoencoderDC.from_pretrained(tuned.save_pretrained(tmp_path / "diffusers", format="diffusers")).eval()
+    z = np.asarray(tuned.encode(x))
+    with torch.no_grad():
+        y = exported.decode(torch.from_numpy(z).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
+    assert np.abs(y - np.asarray(tuned.decode(z))).max() <= 1e-4
     n_decoder = sum(int(a.size) for a in jax.tree_util.tree_leaves(released.variables["params"]["decoder"]))
     assert f"| **all** | **{n_decoder:,}** |" in (tmp_path / "wd" / "trainable_params.md").read_text()
 

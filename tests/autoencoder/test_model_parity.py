@@ -12,6 +12,7 @@ import gc
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,12 +56,20 @@ def _check_diffusers_roundtrip(cfg: DCAEConfig, res: int, tmp_path, batch: int =
 TINY_RESOLUTION = {32: 64, 64: 128, 128: 128}
 
 
+def _tiny_resolution(cfg: DCAEConfig) -> int:
+    """Both attention paths where the model has attention; else the smallest input (a 1x1 latent)."""
+    has_attention = "EfficientViTBlock" in cfg.encoder_block_types + cfg.decoder_block_types
+    f = cfg.spatial_compression_ratio
+    return TINY_RESOLUTION[f] if has_attention else f
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_released_config_matches_diffusers(name, tmp_path):
     cfg = get_config(name)
-    ae = _check_diffusers_roundtrip(cfg, TINY_RESOLUTION[cfg.spatial_compression_ratio], tmp_path, batch=1)
+    ae = _check_diffusers_roundtrip(cfg, _tiny_resolution(cfg), tmp_path, batch=1)
     assert ae.config.name == name
-    assert ae.config.scaling_factor == cfg.scaling_factor
+    # diffusers' config needs a number: an unpublished factor (None) is written as its default, 1.0.
+    assert ae.config.scaling_factor == (cfg.scaling_factor if cfg.scaling_factor is not None else 1.0)
     assert ae.config.latent_channels == cfg.latent_channels
 
 
@@ -81,7 +90,15 @@ def _narrow(cfg: DCAEConfig) -> DCAEConfig:
 
 
 @pytest.mark.parametrize(
-    "name", ["dc-ae-f32c32-in-1.0", "dc-ae-f64c128-in-1.0", "dc-ae-f128c512-in-1.0", "dc-ae-f32c32-sana-1.0"]
+    "name",
+    [
+        "dc-ae-f32c32-in-1.0",
+        "dc-ae-f64c128-in-1.0",
+        "dc-ae-f128c512-in-1.0",
+        "dc-ae-f32c32-sana-1.0",
+        "dc-ae-lite-f32c32-sana-1.1",
+        "dc-ae-f64c128-1.5",
+    ],
 )
 @pytest.mark.parametrize("deepest_path", ["quadratic", "linear"])
 def test_narrow_architectures_both_attention_paths(name, deepest_path, tmp_path):
@@ -121,3 +138,75 @@ def test_efficientvit_format_matches_diffusers(name, tmp_path):
     # Saved from a PyTorch DDP run: every key under `module.`.
     torch.save({"state_dict": {f"module.{k}": v for k, v in ev.items()}}, d / "model.pt")
     _assert_close(DCAE.from_pretrained(d), x, z_ref, y_ref)
+
+
+# Original-format key counts and parameter counts of the newer models, as DC-Gen's own modules have them
+# (dc-ai-projects/DC-Gen dc_gen/aecore/models/dc_ae.py builders, counted from `state_dict()` / `parameters()`).
+DC_GEN_COUNTS = {
+    "dc-ae-lite-f32c32-sana-1.1": (275, 421_181_228),
+    "dc-ae-f32c128-1.5": (296, 523_609_740),
+    "dc-ae-f64c128-1.5": (340, 714_741_644),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DC_GEN_COUNTS))
+def test_newer_models_have_dc_gens_keys_and_sizes(name):
+    from dcae_jax.autoencoder import convert
+    from dcae_jax.autoencoder.model import DCAEModel, count_params
+
+    cfg = get_config(name)
+    keys = {k for e in convert.table(cfg, "efficientvit") for k in e.torch}
+    n_keys, n_params = DC_GEN_COUNTS[name]
+    assert len(keys) == n_keys
+    shapes = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    assert count_params(shapes["params"]) == n_params
+    if "1.5" in name:  # no shortcut around the latent: no ResidualBlock wrapper (`.main.`) in the original keys
+        assert {"encoder.project_out.op_list.0.conv.weight", "decoder.project_in.conv.weight"} <= keys
+    else:
+        assert {"encoder.project_out.main.op_list.0.conv.weight", "decoder.project_in.main.conv.weight"} <= keys
+    assert get_config(name).decoder_conv_act_fn == "silu"
+
+
+def test_every_name_of_lite_and_the_256px_model():
+    lite = get_config("dc-ae-lite-f32c32-sana-1.1")
+    for alias in ("dc-ai/dc-ae-lite-f32c32-diffusers", "mit-han-lab/dc-ae-turbo-f32c32-sana-1.1-diffusers"):
+        assert get_config(alias) is lite
+    sana = get_config("dc-ae-f32c32-sana-1.0")
+    # Lite: sana-1.0's encoder (diffusion models trained on sana latents use it) and its scaling factor.
+    assert lite.scaling_factor == sana.scaling_factor
+    assert [getattr(lite, f) for f in ENCODER_FIELDS] == [getattr(sana, f) for f in ENCODER_FIELDS]
+    in256 = get_config("dc-ae-f32c32-in-1.0-256px")
+    assert in256.replace(name="x", scaling_factor=None) == get_config("dc-ae-f32c32-in-1.0").replace(
+        name="x", scaling_factor=None
+    )
+
+
+ENCODER_FIELDS = (
+    "encoder_block_out_channels",
+    "encoder_layers_per_block",
+    "encoder_block_types",
+    "encoder_qkv_multiscales",
+    "downsample_block_type",
+    "encoder_out_shortcut",
+    "latent_channels",
+)
+
+
+def test_dc_ae_1_5_original_format_matches_diffusers(tmp_path):
+    """The 1.5 original layout (no `.main.` around the latent layers), validated by diffusers' own converter."""
+    name = "dc-ae-f32c128-1.5"
+    cfg = get_config(name)
+    model = make_torch_model(cfg)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ev = to_efficientvit_state_dict(sd, cfg)
+    back = convert_autoencoder_dc_checkpoint_to_diffusers(dict(ev))
+    assert set(back) == set(sd)
+    x = _images(32, 1)
+    z_ref, y_ref = torch_encode_decode(model, x)
+    del model
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file(ev, str(d / "model.safetensors"))
+    ae = DCAE.from_pretrained(d)  # detected from its keys alone
+    assert ae.config.name == name
+    _assert_close(ae, x, z_ref, y_ref)

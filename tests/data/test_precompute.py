@@ -288,3 +288,18 @@ def test_devices_and_processes_agree(files, first, tmp_path, processes, devices)
     assert meta["shards"] == ref_meta["shards"] and meta["num_examples"] == 6
     assert meta["stats"]["rms"] == pytest.approx(ref_meta["stats"]["rms"], rel=1e-6)
     assert "(3 written, 0 already finished" in logs[0]  # counted over all processes
+
+
+def test_a_channel_prefix_of_a_structured_latent(files, tmp_path):
+    """A DC-AE 1.5-style model (no shortcut around its latent): `latent_channels=c` stores the first c channels,
+    exactly `DCAE.encode(x, latent_channels=c)`; a model whose shortcuts mix the channels is refused."""
+    config = tiny_config(scaling_factor=SCALE, encoder_out_shortcut=False, decoder_in_shortcut=False)
+    ae = DCAE(config, DCAE.from_pretrained(files["model"]).variables)
+    r = pl.precompute(ae, files["data"], RES, tmp_path / "out", latent_channels=3, **KW)
+    assert r["latent_shape"] == [RES // 8, RES // 8, 3]
+    paths = [p for p in list_images(files["photos"]) if p.name != "broken.jpg"]
+    x = np.stack([load_image(p, resolution=RES) for p in paths])
+    want = np.asarray(ae.encode(x, latent_channels=3)) * np.float32(SCALE)
+    np.testing.assert_allclose(_stored(tmp_path / "out")["latent"], want, atol=1e-6)
+    with pytest.raises(ValueError, match="shortcuts around its latent"):
+        pl.precompute(str(files["model"]), files["data"], RES, tmp_path / "other", latent_channels=3, **KW)

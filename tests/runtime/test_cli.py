@@ -76,7 +76,7 @@ def test_debug_env_shows_the_traceback():
 def test_a_short_model_name_suggests_the_repo_id():
     from dcae_jax.autoencoder.pretrained import DCAE
 
-    with pytest.raises(FileNotFoundError, match=r"use its repo id, e\.g\. mit-han-lab/dc-ae-f32c32-in-1\.0-diffusers"):
+    with pytest.raises(FileNotFoundError, match=r"use its repo id, mit-han-lab/dc-ae-f32c32-in-1\.0-diffusers"):
         DCAE.from_pretrained("dc-ae-f32c32-in-1.0")
 
 
