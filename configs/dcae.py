@@ -6,7 +6,8 @@
     python -m dcae_jax.main --config=configs/dcae.py:variant=f64c128,phase=3,data=imagenet --workdir=/mnt/shared/runs/f64_p3 \
         --config.init_from=/mnt/shared/runs/f64_p2/export
 
-Args: variant = f32c32 | f64c128 | f128c512 | sana (architectures of the released models),
+Args: variant = f32c32 | f64c128 | f128c512 | sana | lite | f32c128-1.5 | f64c128-1.5 (architectures of the
+released models; the 1.5 ones train their structured latent: each step decodes a random channel prefix),
 phase = 1 | 2 | 3, data = imagenet | bundled | folder:/path, adapt_stages / head_stages (how many
 stages next to the latent / the head phases 2 / 3 also train), fsdp (size of the mesh's FSDP axis:
 parameters and optimizer state are sharded over it; 1 = pure data parallel, the default),
@@ -23,6 +24,9 @@ VARIANTS = {
     "f64c128": ("dc-ae-f64c128-in-1.0", 7),
     "f128c512": ("dc-ae-f128c512-in-1.0", 8),
     "sana": ("dc-ae-f32c32-sana-1.0", 6),
+    "lite": ("dc-ae-lite-f32c32-sana-1.1", 6),
+    "f32c128-1.5": ("dc-ae-f32c128-1.5", 6),
+    "f64c128-1.5": ("dc-ae-f64c128-1.5", 7),
 }
 DATA = {"imagenet": ("tfds:imagenet2012", "train", "tfds:imagenet2012", "validation")}
 
@@ -38,6 +42,10 @@ def get_config(arg: str = ""):
     c.model.variant = name
     common.apply_phase(c, a.phase, num_stages, a.adapt_stages, a.head_stages)
     c.loss.lpips_weight = 1.0  # L1 + LPIPS (the maintainers' statement); genuine VGG16 weights by default
+    if name.endswith("-1.5"):
+        # DC-AE 1.5: one channel count per step, uniform over multiples of 16 (DC-Gen's trainer draws uniformly from
+        # a configured set; the released set is not public, its paper checkpoints are c16 ... c128).
+        c.latent_sampling.channels = tuple(range(16, 129, 16))
     c.resolution = 1024 if a.phase == 2 else 256
     c.global_batch_size = {1: 256, 2: 64, 3: 256}[a.phase]
     c.num_steps = {1: 200_000, 2: 20_000, 3: 20_000}[a.phase]

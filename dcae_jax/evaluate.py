@@ -27,6 +27,7 @@ def define_flags(f: cli.Flags) -> None:
     f.string("fid_weights", None, "FID Inception .npz (default: the genuine file, fetch_weights).")
     f.string("ref_stats", None, "FID reference mu/sigma .npz (default: the real images of this pass).")
     f.enum("dtype", "float32", ["float32", "bfloat16"], "Autoencoder compute dtype.")
+    f.integer("latent_channels", None, "Reconstruct from the first C latent channels only (DC-AE 1.5).", lower_bound=1)
 
 
 def body(flags) -> int:

@@ -449,9 +449,14 @@ class DCAEModel(nn.Module):
     def decode(self, z: Array, train: bool = False) -> Array:
         return self.decoder(z, train)
 
-    def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
+    def __call__(self, x: Array, train: bool = False, keep_channels: Array | None = None) -> tuple[Array, Array]:
+        """(reconstruction, latent). `keep_channels=c` (may be traced) decodes only the first c latent channels, the
+        rest zeroed: DC-AE 1.5's training of a structured latent (the latent returned is whole)."""
         z = self.encode(x, train)
-        return self.decode(z, train), z
+        if keep_channels is None:
+            return self.decode(z, train), z
+        keep = jnp.arange(z.shape[-1]) < keep_channels
+        return self.decode(jnp.where(keep, z, jnp.zeros_like(z)), train), z
 
 
 def check_latent_channels(config: DCAEConfig, c: int) -> None:

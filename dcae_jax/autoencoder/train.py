@@ -60,6 +60,7 @@ class TrainMetrics(clu_metrics.Collection):
     gan_weight: clu_metrics.Average.from_output("gan_weight")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
     disc_grad_norm: clu_metrics.Average.from_output("disc_grad_norm")
+    latent_channels: clu_metrics.Average.from_output("latent_channels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,10 @@ class Trainer:
     gan_loss: str
     disc_start: int
     ema_decay: float
+    # DC-AE 1.5: each step decodes only the first c' latent channels, c' drawn from `latent_channels` with
+    # probabilities `latent_channel_probs` (empty: uniform); () = always all channels.
+    latent_channels: tuple[int, ...] = ()
+    latent_channel_probs: tuple[float, ...] = ()
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__
@@ -117,20 +122,33 @@ def _head_grads(grads: Any) -> Any:
     return grads["decoder"]["head_conv"]
 
 
+def sample_latent_channels(t: Trainer, rng: jax.Array, step: jax.Array) -> jax.Array | None:
+    """The number of leading latent channels this step decodes (one draw per global batch, as DC-Gen's trainer);
+    None when the config samples none. Depends only on the run's key and the step: exact on resume."""
+    if not t.latent_channels:
+        return None
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    key = jax.random.fold_in(key, 0x1A7E)  # a stream of its own, apart from any other use of the run's key
+    choices = jnp.asarray(t.latent_channels, jnp.int32)
+    probs = jnp.asarray(t.latent_channel_probs, jnp.float32) if t.latent_channel_probs else None
+    return jax.random.choice(key, choices, p=probs)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], aux_vars: dict[str, Any], *, trainer: Trainer):
     """One optimisation step of the autoencoder (and the discriminator when configured)."""
     t = trainer
     x = batch["image"]  # (B, H, W, 3) in [-1, 1]
     step = state.step
+    keep = sample_latent_channels(t, state.rng, step)  # None: every latent channel
 
     def loss_pair(params):
         p = optim.stop_frozen_gradients(params, t.labels)
         variables = {"params": p, "batch_stats": state.batch_stats}
         if t.train_batch_norm:
-            (y, _), updates = t.model.apply(variables, x, train=True, mutable=["batch_stats"])
+            (y, _), updates = t.model.apply(variables, x, train=True, keep_channels=keep, mutable=["batch_stats"])
             new_stats = updates["batch_stats"]
         else:
-            y, _ = t.model.apply(variables, x)
+            y, _ = t.model.apply(variables, x, keep_channels=keep)
             new_stats = state.batch_stats
         l1 = losses.l1_loss(y, x)
         lp = t.lpips.apply(aux_vars["lpips"], y, x).mean() if t.lpips is not None else jnp.zeros(())
@@ -166,6 +184,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], aux_vars: dict[st
         "gen_loss": gen,
         "gan_weight": weight,
         "grad_norm": optax.global_norm(grads),
+        "latent_channels": jnp.asarray(t.model.config.latent_channels if keep is None else keep, jnp.float32),
     }
 
     disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
@@ -297,6 +316,8 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
         gan_loss=loss_cfg.gan_loss,
         disc_start=loss_cfg.disc_start,
         ema_decay=config.ema_decay,
+        latent_channels=tuple(int(c) for c in config.get("latent_sampling", {}).get("channels", ())),
+        latent_channel_probs=tuple(float(q) for q in config.get("latent_sampling", {}).get("probs", ())),
     )
 
 
@@ -564,6 +585,24 @@ def check_config(config, cfg: DCAEConfig, mesh) -> None:
     start = config.loss.get("lpips_start", 0)
     if not isinstance(start, int) or start < 0:
         problems.append(f"config.loss.lpips_start={start!r} must be a non-negative integer")
+    sampling = config.get("latent_sampling", {})
+    channels, probs = tuple(sampling.get("channels", ())), tuple(sampling.get("probs", ()))
+    if channels:
+        if not cfg.adaptive_latent:
+            problems.append(
+                f"config.latent_sampling.channels={channels}: {cfg.name} has shortcuts around its latent, so a "
+                "channel prefix does not decode; set model.overrides encoder_out_shortcut and decoder_in_shortcut "
+                "to False (as DC-AE 1.5)"
+            )
+        if any(not isinstance(c, int) or not 1 <= c <= cfg.latent_channels for c in channels):
+            problems.append(f"config.latent_sampling.channels={channels} must be integers in 1..{cfg.latent_channels}")
+        if probs and (len(probs) != len(channels) or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6):
+            problems.append(
+                f"config.latent_sampling.probs={probs} must be {len(channels)} non-negative numbers summing to 1 "
+                "(or empty: uniform)"
+            )
+    elif probs:
+        problems.append("config.latent_sampling.probs is set but config.latent_sampling.channels is empty")
     crop = config.get("eval_rfid_crop", 0)
     if config.get("eval_rfid") and crop and crop > (config.get("eval_resolution") or config.get("resolution") or 0):
         problems.append(f"config.eval_rfid_crop={crop} is larger than the evaluation resolution")

@@ -54,8 +54,11 @@ def _u8_to_signed(u8: jax.Array) -> jax.Array:
     return u8.astype(jnp.float32) / 255.0 * 2.0 - 1.0
 
 
-def make_step(ae, lpips_net=None, fid_net=None, real_features: bool = False) -> Callable:
-    """(ae_vars, lpips_vars, fid_vars, images) -> per-image metrics / features; jit it with shardings."""
+def make_step(
+    ae, lpips_net=None, fid_net=None, real_features: bool = False, latent_channels: int | None = None
+) -> Callable:
+    """(ae_vars, lpips_vars, fid_vars, images) -> per-image metrics / features; jit it with shardings.
+    `latent_channels=c`: reconstruct from the first c latent channels only (a DC-AE 1.5 structured latent)."""
     from dcae_jax.autoencoder.model import DCAEModel
 
     f = ae.config.spatial_compression_ratio
@@ -65,7 +68,7 @@ def make_step(ae, lpips_net=None, fid_net=None, real_features: bool = False) -> 
         x = images.astype(ae.dtype)
         if h % f or w % f:  # as DCAE.encode: edge-pad to a multiple of f, crop the reconstruction back
             x = jnp.pad(x, ((0, 0), (0, -h % f), (0, -w % f), (0, 0)), mode="edge")
-        z = ae.model.apply(ae_vars, x, method=DCAEModel.encode)
+        z = ae.model.apply(ae_vars, x, latent_channels=latent_channels, method=DCAEModel.encode)
         rec = ae.model.apply(ae_vars, z, method=DCAEModel.decode)[:, :h, :w].astype(jnp.float32)
         ref_u8, rec_u8 = image_metrics.quantize_uint8(images), image_metrics.quantize_uint8(rec)
         zf = z.astype(jnp.float32)
@@ -129,8 +132,10 @@ def evaluate_dataset(
     fid_weights: str | None = None,
     ref_stats: str | None = None,
     dtype: str = "float32",
+    latent_channels: int | None = None,
 ) -> dict[str, Any]:
     """Reconstructs every record of `data` [`split`] with the DC-AE `model` and scores it (module docstring).
+    `latent_channels=c`: from the first c latent channels only (DC-AE 1.5), the rest decoded as zeros.
 
     Returns the results (JSON-ready: non-finite numbers as None), with `markdown` (header and row) and `notes`.
     Raises ValueError when the model produces non-finite latents or reconstructions (nothing is scored then).
@@ -150,6 +155,10 @@ def evaluate_dataset(
     if ref_path and fid_net is None:
         notes.append(f"--ref_stats {ref_path} unused: rFID needs --fid_weights")
     ae = DCAE.from_pretrained(model, dtype=getattr(jnp, dtype))
+    if latent_channels is not None:
+        from dcae_jax.autoencoder.model import check_latent_channels
+
+        check_latent_channels(ae.config, latent_channels)
     source = batches.open_source(data, split, max_images)
     batch_size = batches.global_batch_size(batch_size)
     loader = batches.make_loader(source, resolution, batch_size)
@@ -158,7 +167,9 @@ def evaluate_dataset(
     rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     real_features = fid_net is not None and ref_stats is None
     step = jax.jit(
-        make_step(ae, lpips_net, fid_net, real_features), in_shardings=(rep, rep, rep, sharded), out_shardings=sharded
+        make_step(ae, lpips_net, fid_net, real_features, latent_channels),
+        in_shardings=(rep, rep, rep, sharded),
+        out_shardings=sharded,
     )
     consts = jax.device_put((ae.variables, lpips_vars or {}, fid_vars or {}), rep)
     bound = functools.partial(step, *consts)
@@ -201,7 +212,7 @@ def evaluate_dataset(
             except ValueError as err:  # e.g. a complex sqrtm from too few images: keep the other metrics
                 notes.append(f"rFID not computed: {err}")
     f = ae.config.spatial_compression_ratio
-    zshape = (-(-resolution // f), -(-resolution // f), ae.config.latent_channels)
+    zshape = (-(-resolution // f), -(-resolution // f), latent_channels or ae.config.latent_channels)
     zn = n * int(np.prod(zshape))
     z_mean = totals["z_sum"] / zn if zn else None
     z_rms = math.sqrt(totals["z_sq"] / zn) if zn else None
@@ -211,7 +222,9 @@ def evaluate_dataset(
 
     results: dict[str, Any] = {
         "model": str(model),
-        "model_label": pathlib.Path(str(model)).name or str(model),
+        "model_label": (pathlib.Path(str(model)).name or str(model))
+        + (f" ({latent_channels} ch)" if latent_channels else ""),
+        "latent_channels": latent_channels or ae.config.latent_channels,
         "config_name": ae.config.name,
         "data": data,
         "split": split,

@@ -111,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_lpips = True
     c.eval_rfid = True
     c.eval_rfid_crop = 0  # 0: whole images; s > 0: s x s crops on a stride-s/2 grid (patch rFID, tiny eval sets)
+    # DC-AE 1.5's structured latent: each step decodes only the first c' latent channels, c' drawn per step from
+    # `channels` with `probs` (empty: uniform), e.g. (16, 32, ..., 128). Needs a model without the shortcuts around
+    # its latent (encoder_out_shortcut = decoder_in_shortcut = False). Empty: every step uses all channels.
+    c.latent_sampling = ml_collections.ConfigDict({"channels": (), "probs": ()})
     c.ema_decay = 0.0
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})  # 0: all
     # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
