@@ -10,23 +10,28 @@ Args: sampled (each step decodes the first c' of the 16 latent channels, c' unif
 16 every step), steps.
 """
 
+import importlib.util
+import pathlib
+
 from dcae_jax.training import config as common
 
-# The quickstart's f16c16 model (configs/quickstart.py) with DC-AE 1.5's latent layers: no averaging shortcut into
-# the latent, no duplicating shortcut out of it, SiLU before the output conv.
+
+def _quickstart_model() -> dict:
+    """configs/quickstart.py's f16c16 model (read from the file beside this one)."""
+    spec = importlib.util.spec_from_file_location(
+        "quickstart_config", pathlib.Path(__file__).with_name("quickstart.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.MODEL_OVERRIDES)
+
+
+# The quickstart's model with DC-AE 1.5's latent layers: no averaging shortcut into the latent, no duplicating
+# shortcut out of it, SiLU before the output conv; RMSNorm for BatchNorm (a prefix must not shift batch statistics).
 MODEL = {
-    "latent_channels": 16,
-    "encoder_block_out_channels": [16, 32, 64, 128, 128],
-    "decoder_block_out_channels": [16, 32, 64, 128, 128],
-    "encoder_layers_per_block": [0, 1, 1, 1, 1],
-    "decoder_layers_per_block": [0, 1, 1, 1, 1],
-    "encoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    "decoder_block_types": ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock"],
-    "encoder_qkv_multiscales": [[], [], [], [], []],
-    "decoder_qkv_multiscales": [[], [], [], [], []],
+    **_quickstart_model(),
     "decoder_norm_types": ["rms_norm"] * 5,
     "decoder_act_fns": ["silu"] * 5,
-    "attention_head_dim": 16,
     "encoder_out_shortcut": False,
     "decoder_in_shortcut": False,
     "decoder_conv_act_fn": "silu",
