@@ -79,8 +79,8 @@ def get_config(arg: str = ""):
     # Resolution: the phase-1 resolution (256) for decoder and full fine-tuning, the target one for highres.
     c.resolution = a.resolution or (1024 if a.recipe == "highres" else 256)
     c.eval_resolution = c.resolution
-    # Batch: 32 at 256² fits a 16-GiB accelerator for f32c32 and f64c128 (docs/finetune.md has the AOT numbers);
-    # highres images are 16x larger, so 8.
+    # Batch (global): 32 at 256², e.g. 4 images per device on 8 devices; activations take ~6-7.4 GiB per 512² image
+    # with the LPIPS loss (AOT, docs/finetune.md), so ~1.5-1.9 GiB per 256² image. Highres images are 16x larger: 8.
     c.global_batch_size = a.batch or (8 if a.recipe == "highres" else 32)
     c.eval_batch_size = min(c.global_batch_size, 16)
     # Steps: fine-tuning adapts, it does not retrain; a few thousand steps on a new domain, fewer for the decoder.
