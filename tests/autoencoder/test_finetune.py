@@ -75,6 +75,7 @@ def _photos(n: int = 2, size: int = 64) -> np.ndarray:
     return np.stack([images.load_image(p, size) for p in input_pipeline.bundled_photos("validation")[:n]])
 
 
+@pytest.mark.bigmem
 def test_decoder_recipe_keeps_every_latent_bit_identical(released_dir, released, tmp_path, genuine_weights):
     tuned = _finetune(released_dir, tmp_path / "wd", "recipe=decoder,gan=True")
     changed = _changed(released, tuned)
@@ -98,12 +99,14 @@ def test_decoder_recipe_keeps_every_latent_bit_identical(released_dir, released,
     assert f"| **all** | **{n_decoder:,}** |" in (tmp_path / "wd" / "trainable_params.md").read_text()
 
 
+@pytest.mark.bigmem
 def test_full_recipe_trains_every_layer(released_dir, released, tmp_path, genuine_weights):
     changed = _changed(released, _finetune(released_dir, tmp_path / "wd", "recipe=full"))
     frozen = [k for k, v in changed.items() if not v]
     assert len(frozen) < 0.02 * len(changed), f"{len(frozen)} parameters did not move: {frozen[:10]}"
 
 
+@pytest.mark.bigmem
 def test_highres_recipe_trains_only_the_latent_adjacent_layers(released_dir, released, tmp_path, genuine_weights):
     changed = _changed(released, _finetune(released_dir, tmp_path / "wd", "recipe=highres"))
     adjacent = ("encoder/project_out/", "decoder/project_in/")

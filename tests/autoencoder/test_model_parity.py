@@ -63,6 +63,7 @@ def _tiny_resolution(cfg: DCAEConfig) -> int:
     return TINY_RESOLUTION[f] if has_attention else f
 
 
+@pytest.mark.bigmem
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_released_config_matches_diffusers(name, tmp_path):
     cfg = get_config(name)
@@ -73,6 +74,7 @@ def test_released_config_matches_diffusers(name, tmp_path):
     assert ae.config.latent_channels == cfg.latent_channels
 
 
+@pytest.mark.bigmem
 def test_f32c32_full_size_linear_attention_everywhere(tmp_path):
     # 256x256: the deepest stage is 8x8 = 64 > 32 tokens, so every LiteMLA takes the linear path.
     _check_diffusers_roundtrip(get_config("dc-ae-f32c32-in-1.0"), 256, tmp_path, batch=1)
@@ -111,6 +113,7 @@ def test_narrow_architectures_both_attention_paths(name, deepest_path, tmp_path)
 
 
 # DC-AE 1.5's original layout has no `.main.` around its latent layers (no shortcut there); no attention: 32x32.
+@pytest.mark.bigmem
 @pytest.mark.parametrize(
     ("name", "res"), [("dc-ae-f32c32-in-1.0", 64), ("dc-ae-f32c32-sana-1.0", 64), ("dc-ae-f32c128-1.5", 32)]
 )

@@ -99,6 +99,7 @@ def test_export_refuses_what_a_format_cannot_express(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+@pytest.mark.bigmem
 def test_original_format_export_loads_in_the_original_layout(tmp_path):
     """A released architecture (sana-1.1, full size) written in the efficientvit layout: diffusers' single-file
     converter (independent of our key tables) turns it into an `AutoencoderDC` state dict that loads strictly and
