@@ -86,9 +86,27 @@ def host_array(x: Any) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# A barrier waits this long for the slowest process (e.g. one compiling a full-size model without a cache hit).
+BARRIER_TIMEOUT_S = 3600
+_barrier_calls: dict[str, int] = {}
+
+
 def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier `name` (e.g. nobody reads a file before it is written)."""
-    if jax.process_count() > 1:
+    """Waits until every process reaches the barrier `name` (e.g. nobody reads a file before it is written).
+
+    It waits in JAX's coordination service (up to `BARRIER_TIMEOUT_S`; a process that dies fails it at once),
+    not in a device collective: on CPU a gloo collective gives up when one process is 30 s behind the others.
+    Every process calls the same barriers in the same order; the n-th call of `name` is its own barrier.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize started
+
+    client = jax_distributed.global_state.client
+    if client is None:  # processes that found each other without the distributed service (a bare TPU slice)
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    n = _barrier_calls[name] = _barrier_calls.get(name, 0) + 1
+    client.wait_at_barrier(f"dcae_jax/{name}/{n}", BARRIER_TIMEOUT_S * 1000)

@@ -24,18 +24,41 @@ from absl import logging
 from clu import periodic_actions
 
 from dcae_jax.metrics import history
+from dcae_jax.runtime import distributed
 from dcae_jax.training import checkpoints
 
 
-def jit_step(step: Callable, state_shardings: Any, data_sharding: Any, num_extra: int = 0):
+def jit_step(step: Callable, state_shardings: Any, data_sharding: Any, num_extra: int = 0) -> CompiledStep:
     """`step(state, batch, *extra)` compiled the way every train step is: state and batch sharded as given (the
     extra inputs, e.g. frozen perceptual networks, as they come), metrics replicated, the old state donated."""
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, data_sharding, *([None] * num_extra)),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
+    return CompiledStep(
+        jax.jit(
+            step,
+            in_shardings=(state_shardings, data_sharding, *([None] * num_extra)),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
     )
+
+
+class CompiledStep:
+    """A jitted step that is compiled on its first call, before anything runs: then every process waits for the
+    others (`distributed.barrier`), so that no process starts the step's collectives while another is still
+    compiling (on CPU, gloo gives up on a peer 30 s late; a cache miss on one host easily costs more).
+    `lower(*args)` is the jitted function's, for ahead-of-time compilation."""
+
+    def __init__(self, jitted: Callable):
+        self._jitted = jitted
+        self._compiled = None
+
+    def lower(self, *args):
+        return self._jitted.lower(*args)
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self._jitted.lower(*args).compile()
+            distributed.barrier("train step compiled")
+        return self._compiled(*args)
 
 
 def logged_learning_rate(schedule: Callable[[int], Any], step: int) -> float:

@@ -1,0 +1,119 @@
+"""dcae_jax.training.loop: the compiled train step, and two processes where one is far behind the other.
+
+The step's cross-process collectives must not start while a peer is still compiling: on CPU, gloo gives up on a
+peer 30 s late ("Gloo context initialization failed: ... GetKeyValue() timed out"), which a cache miss on one host
+or a loaded machine easily causes (it failed a CI run). The real 2-process test below makes process 1 arrive 40 s
+late at a barrier and compile the step 40 s slower; both must finish with the right global sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dcae_jax.training import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+LATE_S = 40  # more than gloo's 30 s
+
+
+def _step(state, batch):
+    total = jnp.sum(batch)
+    return state + total, {"sum": total}
+
+
+def test_the_step_runs_compiled_and_donates():
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = loop.jit_step(_step, replicated, split)
+    state = jax.device_put(jnp.zeros(()), replicated)
+    batch = jax.device_put(jnp.arange(4.0), split)
+    new_state, metrics = step(state, batch)
+    assert float(new_state) == float(metrics["sum"]) == 6.0
+    assert state.is_deleted()  # the old state was donated
+    new_state, _ = step(new_state, batch)  # the same executable again
+    assert float(new_state) == 12.0
+    assert "sum" in step.lower(new_state, batch).as_text()  # ahead-of-time lowering still works
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, time
+    import numpy as np
+    from dcae_jax.runtime import distributed
+    distributed.initialize_from_env()
+    import jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from dcae_jax.training import loop
+
+    late = float(os.environ["LATE_S"]) if jax.process_index() == 1 else 0.0
+    time.sleep(late)  # a slow start (e.g. a checkpoint restore) before a barrier
+    distributed.barrier("late start")
+    distributed.barrier("late start")  # the same name again is a new barrier
+
+    def step(state, batch):
+        time.sleep(late)  # runs while tracing, i.e. compiling: process 1 compiles `late` seconds longer
+        total = jnp.sum(batch)  # a cross-process all-reduce
+        return state + total, {"sum": total}
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    compiled_step = loop.jit_step(step, replicated, split)
+    local = np.arange(jax.local_device_count(), dtype=np.float32) + 10 * jax.process_index()
+    batch = jax.make_array_from_process_local_data(split, local)
+    state = jax.device_put(jnp.zeros((), jnp.float32), replicated)
+    for _ in range(2):
+        state, metrics = compiled_step(state, batch)
+    print(json.dumps({"index": jax.process_index(), "state": float(state), "sum": float(metrics["sum"])}))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_far_behind_does_not_break_the_collectives():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        JAX_NUM_PROCESSES="2",
+        LATE_S=str(LATE_S),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER],
+            env={**env, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=4 * LATE_S + 120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    total = float(np.sum(np.arange(2.0)) + np.sum(np.arange(2.0) + 10))  # devices 0, 1 and 10, 11
+    assert [r["index"] for r in results] == [0, 1]
+    assert all(r["sum"] == total and r["state"] == 2 * total for r in results)
