@@ -96,9 +96,7 @@ def model_config(config: ml_collections.ConfigDict) -> DCAEConfig:
     `config.init_from` checkpoint, any format `DCAE.from_pretrained` reads) plus overrides."""
     variant = config.model.variant
     if not variant and config.get("init_from"):
-        from dcae_jax.autoencoder.pretrained import load_config
-
-        base = load_config(config.init_from)
+        base = _init_from_architecture(str(config.init_from))
     else:
         base = tiny_config() if variant == "tiny" else get_config(variant) if variant in VARIANTS else None
     if base is None:
@@ -112,6 +110,15 @@ def model_config(config: ml_collections.ConfigDict) -> DCAEConfig:
         for k, v in overrides.items()
     }
     return base.replace(**overrides)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_from_architecture(path: str) -> DCAEConfig:
+    """The architecture of the checkpoint at `path`, read once per process (a hub id or an original-format file
+    costs a lookup or a full read; `model_config` is asked several times per run)."""
+    from dcae_jax.autoencoder.pretrained import load_config
+
+    return load_config(path)
 
 
 # ----------------------------------------------------------------------------------------------
