@@ -26,6 +26,12 @@ def define_flags(f: cli.Flags) -> None:
     f.float("guidance_scale", None, "Classifier-free guidance scale (default: the model's).")
     f.string("sampler", None, "dpm_solver_pp (UViT) | euler, heun, dopri5 (USiT) | ddpm (DiT).")
     f.integer("steps", None, "Sampler steps (default: the model's: 30 for DPM-Solver++).")
+    f.integer(
+        "latent_channels",
+        None,
+        "Sample only the first C latent channels (a USiT with adaptive channels on DC-AE 1.5; default: all).",
+        lower_bound=1,
+    )
     f.integer("seed", 0, "Seed of the class ids and the noise.")
     f.integer("grid", 64, "Samples shown in grid.png (the first ones).")
     f.string("fid_stats", None, "Reference statistics (.npz with mu, sigma) for FID.")

@@ -86,6 +86,7 @@ class SampleRun:
     guidance_scale: float | None = None
     sampler: str | None = None
     steps: int | None = None
+    latent_channels: int | None = None  # a channel prefix (a model with adaptive channels); None: all
     seed: int = 0
     grid: int = 64
     fid_stats: str | None = None
@@ -106,6 +107,7 @@ def run(args: SampleRun) -> dict:
     pipe = DCAEDiffusion.from_pretrained(args.model, autoencoder=args.autoencoder)
     overrides = {"guidance_scale": args.guidance_scale, "name": args.sampler, "steps": args.steps}
     settings = {k: v for k, v in overrides.items() if v is not None}
+    pipe.sample_shape(args.latent_channels)  # a wrong channel count fails before anything is written
     ids = class_ids(args.num_samples, pipe.config.num_classes, args.seed, [int(c) for c in args.classes], pipe.classes)
     want_fid = bool(args.fid_stats)
     fid_fn = None
@@ -125,6 +127,8 @@ def run(args: SampleRun) -> dict:
             "num_samples": int(ids.size),
             "batch_size": args.batch_size,
             "classes": [int(c) for c in args.classes],
+            # only when set: run.json files of earlier versions stay valid
+            **({"latent_channels": args.latent_channels} if args.latent_channels else {}),
         },
     )
     chunks = [ids[i : i + args.batch_size] for i in range(0, ids.size, args.batch_size)]
@@ -138,7 +142,9 @@ def run(args: SampleRun) -> dict:
             skipped += 1
             progress(skipped + done)
             continue
-        latents = pipe.generate_latents(chunks[i], seed=args.seed, chunk=i, **settings)
+        latents = pipe.generate_latents(
+            chunks[i], seed=args.seed, chunk=i, latent_channels=args.latent_channels, **settings
+        )
         images = pipe.decode(latents)
         pixels = image_io.to_uint8(images)  # clamp(127.5 x + 128) -> uint8: the reference's quantisation
         arrays = {"labels": chunks[i]}

@@ -79,7 +79,8 @@ def layer_norm(name: str, epsilon: float, affine: bool = True) -> nn.LayerNorm:
 class PatchConv(nn.Module):
     """torch `Conv2d(C, D, kernel=stride=p)` as a matmul over flattened patches; kernel in conv layout (p, p, C, D).
 
-    `kernel_init` / `bias_init` of None are torch's Conv2d default, U(+-1/sqrt(C*p*p)).
+    `kernel_init` / `bias_init` of None are torch's Conv2d default, U(+-1/sqrt(C*p*p)). `in_channels`: the
+    kernel's channels when x may have fewer (adaptive channels: x's c channels meet the kernel's first c).
     """
 
     features: int
@@ -87,18 +88,20 @@ class PatchConv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Initializer | None = None
     bias_init: Initializer | None = None
+    in_channels: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p, c = self.patch_size, x.shape[-1]
-        fan_in = c * p * p
+        channels = self.in_channels or c
+        fan_in = channels * p * p
         kernel_init = torch_uniform_fan_in(fan_in) if self.kernel_init is None else self.kernel_init
         bias_init = torch_uniform_fan_in(fan_in) if self.bias_init is None else self.bias_init
-        kernel = self.param("kernel", kernel_init, (p, p, c, self.features), jnp.float32)
+        kernel = self.param("kernel", kernel_init, (p, p, channels, self.features), jnp.float32)[:, :, :c]
         bias = self.param("bias", bias_init, (self.features,), jnp.float32)
-        patches = patchify(x, p).astype(self.dtype)  # (B, L, p*p*C)
-        # (p, p, C, D) flattens to (p1 p2 C, D), the same order as the patch features.
-        y = patches @ kernel.reshape(fan_in, self.features).astype(self.dtype)  # (B, L, D)
+        patches = patchify(x, p).astype(self.dtype)  # (B, L, p*p*c)
+        # (p, p, c, D) flattens to (p1 p2 c, D), the same order as the patch features.
+        y = patches @ kernel.reshape(p * p * c, self.features).astype(self.dtype)  # (B, L, D)
         return y + bias.astype(self.dtype)
 
 
@@ -110,10 +113,19 @@ class PatchEmbed(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Initializer | None = None
     bias_init: Initializer | None = None
+    in_channels: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        proj = PatchConv(self.features, self.patch_size, self.dtype, self.kernel_init, self.bias_init, name="proj")
+        proj = PatchConv(
+            self.features,
+            self.patch_size,
+            self.dtype,
+            self.kernel_init,
+            self.bias_init,
+            in_channels=self.in_channels,
+            name="proj",
+        )
         return proj(x)  # (B, L, D)
 
 
@@ -179,11 +191,14 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], "fc2", self.dtype, self.kernel_init)(h)
 
 
-def check_latents(x: Array, config: LatentConfig) -> None:
-    """Raise unless x is (B, input_size, input_size, in_channels)."""
+def check_latents(x: Array, config: LatentConfig, prefix: bool = False) -> None:
+    """Raise unless x is (B, input_size, input_size, in_channels); `prefix`: any 1..in_channels channels."""
     s, c = config.input_size, config.in_channels
+    if prefix and x.ndim == 4 and x.shape[1:3] == (s, s) and 1 <= x.shape[3] <= c:
+        return
     if x.shape[1:] != (s, s, c):
-        raise ValueError(f"expected latents (B, {s}, {s}, {c}), got {x.shape}")
+        want = f"1..{c}" if prefix else str(c)
+        raise ValueError(f"expected latents (B, {s}, {s}, {want}), got {x.shape}")
 
 
 def init_params(model: nn.Module, rng: Array) -> dict:

@@ -246,10 +246,24 @@ class DCAEDiffusion:
         fn = make_sample_fn(self.model, self.objective, settings)
         return jax.jit(fn, in_shardings=(None, data, data, None), out_shardings=data)
 
-    def noise(self, seed: int, n: int, chunk: int = 0) -> jax.Array:
+    def sample_shape(self, latent_channels: int | None = None) -> tuple[int, int, int]:
+        """(H, W, C) of the samples: all channels, or the first `latent_channels` of a model with adaptive
+        channels (the USiT of DC-AE 1.5); anything else raises naming the valid range."""
+        h, w, c = self.latent_shape
+        if latent_channels is None or latent_channels == c:
+            return (h, w, c)
+        if not getattr(self.config, "adaptive_channels", False):
+            raise ValueError(
+                f"latent_channels={latent_channels}: this model has no adaptive channels, it samples all {c}"
+            )
+        if not 1 <= latent_channels <= c:
+            raise ValueError(f"latent_channels={latent_channels}: expected 1..{c}")
+        return (h, w, int(latent_channels))
+
+    def noise(self, seed: int, n: int, chunk: int = 0, latent_channels: int | None = None) -> jax.Array:
         """The initial noise of `n` samples: a function of (seed, chunk) only, so runs are resumable."""
         key = jax.random.fold_in(jax.random.key(seed), chunk)
-        return jax.random.normal(key, (n, *self.latent_shape), jnp.float32)
+        return jax.random.normal(key, (n, *self.sample_shape(latent_channels)), jnp.float32)
 
     @staticmethod
     def sampler_key(seed: int, chunk: int = 0) -> jax.Array:
@@ -263,9 +277,12 @@ class DCAEDiffusion:
         guidance_scale: float | None = None,
         seed: int = 0,
         chunk: int = 0,
+        latent_channels: int | None = None,
         **sampler_overrides: Any,
     ) -> np.ndarray:
-        """Scaled latents (N, H, W, C) for `class_ids`; the batch is padded to the local device count."""
+        """Scaled latents (N, H, W, C) for `class_ids`; the batch is padded to the local device count.
+        `latent_channels`: sample only the first C channels (a model with adaptive channels; the autoencoder
+        decodes the prefix)."""
         ids = np.asarray(class_ids, np.int32).reshape(-1)
         if ids.size == 0:
             raise ValueError("class_ids is empty")
@@ -276,9 +293,9 @@ class DCAEDiffusion:
         )
         n, d = ids.size, jax.local_device_count()
         padded = -(-n // d) * d
-        noise = self.noise(seed, n, chunk)
+        noise = self.noise(seed, n, chunk, latent_channels)
         if padded != n:
-            noise = jnp.concatenate([noise, jnp.zeros((padded - n, *self.latent_shape), noise.dtype)])
+            noise = jnp.concatenate([noise, jnp.zeros((padded - n, *noise.shape[1:]), noise.dtype)])
             ids = np.concatenate([ids, np.full((padded - n,), self.config.null_class, np.int32)])
         fn = self._sample_fn(json.dumps(settings, sort_keys=True))
         return np.asarray(fn(self.params, noise, jnp.asarray(ids), self.sampler_key(seed, chunk)))[:n]
@@ -288,11 +305,22 @@ class DCAEDiffusion:
         return np.asarray(self.autoencoder.decode(jnp.asarray(latents) / self.scaling_factor))
 
     def generate(
-        self, class_ids: Sequence[int], guidance_scale: float | None = None, seed: int = 0, **sampler_overrides: Any
+        self,
+        class_ids: Sequence[int],
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        latent_channels: int | None = None,
+        **sampler_overrides: Any,
     ) -> np.ndarray:
-        """Class-conditional images (N, R, R, 3) in [-1, 1]."""
+        """Class-conditional images (N, R, R, 3) in [-1, 1] (`latent_channels`: see `generate_latents`)."""
         return self.decode(
-            self.generate_latents(class_ids, guidance_scale=guidance_scale, seed=seed, **sampler_overrides)
+            self.generate_latents(
+                class_ids,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                latent_channels=latent_channels,
+                **sampler_overrides,
+            )
         )
 
 

@@ -32,10 +32,10 @@ class Release:
 
     autoencoder: str  # DC-AE variant name (dcae_jax.VARIANTS)
     scaling_factor: float
-    model: str  # uvit-s | uvit-h | uvit-2b | dit-xl
+    model: str  # uvit-s | uvit-h | uvit-2b | uvit-3b | dit-xl
     objective: str  # epsilon (UViT) | velocity (USiT) | dit (DiT GaussianDiffusion)
-    guidance_scale: float  # the evaluation scale of the reference commands
-    fid: tuple[float, float]  # published FID without / with guidance
+    guidance_scale: float  # the evaluation scale of the reference commands (1.0: none published, no guidance)
+    fid: tuple[float, float] | None  # published FID without / with guidance (None: not in the reference README)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -50,6 +50,7 @@ class Release:
 DEMO_CLASSES = (279, 333, 979, 936, 933, 145, 497, 1, 248, 360, 793, 12, 387, 437, 938, 978)
 
 _F32, _F64 = ("dc-ae-f32c32-in-1.0", 0.3189), ("dc-ae-f64c128-in-1.0", 0.2889)
+_F64_15 = ("dc-ae-f64c128-1.5", 0.5935)
 RELEASED: dict[str, Release] = {
     "dc-ae-f32c32-in-1.0-dit-xl-in-512px": Release(*_F32, "dit-xl", "dit", 1.3, (9.56, 2.84)),
     "dc-ae-f32c32-in-1.0-dit-xl-in-512px-trainbs1024": Release(*_F32, "dit-xl", "dit", 1.3, (6.88, 2.41)),
@@ -62,7 +63,19 @@ RELEASED: dict[str, Release] = {
     "dc-ae-f64c128-in-1.0-uvit-h-in-512px-train2000k": Release(*_F64, "uvit-h", "epsilon", 1.5, (12.26, 2.66)),
     "dc-ae-f64c128-in-1.0-uvit-2b-in-512px": Release(*_F64, "uvit-2b", "epsilon", 1.5, (7.78, 2.47)),
     "dc-ae-f64c128-in-1.0-uvit-2b-in-512px-train2000k": Release(*_F64, "uvit-2b", "epsilon", 1.5, (6.50, 2.25)),
+    # DC-AE 1.5 (DC-Gen `c2i_model_zoo.py`): USiT with adaptive channels on the structured f64c128 latent, sampled
+    # with all 128 channels by the reference (fewer: `generate(..., latent_channels=c)`). DC-Gen publishes no
+    # evaluation guidance scale or FID for them: sampling defaults to no guidance (pass guidance_scale=...).
+    "dc-ae-f64c128-1.5-usit-2b-in-512px": Release(*_F64_15, "uvit-2b", "velocity", 1.0, None),
+    "dc-ae-f64c128-1.5-usit-3b-in-512px": Release(*_F64_15, "uvit-3b", "velocity", 1.0, None),
 }
+
+
+def dcae_repo_id(name: str) -> str:
+    """The Hugging Face repo of a released DC-AE (dc-ai/... for DC-AE 1.5, else mit-han-lab/...-diffusers)."""
+    from dcae_jax.autoencoder.model import REPO_IDS
+
+    return REPO_IDS.get(name, f"mit-han-lab/{name}-diffusers")
 
 
 def get_release(name: str) -> Release:
@@ -72,7 +85,10 @@ def get_release(name: str) -> Release:
 
 
 def model_config(release: Release, name: str):
-    """Our UViT / DiT config of a release (patch 1, latent grid of a 512x512 image)."""
+    """Our UViT / DiT config of a release (patch 1, latent grid of a 512x512 image); a UViT on a structured
+    (DC-AE 1.5) latent has adaptive channels."""
+    from dcae_jax.autoencoder import model as dcae
+
     h, _, c = release.latent_shape
     if release.model.startswith("dit"):
         from dcae_jax.diffusion.dit import get_dit_config
@@ -80,7 +96,8 @@ def model_config(release: Release, name: str):
         return dataclasses.replace(get_dit_config(release.model, in_channels=c, input_size=h), name=name)
     from dcae_jax.diffusion.uvit import get_uvit_config
 
-    return dataclasses.replace(get_uvit_config(release.model, in_channels=c, input_size=h), name=name)
+    adaptive = dcae.get_config(release.autoencoder).adaptive_latent
+    return get_uvit_config(release.model, in_channels=c, input_size=h, adaptive_channels=adaptive, name=name)
 
 
 def _model_name(root: pathlib.Path, hint: str) -> str:
@@ -128,7 +145,7 @@ def load(path_or_repo_id: str | os.PathLike, *, autoencoder: Any = None, dtype: 
     weights = convert._find_weights_file(root) if root.is_dir() else root
     params = convert.load_diffusion_params(weights, config)
     if autoencoder is None:
-        autoencoder = _bundled_autoencoder(weights, release, dtype) or f"mit-han-lab/{release.autoencoder}-diffusers"
+        autoencoder = _bundled_autoencoder(weights, release, dtype) or dcae_repo_id(release.autoencoder)
     return DCAEDiffusion(
         config,
         params,

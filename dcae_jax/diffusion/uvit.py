@@ -23,6 +23,11 @@ Parameter names follow the torch module names, so a state-dict converter is a ke
     norm.weight, .bias                        -> norm/scale, /bias
     decoder_pred.weight (p*p*C, D), .bias     -> decoder_pred/kernel (D, p*p*C), /bias
 
+Adaptive channels (the USiT of DC-AE 1.5, DC-Gen's `adaptive_channel`): the model holds the weights of all
+`in_channels` latent channels and takes latents with only the first c' of them (a DC-AE 1.5 channel prefix):
+the patch embedding uses its kernel's first c' input channels (bias whole), `decoder_pred` its first p*p*c'
+outputs, so the prediction has c' channels too.
+
 `dtype` is the compute dtype; parameters stay float32. LayerNorm, the attention softmax and the
 time sinusoid run in float32, and the residual stream is promoted like torch autocast promotes it.
 """
@@ -73,6 +78,7 @@ class UViTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # the label table has num_classes + 1 rows; the last is the null (CFG) class
     class_dropout_prob: float = 0.1
+    adaptive_channels: bool = False  # also takes latents with only the first c' <= in_channels channels
     name: str = "custom"
 
     def __post_init__(self):
@@ -101,6 +107,7 @@ PRESETS: dict[str, UViTConfig] = {
     "uvit-s": UViTConfig(depth=12, hidden_size=512, num_heads=8, name="uvit-s"),
     "uvit-h": UViTConfig(depth=28, hidden_size=1152, num_heads=16, name="uvit-h"),
     "uvit-2b": UViTConfig(depth=28, hidden_size=2048, num_heads=32, name="uvit-2b"),
+    "uvit-3b": UViTConfig(depth=56, hidden_size=2048, num_heads=32, name="uvit-3b"),  # DC-AE 1.5's USiT-3B
     "uvit-tiny": UViTConfig(depth=2, hidden_size=32, num_heads=2, name="uvit-tiny"),  # tests and smoke runs
 }
 
@@ -154,12 +161,15 @@ class UViT(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array, *, train: bool = False) -> Array:
-        """x: (B, H, W, C) latents; t: (B,) float time fed to the sinusoid as is; y: (B,) int in [0, num_classes]."""
+        """x: (B, H, W, C) latents (C = in_channels, or any C <= in_channels with adaptive channels); t: (B,)
+        float time fed to the sinusoid as is; y: (B,) int in [0, num_classes]."""
         cfg = self.config
         d, p = cfg.hidden_size, cfg.patch_size
-        check_latents(x, cfg)
+        check_latents(x, cfg, prefix=cfg.adaptive_channels)
+        c = x.shape[-1]
 
-        patches = PatchEmbed(d, p, self.dtype, name="patch_embed")(x)  # (B, L, D), torch Conv2d default init
+        # (B, L, D); torch Conv2d default init; its kernel has every channel, the first c are used.
+        patches = PatchEmbed(d, p, self.dtype, in_channels=cfg.in_channels, name="patch_embed")(x)
         time_token = timestep_embedding(t, d)[:, None]  # (B, 1, D) float32
         # Default LabelEmbedder: N(0, 1) table (torch nn.Embedding) that always has the null row.
         label_token = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="label_emb")(y, train)[:, None]
@@ -181,7 +191,8 @@ class UViT(nn.Module):
 
         h = _layer_norm("norm")(h)
         out = dense(p * p * cfg.in_channels, "decoder_pred", self.dtype, _linear_init)(h)  # (B, 2 + L, p*p*C)
-        return unpatchify(out[:, 2:].astype(jnp.float32), p, cfg.in_channels)  # (B, H, W, C)
+        # Adaptive channels: the first p*p*c outputs (the reference slices the weight rows: the same numbers).
+        return unpatchify(out[:, 2:, : p * p * c].astype(jnp.float32), p, c)  # (B, H, W, c)
 
 
 def init_uvit_params(config: UViTConfig, rng: Array) -> dict:

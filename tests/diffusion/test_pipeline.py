@@ -59,6 +59,8 @@ def test_bad_inputs_are_clear_errors(export, tmp_path):
         sampler_settings("epsilon", {"name": "dopri5"})
     with pytest.raises(ValueError, match=r"no diffusion_config\.json"):
         DCAEDiffusion.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="latent_channels=3: this model has no adaptive channels, it samples all 8"):
+        pipe.generate_latents([0], latent_channels=3)
 
 
 def test_image_grid_layout():
@@ -105,6 +107,10 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     # Another sampler setting in the same folder is refused, not mixed in.
     third = _sample(*args[:-2], "--guidance_scale=3", cache=tmp_path / "cache")
     assert third.returncode == 2 and "different run" in third.stderr
+    # A channel prefix of a model without adaptive channels: one line, exit 2, nothing written.
+    fourth = _sample(args[0], "--latent_channels=3", f"--out={tmp_path / 'prefix'}", cache=tmp_path / "cache")
+    assert fourth.returncode == 2 and "no adaptive channels" in fourth.stderr and "Traceback" not in fourth.stderr
+    assert not (tmp_path / "prefix").exists()
 
 
 def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):

@@ -249,3 +249,36 @@ def test_latent_diffusion_quickstart_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== 1/1 diffusion" in proc.stdout and not (reuse / "autoencoder").exists()
     assert DCAEDiffusion.from_pretrained(reuse / "export").classes == data.trained_classes
+
+
+def test_training_on_a_channel_prefix_of_a_structured_latent(tmp_path):
+    """DC-AE 1.5's use: the trainer encodes the images with an autoencoder that has no shortcut around its latent,
+    keeps the first 3 of its 8 channels (`data.latent_channels`), trains a 3-channel UViT, and the export's
+    samples decode through the autoencoder (the missing channels as zeros)."""
+    from dcae_jax.autoencoder.model import init_variables
+    from dcae_jax.autoencoder.model import tiny_config as ae_config
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.data.latents import LatentDataset
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion
+
+    ae_cfg = ae_config(encoder_out_shortcut=False, decoder_in_shortcut=False)
+    ae_dir = DCAE(ae_cfg, init_variables(ae_cfg, jax.random.key(0))).save_pretrained(tmp_path / "ae")
+    changes = {
+        "autoencoder": str(ae_dir),
+        "data.images": "bundled",
+        "data.resolution": 32,
+        "data.latent_channels": 3,
+        "data.scaling_factor": "auto",
+        "num_steps": 2,
+        "checkpoint_every": 2,
+    }
+    result = _run(tiny_config(**changes), tmp_path / "run")
+    assert result["steps"] == 2 and np.isfinite(result["train"]["loss"])
+    data = LatentDataset(tmp_path / "run" / "latents")
+    assert data.latent_shape == (4, 4, 3)
+    full = DCAE.from_pretrained(ae_dir).encode(jnp.zeros((1, 32, 32, 3)))
+    assert full.shape == (1, 4, 4, 8)  # the autoencoder has 8 channels; the diffusion model sees 3
+    pipe = DCAEDiffusion.from_pretrained(tmp_path / "run" / "export")
+    assert pipe.config.in_channels == 3 and pipe.latent_shape == (4, 4, 3)
+    images = pipe.generate([0, 1], seed=0, steps=2)
+    assert images.shape == (2, 32, 32, 3) and np.all(np.isfinite(images))

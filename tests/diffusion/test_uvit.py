@@ -1,5 +1,6 @@
 """UViT against an independent float64 NumPy forward pass, the reference's parameter counts, and its train-time behaviour."""
 
+import dataclasses
 import functools
 import math
 
@@ -267,3 +268,49 @@ def test_unknown_preset_lists_valid_names():
     with pytest.raises(KeyError, match="uvit-s") as err:
         get_uvit_config("uvit-xl", in_channels=32, input_size=16)
     assert all(name in str(err.value) for name in PRESETS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive channels (the USiT of DC-AE 1.5).
+
+
+def _prefix_params(params: dict, c: int, p: int) -> dict:
+    """The reference's slicing: the patch conv's first c input channels, decoder_pred's first p*p*c outputs."""
+    out = jax.tree_util.tree_map(lambda a: a, params)
+    out["patch_embed"] = {"proj": {**params["patch_embed"]["proj"]}}
+    out["patch_embed"]["proj"]["kernel"] = params["patch_embed"]["proj"]["kernel"][:, :, :c]
+    pred = params["decoder_pred"]
+    out["decoder_pred"] = {"kernel": pred["kernel"][:, : p * p * c], "bias": pred["bias"][: p * p * c]}
+    return out
+
+
+@pytest.mark.parametrize(("patch_size", "channels"), [(1, 1), (1, 3), (2, 3), (1, 4)])
+def test_adaptive_channels_run_the_prefix_with_sliced_weights(patch_size, channels):
+    """A model with adaptive channels given c of its C channels is the reference's sliced model, checked against
+    the float64 NumPy forward of a c-channel UViT with the sliced weights; all C channels are the plain model."""
+    cfg = _tiny(patch_size, adaptive_channels=True)
+    params = _random_params(cfg, seed=5)
+    x, t, y = _inputs(cfg, seed=5)
+    x = x[..., :channels]
+    out = _apply(UViT(cfg), params, x, t, y)
+    assert out.shape == x.shape
+    small = dataclasses.replace(cfg, in_channels=channels, adaptive_channels=False)
+    ref = np_uvit(_prefix_params(params, channels, patch_size), small, x, t, y)
+    assert _rel_err(out, ref) < 1e-5
+    if channels == cfg.in_channels:
+        plain = dataclasses.replace(cfg, adaptive_channels=False)
+        np.testing.assert_array_equal(out, _apply(UViT(plain), params, x, t, y))
+
+
+def test_only_adaptive_models_take_a_channel_prefix():
+    cfg = _tiny()
+    params = _random_params(cfg)
+    x, t, y = _inputs(cfg)
+    with pytest.raises(ValueError, match=r"expected latents \(B, 8, 8, 4\), got \(3, 8, 8, 2\)"):
+        UViT(cfg).apply({"params": params}, x[..., :2], t, y)
+    adaptive = dataclasses.replace(cfg, adaptive_channels=True)
+    too_many = np.concatenate([x, x[..., :1]], axis=-1)
+    with pytest.raises(ValueError, match=r"expected latents \(B, 8, 8, 1..4\), got \(3, 8, 8, 5\)"):
+        UViT(adaptive).apply({"params": params}, too_many, t, y)
+    # The same parameters: adaptive channels add no weights.
+    assert count_params(adaptive) == count_params(cfg)
