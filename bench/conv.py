@@ -1,0 +1,78 @@
+"""Single convolutions at DC-AE's main shapes: XLA vs torch, same data, one process, interleaved.
+
+    python -m bench.conv --repeats 5
+    # Both frameworks limited to AVX2 (to compare with an AVX2-only processor):
+    XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.conv
+
+The 3x3 convolutions of the ResBlock stages hold most of an f32c32 encode+decode's FLOPs; the 1x1 ones are
+LiteMLA's and GLUMBConv's projections. Batch 1, fp32, compile and warm-up excluded, median of the repeats.
+Prints the processor (lscpu model name and vector extensions) beside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+# (spatial size, channels in = out, kernel): f32c32 at 512², ResBlock stages at H/2 and H/4, and the H/8 stage.
+SHAPES = ((256, 256, 3), (128, 512, 3), (64, 512, 3), (256, 256, 1), (128, 512, 1))
+
+
+def processor() -> str:
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    isa = sorted(f for f in info.get("flags", "").split() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"))
+    name = f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    return f"{name}, {', '.join(isa) or 'no AVX2'}, {os.cpu_count()} cores"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+
+    torch.set_grad_enabled(False)
+    conv = jax.jit(
+        lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    )
+    print(f"processor: {processor()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch {torch.__version__}")
+    print("| shape (H=W x C, kernel) | XLA ms | torch ms | torch ms / XLA ms |\n|---|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for size, c, k in SHAPES:
+        x = rng.standard_normal((1, size, size, c), dtype=np.float32)
+        w = (0.01 * rng.standard_normal((k, k, c, c))).astype(np.float32)
+        xj, wj = jax.device_put(x), jax.device_put(w)
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        runs = {
+            "xla": lambda xj=xj, wj=wj: conv(xj, wj).block_until_ready(),
+            "torch": lambda xt=xt, wt=wt, k=k: torch.nn.functional.conv2d(xt, wt, padding=k // 2),
+        }
+        ref = np.asarray(runs["xla"]())
+        got = runs["torch"]().permute(0, 2, 3, 1).numpy()
+        assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max(), "the two convolutions disagree"
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        print(f"| {size}² x {c}, {k}x{k} | {med['xla']:.1f} | {med['torch']:.1f} | {med['torch'] / med['xla']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
