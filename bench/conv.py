@@ -37,6 +37,9 @@ def processor() -> str:
 
 
 def main(argv=None) -> None:
+    from dcae_jax.runtime import cli
+
+    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)

@@ -98,6 +98,9 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
 
 
 def main(argv=None) -> None:
+    from dcae_jax.runtime import cli
+
+    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b")
     p.add_argument("--batch", type=int, default=4)
