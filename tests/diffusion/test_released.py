@@ -30,20 +30,26 @@ def test_registry_matches_the_reference_table():
         released.get_release("dc-ae-f32c32-in-1.0-uvit-xl")
 
 
-@pytest.fixture(params=["uvit", "dit"])
-def tiny_release(monkeypatch, request):
-    """A release entry whose autoencoder is a narrow f32c32 DC-AE (16x16x32 latents at 512, as the real one)."""
+def _narrow_f32c32(monkeypatch, name: str, **changes) -> dcae.DCAEConfig:
+    """A narrow f32c32 DC-AE (16x16x32 latents at 512, as the real one), registered as `name` for this test."""
     ae_cfg = dcae.get_config("dc-ae-f32c32-in-1.0").replace(
         encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
         decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
         encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
         decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
         attention_head_dim=8,
-        scaling_factor=0.7,
-        name="tiny-ae",
+        name=name,
+        **changes,
     )
     real_get_config = dcae.get_config
-    monkeypatch.setattr(dcae, "get_config", lambda name: ae_cfg if name == "tiny-ae" else real_get_config(name))
+    monkeypatch.setattr(dcae, "get_config", lambda n: ae_cfg if n == name else real_get_config(n))
+    return ae_cfg
+
+
+@pytest.fixture(params=["uvit", "dit"])
+def tiny_release(monkeypatch, request):
+    """A release entry whose autoencoder is a narrow f32c32 DC-AE (16x16x32 latents at 512, as the real one)."""
+    ae_cfg = _narrow_f32c32(monkeypatch, "tiny-ae", scaling_factor=0.7)
     name = f"tiny-ae-{request.param}-tiny-in-512px"
     objective = "epsilon" if request.param == "uvit" else "dit"
     release = released.Release("tiny-ae", 0.7, f"{request.param}-tiny", objective, 1.5, (0.0, 0.0))
@@ -135,19 +141,9 @@ def test_a_usit_on_a_structured_latent_samples_a_channel_prefix(monkeypatch, tmp
     all 32 channels or only the first c, and the autoencoder decodes the prefix."""
     from dcae_jax.autoencoder.model import init_variables
 
-    ae_cfg = dcae.get_config("dc-ae-f32c32-in-1.0").replace(
-        encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
-        decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
-        encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
-        decoder_layers_per_block=(0, 1, 1, 1, 1, 1),
-        attention_head_dim=8,
-        encoder_out_shortcut=False,
-        decoder_in_shortcut=False,
-        scaling_factor=0.5,
-        name="tiny-ae15",
+    ae_cfg = _narrow_f32c32(
+        monkeypatch, "tiny-ae15", encoder_out_shortcut=False, decoder_in_shortcut=False, scaling_factor=0.5
     )
-    real_get_config = dcae.get_config
-    monkeypatch.setattr(dcae, "get_config", lambda n: ae_cfg if n == "tiny-ae15" else real_get_config(n))
     name = "tiny-ae15-usit-tiny-in-512px"
     release = released.Release("tiny-ae15", 0.5, "uvit-tiny", "velocity", 1.0, None)
     monkeypatch.setitem(released.RELEASED, name, release)
