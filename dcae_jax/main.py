@@ -58,7 +58,7 @@ def body(flags) -> None:
     from dcae_jax.training import chain
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    workdir = paths.local_dir(flags.workdir, "--workdir")
+    workdir = paths.path(flags.workdir, "--workdir")
     distributed.initialize_from_env()
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     chain.run(flags.config, workdir)  # failures: dcae_jax.runtime.cli's policy (one line for user mistakes, exit 2)

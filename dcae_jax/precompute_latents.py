@@ -36,7 +36,7 @@ def body(flags) -> None:
     from dcae_jax.data import precompute
     from dcae_jax.runtime import distributed, paths
 
-    paths.local_dir(flags.out, "--out")  # before joining a pod's other processes
+    paths.path(flags.out, "--out")  # before joining a pod's other processes
     distributed.initialize_from_env()
     precompute.precompute(**cli.values(flags))
 

@@ -14,7 +14,6 @@ none could be read).
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from dcae_jax.runtime import cli
@@ -36,8 +35,9 @@ def define_flags(f: cli.Flags) -> None:
 def body(flags) -> int:
     from dcae_jax.autoencoder import inference
     from dcae_jax.data.images import list_images
+    from dcae_jax.runtime import paths
 
-    inp, out = pathlib.Path(flags.input).expanduser(), pathlib.Path(flags.output).expanduser()
+    inp, out = paths.path(flags.input, "--input"), paths.path(flags.output, "--output")
     files = list_images(inp)
     if not files:
         raise FileNotFoundError(f"no images found under {inp}")

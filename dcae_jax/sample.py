@@ -43,7 +43,7 @@ def body(flags) -> None:
     from dcae_jax.diffusion import generate
     from dcae_jax.runtime import distributed, paths
 
-    paths.local_dir(flags.out, "--out")  # before joining a pod's other processes
+    paths.path(flags.out, "--out")  # before joining a pod's other processes
     distributed.initialize_from_env()
     try:
         classes = tuple(int(c) for c in flags.classes)

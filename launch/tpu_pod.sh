@@ -8,10 +8,9 @@
 # JAX_NUM_PROCESSES=auto makes the trainer call jax.distributed.initialize(), which finds the slice's
 # hosts and coordinator from the TPU VM's metadata (no addresses to pass); orbax's multi-host checkpoint
 # barriers need the distributed system it starts.
-# CONFIG is a path inside REMOTE_DIR. WORKDIR must be an absolute path on a file system mounted at the same
-# path on every worker (checkpoints are written collectively): Filestore/NFS, or a bucket through Cloud
-# Storage FUSE. The trainer writes with local file APIs, so a gs:// URL is refused (it would stay on each
-# worker's own disk).
+# CONFIG is a path inside REMOTE_DIR. WORKDIR is a Cloud Storage URL (gs://bucket/run: checkpoints, exports,
+# logs written there directly) or an absolute path on a file system mounted at the same path on every worker
+# (checkpoints are written collectively): Filestore/NFS, or a bucket through Cloud Storage FUSE.
 # The repository must already be at REMOTE_DIR on every worker (e.g. git clone it with a
 # `gcloud compute tpus tpu-vm ssh NAME --worker=all --command 'git clone URL dcae_jax'`).
 #
@@ -112,11 +111,13 @@ if ((train)); then
   config=${positional[0]}
   workdir=${positional[1]}
   [[ -n $config ]] || die "CONFIG is empty"
-  if [[ $workdir =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
-    die "WORKDIR '$workdir' is a URL: the trainer writes with local file APIs; mount the bucket \
-(Cloud Storage FUSE) or a Filestore share at the same path on every worker and pass that path"
+  if [[ $workdir =~ ^gs://[^/]+ ]]; then
+    : # a bucket: every worker writes there directly
+  elif [[ $workdir =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+    die "WORKDIR '$workdir': only gs:// URLs are supported (or an absolute path shared by all workers)"
+  else
+    [[ $workdir == /* ]] || die "WORKDIR must be gs://BUCKET/... or an absolute path on a file system shared by all workers, got '$workdir'"
   fi
-  [[ $workdir == /* ]] || die "WORKDIR must be an absolute path on a file system shared by all workers, got '$workdir'"
 else
   ((${#positional[@]} == 0)) || die "--setup-only takes no CONFIG/WORKDIR"
 fi

@@ -25,3 +25,28 @@ def genuine_weights():
     from dcae_jax.metrics import weights
 
     return {name: str(path) for name, path in weights.prepare(log=lambda s: print(s)).items()}
+
+
+@pytest.fixture(scope="session")
+def _gcs_emulator(tmp_path_factory):
+    """fake-gcs-server for every client: gcsfs, tensorstore and array_record straight to it, TensorFlow's own GCS
+    client (clu's TensorBoard writer) through the TLS front that /etc/hosts sends Google's host names to."""
+    import gcs_emulator
+    import gcs_tensorflow
+
+    reason = gcs_emulator.why_not_here() or gcs_tensorflow.why_not_here()
+    if reason or not os.path.isfile(os.environ.get(gcs_emulator.KEY_ENV, "")):
+        pytest.skip(reason or f"{gcs_emulator.KEY_ENV} (the TLS front's key) is not set: run via tests/test_gcs.py")
+    cert, key = os.environ["CURL_CA_BUNDLE"], os.environ[gcs_emulator.KEY_ENV]
+    root = tmp_path_factory.mktemp("gcs") / "objects"
+    with gcs_tensorflow.emulator(root, cert, key, bucket=gcs_emulator.BUCKET) as bucket:
+        yield bucket
+
+
+@pytest.fixture
+def gcs_dir(_gcs_emulator, request):
+    """A fresh gs:// folder in the emulator's bucket (tests marked `gcs`; they skip outside tests/test_gcs.py's
+    loopback-only namespace)."""
+    import re
+
+    return f"{_gcs_emulator}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', request.node.name)}"

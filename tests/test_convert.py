@@ -249,3 +249,23 @@ def test_convert_cli_writes_the_pytorch_formats(tiny_diffusers_dir, tmp_path, ca
     assert convert.main(["--src", str(tiny_diffusers_dir), "--out", str(tmp_path / "x"), "--to", "efficientvit"]) == 2
     err = capsys.readouterr().err
     assert "only a released architecture" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.gcs
+def test_convert_from_and_to_gcs(tiny_diffusers_dir, gcs_dir, tmp_path, monkeypatch):
+    """A diffusers checkpoint in the bucket (read through a cached local copy) converts into the bucket, in our
+    format (read in place) and back to diffusers (a local safetensors file uploaded in one piece)."""
+    from dcae_jax.runtime import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCAE_JAX_CACHE", str(tmp_path / "cache"))
+    paths.copytree(tiny_diffusers_dir, f"{gcs_dir}/diffusers")
+    assert convert.main(["--src", f"{gcs_dir}/diffusers", "--out", f"{gcs_dir}/export"]) == 0
+    assert convert.main(["--src", f"{gcs_dir}/export", "--out", f"{gcs_dir}/back", "--to", "diffusers"]) == 0
+    src = DCAE.from_pretrained(tiny_diffusers_dir)
+    x = np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    for path in (f"{gcs_dir}/export", f"{gcs_dir}/back"):
+        ae = DCAE.from_pretrained(path)
+        assert ae.config.to_diffusers() == src.config.to_diffusers()
+        np.testing.assert_array_equal(np.asarray(ae.reconstruct(x)), np.asarray(src.reconstruct(x)))
+    assert not (tmp_path / "gs:").exists()

@@ -238,3 +238,32 @@ def test_a_model_with_non_finite_outputs_is_not_scored(files, tmp_path, capsys):
         == 2
     )  # ValueError: one line, exit 2
     assert re.search("non-finite", capsys.readouterr().err)
+
+
+@pytest.mark.gcs
+def test_everything_on_gcs(files, expected, frechet_spy, gcs_dir, tmp_path, monkeypatch):
+    """Model, photos (folder:gs://), weight files and both outputs in the bucket: the same numbers as locally."""
+    from dcae_jax.runtime import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCAE_JAX_CACHE", str(tmp_path / "cache"))
+    for name in ("tiny-model", "photos"):
+        paths.copytree(files["root"] / name, f"{gcs_dir}/{name}")
+    for name in ("fid_inception.npz", "lpips_alex.npz"):
+        paths.write_bytes_atomic(f"{gcs_dir}/{name}", (files["root"] / name).read_bytes())
+    ref = f"{gcs_dir}/stats/ref.npz"
+    data = ["--data", f"folder:{gcs_dir}/photos", "--resolution", str(RES), "--batch_size", "2"]
+    assert fid_stats.main([*data, "--out", ref, "--fid_weights", f"{gcs_dir}/fid_inception.npz"]) == 0
+    mu, sigma = fid_lib.load_stats(ref)
+    _close_stats(mu, sigma, expected["real"])
+
+    out = f"{gcs_dir}/res/results.json"
+    args = [*data, "--model", f"{gcs_dir}/tiny-model", "--output", out, "--ref_stats", ref]
+    args += ["--fid_weights", f"{gcs_dir}/fid_inception.npz", "--lpips_weights", f"{gcs_dir}/lpips_alex.npz"]
+    assert evaluate.main(args) == 0
+    r = json.loads(paths.path(out).read_text())
+    assert (r["num_images"], r["num_skipped"]) == (3, 1)
+    assert r["psnr"] == pytest.approx(expected["psnr"], rel=1e-5)
+    assert r["lpips"] == pytest.approx(expected["lpips"], rel=1e-4) and r["rfid"] == 123.25
+    assert paths.path(out).with_suffix(".md").read_text().startswith("| model | res | rFID |")
+    assert not (tmp_path / "gs:").exists()

@@ -171,10 +171,12 @@ def test_tpu_dry_run(config):
 def test_tpu_setup_only_and_errors(config):
     [cmd] = commands(launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", "--setup-only"))
     assert "--worker=all" in cmd and "pip" in cmd[-1] and "dcae_jax.main" not in cmd[-1]
-    url = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "gs://bucket/run")
-    assert url.returncode == 2 and "WORKDIR 'gs://bucket/run' is a URL" in url.stderr and not url.stdout
+    [bucket] = commands(launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "gs://bucket/run"))
+    assert "--workdir=gs://bucket/run" in shlex.split(bucket[-1])  # a bucket: written directly by every worker
+    url = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "s3://bucket/run")
+    assert url.returncode == 2 and "only gs:// URLs are supported" in url.stderr and not url.stdout
     relative = launch("tpu_pod.sh", "--dry-run", "--tpu", "p", "--zone", "z", config, "runs/r")
-    assert relative.returncode == 2 and "WORKDIR must be an absolute path" in relative.stderr
+    assert relative.returncode == 2 and "WORKDIR must be gs://BUCKET/... or an absolute path" in relative.stderr
     assert commands(launch("tpu_pod.sh", "--dry-run", "--tpu=p", "--zone=z", config, "/nfs/run"))
     missing = launch("tpu_pod.sh", "--dry-run", "--zone", "z", config, "/nfs/run")
     assert missing.returncode == 2 and "--tpu NAME is required" in missing.stderr

@@ -38,14 +38,15 @@ def _free_port() -> int:
 
 
 def run_job(
-    workdir: pathlib.Path, processes: int, devices: int, *flags: str, per_process=lambda i: [], cache=None
+    workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], cache=None, logdir=None
 ) -> None:
     """Runs one job of `processes` x `devices`; kills every process if one fails or the job times out.
 
     `cache`: a persistent compilation cache shared by the jobs of this module (a job with an earlier job's
-    layout compiles nothing): CI time only.
+    layout compiles nothing): CI time only. `logdir`: where the processes' logs go (default: the workdir).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
+    logdir = pathlib.Path(logdir or workdir)
+    logdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
     env.update(
         PYTHONPATH=str(REPO),
@@ -63,7 +64,7 @@ def run_job(
     procs, logs = [], []
     try:
         for i in range(processes):
-            log = (workdir / f"log_{processes}x{devices}_{i}.txt").open("w")
+            log = (logdir / f"log_{processes}x{devices}_{i}.txt").open("w")
             logs.append(log)
             procs.append(
                 subprocess.Popen(
@@ -80,10 +81,10 @@ def run_job(
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed or time.monotonic() > deadline:
                 what = f"process {failed[0]} exited with {procs[failed[0]].returncode}" if failed else "timed out"
-                pytest.fail(f"{processes}-process job {what}:\n{_tail(workdir, processes, devices, failed)}")
+                pytest.fail(f"{processes}-process job {what}:\n{_tail(logdir, processes, devices, failed)}")
             time.sleep(0.5)
         failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        assert not failed, _tail(workdir, processes, devices, failed)
+        assert not failed, _tail(logdir, processes, devices, failed)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -103,10 +104,12 @@ def _params(path: pathlib.Path) -> dict:
     return DCAE.from_pretrained(path).variables
 
 
-def _checkpoint_params(workdir: pathlib.Path, step: int) -> dict:
+def _checkpoint_params(workdir, step: int) -> dict:
     import orbax.checkpoint as ocp
 
-    path = (workdir / "checkpoints" / str(step) / "state").absolute()
+    from dcae_jax.runtime import paths
+
+    path = paths.path(workdir) / "checkpoints" / str(step) / "state"
     with ocp.StandardCheckpointer() as ckptr:
         meta = dict(ckptr.metadata(path).item_metadata)
         state = ckptr.restore(path, jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), meta))
@@ -185,3 +188,22 @@ def test_a_failing_process_stops_the_whole_job(tmp_path):
     with pytest.raises(pytest.fail.Exception, match=r"(?s)process 1 exited with 2:.*main: error: .*/proc/not_writable"):
         run_job(tmp_path, 2, 1, per_process=lambda i: ["--workdir=/proc/not_writable"] if i == 1 else [])
     assert time.monotonic() - start < 120  # not the coordination service's minutes-long timeouts
+
+
+@pytest.mark.gcs
+def test_two_processes_checkpoint_to_gcs_and_restore(gcs_dir, tmp_path):
+    """A 2-process job with its workdir in the bucket: orbax writes the sharded checkpoint there (each process its
+    shards), the export reads back equal to it, and a new 2-process job resumes from it, iterators included."""
+    from dcae_jax.runtime import paths
+
+    workdir = f"{gcs_dir}/two_proc"
+    run_job(workdir, 2, 1, "--config.num_steps=2", logdir=tmp_path / "a")
+    ckpt = paths.path(workdir) / "checkpoints" / "2"
+    assert (ckpt / "commit_success.txt").exists()  # orbax's commit mark on object storage (no rename there)
+    assert sorted(p.name for p in (ckpt / "data_iter").glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert_close(_params(f"{workdir}/export"), _checkpoint_params(workdir, 2))
+    run_job(workdir, 2, 1, "--config.num_steps=4", logdir=tmp_path / "b")
+    log = (tmp_path / "b" / "log_2x1_0.txt").read_text()
+    assert "resumed from step 2" in log and "the data restarts" not in log
+    assert json.loads((paths.path(workdir) / "eval.json").read_text())["num_images"] == 3
+    assert not (REPO / "gs:").exists()

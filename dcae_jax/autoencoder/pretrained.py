@@ -36,7 +36,7 @@ from dcae_jax.autoencoder.model import (
     count_params,
     get_config,
 )
-from dcae_jax.runtime import distributed, state_dict
+from dcae_jax.runtime import distributed, paths, state_dict
 
 SAVE_FORMATS = ("dcae_jax", "diffusers", "efficientvit")
 EXPORT_CONFIG = "dcae_config.json"
@@ -74,11 +74,16 @@ def _find_efficientvit_weights(d: pathlib.Path) -> pathlib.Path:
     )
 
 
-def _resolve(path_or_repo_id: str | os.PathLike) -> pathlib.Path:
-    p = pathlib.Path(path_or_repo_id).expanduser()
+def _resolve(path_or_repo_id: str | os.PathLike) -> paths.Path:
+    s = str(path_or_repo_id)
+    if paths.is_remote(s):  # gs://: our export is read in place (orbax); other formats through a local copy
+        p = paths.path(s)
+        if not p.exists():
+            raise FileNotFoundError(f"{s}: no such file or folder")
+        return p if p.is_dir() and (p / EXPORT_CONFIG).exists() else paths.path(paths.local_copy(p))
+    p = paths.path(s)
     if p.exists():
         return p
-    s = str(path_or_repo_id)
     if s.count("/") != 1 or s.startswith((".", "/")):
         from dcae_jax.autoencoder.model import REPO_IDS
 
@@ -223,11 +228,11 @@ class DCAE:
                 node = node.setdefault(p, {})
             node[full[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
         with ocp.StandardCheckpointer() as ckptr:
-            variables = ckptr.restore((root / EXPORT_VARIABLES).absolute(), target)
+            variables = ckptr.restore(paths.path(root) / EXPORT_VARIABLES, target)
         _check_variables(variables, shapes, root)
         return cls(config, variables, dtype)
 
-    def save_pretrained(self, out: str | os.PathLike, format: str = "dcae_jax") -> pathlib.Path:
+    def save_pretrained(self, out: str | os.PathLike, format: str = "dcae_jax") -> paths.Path:
         """Writes the model (fp32) in one of `SAVE_FORMATS`:
 
         - "dcae_jax" (default): `dcae_config.json` + an orbax checkpoint of the variables;
@@ -242,10 +247,10 @@ class DCAE:
         if format not in SAVE_FORMATS:
             raise ValueError(f"format={format!r}; valid: {', '.join(SAVE_FORMATS)}")
         if format != "dcae_jax":
-            return self._save_torch_format(pathlib.Path(out).absolute(), format)
+            return self._save_torch_format(paths.path(out, "out"), format)
         import orbax.checkpoint as ocp
 
-        out = pathlib.Path(out).absolute()
+        out = paths.path(out, "out")
         out.mkdir(parents=True, exist_ok=True)
         # An empty collection (a model without BatchNorm has no batch_stats) is not written: the loader expects
         # exactly the collections the architecture has.
@@ -258,13 +263,12 @@ class DCAE:
             ckptr.save(out / EXPORT_VARIABLES, variables, force=True)
             ckptr.wait_until_finished()
         if jax.process_index() == 0:
-            tmp = out / (EXPORT_CONFIG + ".tmp")
-            tmp.write_text(self.config.to_json())
-            tmp.replace(out / EXPORT_CONFIG)  # atomic: a partial export has no config and is not loadable
+            # Last and atomic: a partial export has no config and is not loadable.
+            paths.write_text_atomic(out / EXPORT_CONFIG, self.config.to_json())
         distributed.barrier(f"save_pretrained {out}")  # nobody reads the export before the config is there
         return out
 
-    def _save_torch_format(self, out: pathlib.Path, fmt: str) -> pathlib.Path:
+    def _save_torch_format(self, out: paths.Path, fmt: str) -> paths.Path:
         from safetensors.numpy import save_file
 
         if fmt == "diffusers":
@@ -282,13 +286,10 @@ class DCAE:
         tensors = convert.to_state_dict(jax.device_get(self.variables), self.config, fmt)  # raises if inexpressible
         if jax.process_index() == 0:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / (weights + ".tmp")
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            tmp.replace(out / weights)
+            with paths.writing(out / weights) as local:
+                save_file(tensors, local, metadata={"format": "pt"})
             for filename, content in files.items():  # the config last: a partial export is not loadable
-                tmp = out / (filename + ".tmp")
-                tmp.write_text(json.dumps(content, indent=2))
-                tmp.replace(out / filename)
+                paths.write_text_atomic(out / filename, json.dumps(content, indent=2))
         distributed.barrier(f"save_pretrained {out}")
         return out
 

@@ -12,7 +12,6 @@ restore (workdir checkpoint, else `config.init_from`, else scratch) -> loop -> e
 import dataclasses
 import functools
 import json
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from clu import metrics as clu_metrics
 from dcae_jax.autoencoder import losses
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import distributed, sharding
+from dcae_jax.runtime import distributed, paths, sharding
 from dcae_jax.training import checkpoints, loop, optim
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +396,7 @@ def export_scaling_factor(config, cfg: DCAEConfig, init_scaling: Any = _UNREAD) 
             return init_scaling
         from dcae_jax.autoencoder.pretrained import DCAE, EXPORT_CONFIG
 
-        exported = pathlib.Path(config.init_from) / EXPORT_CONFIG
+        exported = paths.path(config.init_from, "config.init_from") / EXPORT_CONFIG
         if exported.is_file():  # our export (a resumed run): its recorded factor, without loading the weights
             return json.loads(exported.read_text()).get("scaling_factor")
         return DCAE.from_pretrained(config.init_from).config.scaling_factor
@@ -435,20 +434,18 @@ def eval_nets(config) -> tuple[EvalNets, dict[str, Any]]:
     return EvalNets(**nets, rfid_crop=config.get("eval_rfid_crop", 0)), variables
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
     """Runs (or resumes) one training phase in `workdir`; returns the final evaluation summary.
 
     The config is checked before anything is written; the workdir is locked for the run (one trainer per workdir).
     """
-    from dcae_jax.runtime import paths
-
     check_config(config, model_config(config), sharding.mesh_from_config(config))
-    workdir = pathlib.Path(workdir)
+    workdir = paths.path(workdir, "workdir")
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train_phase(config, workdir)
 
 
-def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, Any]:
     from dcae_jax.autoencoder.pretrained import DCAE
     from dcae_jax.data import pipeline as input_pipeline
 
@@ -468,7 +465,9 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         optim.trainable_table(abstract_vars["params"], trainer.labels),
     )
     if is_main:
-        (workdir / "trainable_params.md").write_text(optim.trainable_table(abstract_vars["params"], trainer.labels))
+        paths.write_text_atomic(
+            workdir / "trainable_params.md", optim.trainable_table(abstract_vars["params"], trainer.labels)
+        )
 
     # Data.
     if config.global_batch_size % jax.process_count():
@@ -545,7 +544,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     export_cfg = cfg.replace(scaling_factor=export_scaling_factor(config, cfg, init_scaling))
     DCAE(export_cfg, variables).save_pretrained(workdir / "export")  # every process: orbax's save is collective
     if is_main:
-        (workdir / "eval.json").write_text(json.dumps(final, indent=2))
+        paths.write_text_atomic(workdir / "eval.json", json.dumps(final, indent=2))
         keys = ["loss", "l1", "lpips", "gen_loss", "disc_loss", "gan_weight", "grad_norm", "learning_rate"]
         history.plot(workdir, keys, f"{cfg.name}, phase {config.phase}")
     writer.flush()

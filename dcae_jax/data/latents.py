@@ -47,14 +47,17 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
-import pathlib
+import threading
 from typing import Any
 
 import grain
 import numpy as np
+
+from dcae_jax.runtime import paths
 
 FORMAT = "dcae_jax.latents"
 VERSION = 1
@@ -80,16 +83,10 @@ def record_dtype(latent_shape: tuple[int, int, int] | list[int]) -> np.dtype:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path: pathlib.Path) -> dict[str, Any]:
+def read_json(path: paths.Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -99,10 +96,10 @@ def read_json(path: pathlib.Path) -> dict[str, Any]:
     return obj
 
 
-def npy_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_header(path: paths.Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) of an .npy file; raises LatentFormatError if it is not one or is truncated."""
     try:
-        with open(path, "rb") as f:
+        with paths.path(path).open("rb") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -115,7 +112,7 @@ def npy_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, int]:
         raise LatentFormatError(f"{path}: not a readable .npy file ({err})") from None
     if fortran or len(shape) != 1:
         raise LatentFormatError(f"{path}: expected a 1-D array of records, got shape {shape}")
-    size, want = path.stat().st_size, offset + shape[0] * dtype.itemsize
+    size, want = paths.size(path), offset + shape[0] * dtype.itemsize
     if size != want:
         raise LatentFormatError(f"{path}: {size} bytes, the header promises {want} ({shape[0]} records): truncated?")
     return shape, dtype, offset
@@ -150,7 +147,7 @@ def write_shard(
     run_id: str,
 ) -> dict[str, Any]:
     """Writes shard `index` (its .npy, then its index .json, each atomically); returns the index."""
-    root = pathlib.Path(root)
+    root = paths.path(root)
     latents = np.asarray(latents, np.float32)
     n = latents.shape[0]
     if latents.ndim != 4 or np.shape(labels) != (n,) or np.shape(indices) != (n,):
@@ -159,15 +156,13 @@ def write_shard(
         raise ValueError(f"{n} examples for the {stop - start} records [{start}, {stop})")
     stem = shard_stem(index, num_shards)
     npy, idx = root / f"{stem}.npy", root / f"{stem}.json"
-    idx.unlink(missing_ok=True)  # no commit mark while the data changes
+    if idx.exists():
+        idx.unlink()  # no commit mark while the data changes
     records = np.empty((n,), record_dtype(latents.shape[1:]))
     records["latent"], records["label"], records["index"] = latents, labels, indices
-    tmp = root / f".{stem}.npy.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, records, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, npy)
+    buf = io.BytesIO()
+    np.save(buf, records, allow_pickle=False)
+    paths.write_bytes_atomic(npy, buf.getvalue())
     info = {
         "format": FORMAT,
         "version": VERSION,
@@ -175,7 +170,7 @@ def write_shard(
         "shard": index,
         "num_shards": num_shards,
         "file": npy.name,
-        "bytes": npy.stat().st_size,
+        "bytes": paths.size(npy),
         "start": start,
         "stop": stop,
         "num_examples": n,
@@ -192,7 +187,7 @@ def check_shard(
     root: str | os.PathLike, index: int, num_shards: int, *, run_id: str, start: int, stop: int, latent_shape
 ) -> tuple[dict[str, Any] | None, str]:
     """(the shard's index, "") when shard `index` is finished and belongs to this run, else (None, why not)."""
-    root = pathlib.Path(root)
+    root = paths.path(root)
     stem = shard_stem(index, num_shards)
     idx, npy = root / f"{stem}.json", root / f"{stem}.npy"
     if not idx.exists():
@@ -208,7 +203,7 @@ def check_shard(
         if not npy.exists():
             return None, f"{npy.name} missing"
         shape, dtype, _ = npy_header(npy)
-        if dtype != record_dtype(latent_shape) or shape != (n,) or npy.stat().st_size != info["bytes"]:
+        if dtype != record_dtype(latent_shape) or shape != (n,) or paths.size(npy) != info["bytes"]:
             return None, f"{npy.name}: {shape[0]} records of {dtype}, {idx.name} promises {n} of the run's dtype"
         if n + info["num_unreadable"] != stop - start:
             return None, f"{idx.name}: counts do not add up to the {stop - start} records"
@@ -223,7 +218,7 @@ def check_shard(
 # Reader.
 
 
-def _field(meta: dict[str, Any], key: str, path: pathlib.Path, kind=None):
+def _field(meta: dict[str, Any], key: str, path: paths.Path, kind=None):
     if key not in meta:
         raise LatentFormatError(f"{path}: missing field {key!r}")
     value = meta[key]
@@ -237,11 +232,12 @@ class LatentDataset:
 
     `ds[i]` -> {"latent": (H, W, C) float32 (scaled), "label": int32}, in shard order. Construction checks
     metadata.json and every shard's header and size (no data is read); errors name the file and field.
-    Shards are memory-mapped on first use (and re-opened in grain worker processes).
+    Local shards are memory-mapped on first use; gs:// shards are read in place, one ranged read per example
+    (files opened on first use, and re-opened in grain worker processes).
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = pathlib.Path(root).expanduser()
+        self.root = paths.path(root, "latents")
         path = self.root / METADATA
         if not path.is_file():
             hint = (
@@ -286,7 +282,9 @@ class LatentDataset:
         # The class ids that have examples (all of them when the folder predates label counts).
         self.trained_classes = [i for i, n in enumerate(counts) if n > 0] if counts else list(range(num_classes))
         dtype = record_dtype(self.latent_shape)
-        self._files: list[pathlib.Path] = []
+        self._files: list[paths.Path] = []
+        self._data_offsets: list[int] = []
+        self._itemsize = dtype.itemsize
         self._offsets = [0]
         for k, shard in enumerate(shards):
             if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
@@ -295,7 +293,7 @@ class LatentDataset:
             f = self.root / shard["file"]
             if not f.is_file():
                 raise LatentFormatError(f"{f}: shard listed in {path} is missing")
-            got_shape, got_dtype, _ = npy_header(f)
+            got_shape, got_dtype, data_offset = npy_header(f)
             if got_dtype != dtype:
                 raise LatentFormatError(
                     f"{f}: records are {got_dtype}, metadata.json's latent_shape {list(self.latent_shape)} needs {dtype}"
@@ -303,6 +301,7 @@ class LatentDataset:
             if got_shape != (n,):
                 raise LatentFormatError(f"{f}: {got_shape[0]} records, metadata.json says num_examples={n}")
             self._files.append(f)
+            self._data_offsets.append(data_offset)
             self._offsets.append(self._offsets[-1] + n)
         if self._offsets[-1] != _field(meta, "num_examples", path, int):
             raise LatentFormatError(
@@ -310,27 +309,45 @@ class LatentDataset:
             )
         if self._offsets[-1] == 0:
             raise LatentFormatError(f"{path}: the folder holds no examples")
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, Any] = {}
+        self._dtype = dtype
+        self._remote = paths.is_remote(self.root)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._offsets[-1]
 
-    def _shard(self, k: int) -> np.ndarray:
+    def _shard(self, k: int) -> Any:
         m = self._maps.get(k)
         if m is None:
-            m = self._maps[k] = np.load(self._files[k], mmap_mode="r")
+            if self._remote:
+                m = self._maps[k] = self._files[k].open("rb")
+            else:
+                m = self._maps[k] = np.load(os.fspath(self._files[k]), mmap_mode="r")
         return m
+
+    def _record(self, k: int, j: int) -> np.ndarray:
+        shard = self._shard(k)
+        if not self._remote:
+            return shard[j]
+        with self._lock:  # grain's read threads share the open file
+            shard.seek(self._data_offsets[k] + j * self._itemsize)
+            data = shard.read(self._itemsize)
+        return np.frombuffer(data, self._dtype)[0]
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         i = int(index)
         if not 0 <= i < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         k = bisect.bisect_right(self._offsets, i) - 1
-        record = self._shard(k)[i - self._offsets[k]]
+        record = self._record(k, i - self._offsets[k])
         return {"latent": np.array(record["latent"], np.float32), "label": np.int32(record["label"])}
 
     def __getstate__(self):  # grain workers: ship the index, not the memory maps
-        return {**self.__dict__, "_maps": {}}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _maps={}, _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"LatentDataset({str(self.root)!r}, {len(self)} x {self.latent_shape}, {self.num_classes} classes)"

@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 
 from dcae_jax.data import latents as fmt
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, paths
 
 DTYPES = ("float32", "bfloat16")
 BUNDLED_PACKAGES = ("skimage", "sklearn", "matplotlib")
@@ -325,7 +325,7 @@ def precompute(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     requested = _requested_scale(scaling_factor)
-    out = pathlib.Path(out).expanduser()
+    out = paths.path(out, "--out")
     is_main = jax.process_index() == 0
     p, num_procs = jax.process_index(), jax.process_count()
 
@@ -393,8 +393,8 @@ def precompute(
             )
     rid = fmt.run_id({**settings, "scaling_factor": scale})
     _barrier("precompute_latents: run.json")
-    if is_main:
-        (out / fmt.METADATA).unlink(missing_ok=True)  # written again once every shard is there
+    if is_main and (out / fmt.METADATA).exists():
+        (out / fmt.METADATA).unlink()  # written again once every shard is there
 
     # This process's shards: finished ones are skipped, the others encoded and written.
     c = latent_shape[-1]
@@ -506,7 +506,7 @@ def precompute(
     return result
 
 
-def report(r: dict[str, Any], out: pathlib.Path | str) -> str:
+def report(r: dict[str, Any], out: paths.PathLike) -> str:
     s = r["stats"]
     implied = s["implied_scaling_factor"]
     lines = [

@@ -39,6 +39,7 @@ import numpy as np
 
 from dcae_jax.diffusion.dit import DiTConfig, sincos_pos_embed_2d
 from dcae_jax.diffusion.uvit import UViTConfig
+from dcae_jax.runtime import paths
 from dcae_jax.runtime import state_dict as sd_lib
 
 # Prefixes stripped (in this order, each only when *every* key has it) after the weights are selected;
@@ -295,7 +296,7 @@ def load_diffusion_state_dict(path: str | os.PathLike, *, prefer_ema: bool = Tru
     """The diffusion model's state dict from a file or directory: `.safetensors` read lazily without torch,
     `.pt` / `.pth` with ``torch.load(weights_only=True)`` (a clear ImportError without torch), then
     `select_weights`."""
-    p = pathlib.Path(path).expanduser()
+    p = paths.local_copy(path) if paths.is_remote(path) else pathlib.Path(path).expanduser()
     if p.is_dir():
         p = _find_weights_file(p)
     if not p.exists():

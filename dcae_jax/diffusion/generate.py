@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
 import sys
 import time
 
 import numpy as np
 
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, paths
 
 
 def class_ids(
@@ -50,27 +48,27 @@ def class_ids(
     return pool[np.random.default_rng(seed).integers(0, len(pool), num_samples)]
 
 
-def _chunk_path(out: pathlib.Path, i: int) -> pathlib.Path:
+def _chunk_path(out: paths.Path, i: int) -> paths.Path:
     return out / "chunks" / f"chunk-{i:05d}.npz"
 
 
-def _chunk_ok(path: pathlib.Path, labels: np.ndarray, need_features: bool, need_images: bool) -> bool:
+def _chunk_ok(path: paths.Path, labels: np.ndarray, need_features: bool, need_images: bool) -> bool:
     """A finished chunk: readable, same labels, and holding what this run needs."""
     try:
-        with np.load(path) as f:
-            ok = np.array_equal(f["labels"], labels)
-            ok &= (not need_features) or ("features" in f and f["features"].shape[0] == labels.size)
-            ok &= (not need_images) or ("images" in f and f["images"].shape[0] == labels.size)
-            return bool(ok)
+        if not path.exists():
+            return False
+        f = paths.load_npz(path)
+        ok = np.array_equal(f["labels"], labels)
+        ok &= (not need_features) or ("features" in f and f["features"].shape[0] == labels.size)
+        ok &= (not need_images) or ("images" in f and f["images"].shape[0] == labels.size)
+        return bool(ok)
     except Exception:  # truncated or foreign file: sample the chunk again
         return False
 
 
-def _write_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
+def _write_atomic(path: paths.Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    paths.save_npz(path, **arrays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +101,7 @@ def run(args: SampleRun) -> dict:
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, image_grid
     from dcae_jax.metrics import fid as fid_lib
 
-    out = pathlib.Path(args.out)
+    out = paths.path(args.out, "--out")
     pipe = DCAEDiffusion.from_pretrained(args.model, autoencoder=args.autoencoder)
     overrides = {"guidance_scale": args.guidance_scale, "name": args.sampler, "steps": args.steps}
     settings = {k: v for k, v in overrides.items() if v is not None}
@@ -169,8 +167,7 @@ def run(args: SampleRun) -> dict:
     if want_fid:
         stats = fid_lib.FeatureStats()
         for i in mine:
-            with np.load(_chunk_path(out, i)) as f:
-                stats.update(f["features"])
+            stats.update(paths.load_npz(_chunk_path(out, i))["features"])
         stats = fid_lib.allreduce_stats(stats)
         result["fid"] = fid_lib.frechet_distance(*stats.mu_sigma(), *ref)
         result["fid_stats"] = str(args.fid_stats)
@@ -179,14 +176,14 @@ def run(args: SampleRun) -> dict:
         if grid is not None:
             columns = int(np.ceil(np.sqrt(len(grid))))  # square-ish, like torchvision save_image(nrow=sqrt(n))
             image_io.save_image(image_grid(grid.astype(np.float32) / 127.5 - 1.0, columns=columns), out / "grid.png")
-        (out / "results.json").write_text(json.dumps(result, indent=2))
+        paths.write_text_atomic(out / "results.json", json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         wrote = [out / "results.json", *([out / "grid.png"] if grid is not None else [])]
         print(f"wrote {', '.join(map(str, wrote))} and {len(chunks)} sample chunks in {out}")
     return result
 
 
-def _check_same_run(out: pathlib.Path, run: dict) -> None:
+def _check_same_run(out: paths.Path, run: dict) -> None:
     """Chunks are only reused by the same run: a different sampler, seed or model needs a new --out."""
     import jax
 
@@ -198,20 +195,20 @@ def _check_same_run(out: pathlib.Path, run: dict) -> None:
             raise ValueError(f"{path}: {out} holds samples of a different run (changed: {changed}); use a new --out")
     elif jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run, indent=2))
+        paths.write_text_atomic(path, json.dumps(run, indent=2))
 
 
-def _grid_images(out: pathlib.Path, num_chunks: int, n: int) -> np.ndarray | None:
+def _grid_images(out: paths.Path, num_chunks: int, n: int) -> np.ndarray | None:
     """The first `n` samples' pixels from the chunks that kept them (chunk 0 always does)."""
     parts, have = [], 0
     for i in range(num_chunks):
         if have >= n:
             break
-        with np.load(_chunk_path(out, i)) as f:
-            if "images" not in f:
-                break
-            parts.append(f["images"][: n - have])
-            have += parts[-1].shape[0]
+        f = paths.load_npz(_chunk_path(out, i))
+        if "images" not in f:
+            break
+        parts.append(f["images"][: n - have])
+        have += parts[-1].shape[0]
     return np.concatenate(parts) if parts else None
 
 

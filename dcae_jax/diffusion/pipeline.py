@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from dcae_jax.diffusion import gaussian_diffusion, objectives, samplers
 from dcae_jax.diffusion.dit import DiT, DiTConfig, init_dit_params
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, init_uvit_params
-from dcae_jax.runtime import distributed, sharding
+from dcae_jax.runtime import distributed, paths, sharding
 
 CONFIG_FILE = "diffusion_config.json"
 PARAMS_DIR = "params"
@@ -154,7 +153,7 @@ class DCAEDiffusion:
         `autoencoder` (a path, repo id or DCAE) overrides the one the checkpoint names or bundles."""
         import orbax.checkpoint as ocp
 
-        root = pathlib.Path(path_or_repo_id).expanduser()
+        root = paths.path(path_or_repo_id)
         if not (root / CONFIG_FILE).exists():
             from dcae_jax.diffusion import released
 
@@ -174,7 +173,7 @@ class DCAEDiffusion:
         config = config_cls(**raw["model"])
         target = jax.eval_shape(lambda key: init_fn(config, key), jax.random.key(0))
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore((root / PARAMS_DIR).absolute(), target)
+            params = ckptr.restore(root / PARAMS_DIR, target)
         return cls(
             config,
             params,
@@ -186,7 +185,7 @@ class DCAEDiffusion:
             dtype=dtype,
         )
 
-    def save_pretrained(self, out: str | os.PathLike, bundle_autoencoder: bool = False) -> pathlib.Path:
+    def save_pretrained(self, out: str | os.PathLike, bundle_autoencoder: bool = False) -> paths.Path:
         """Writes the export (every process calls it: orbax saves collectively; process 0 writes the config).
 
         `bundle_autoencoder`: when the autoencoder is a local folder, copy it to `<out>/autoencoder/` and refer to it
@@ -194,7 +193,7 @@ class DCAEDiffusion:
         """
         import orbax.checkpoint as ocp
 
-        out = pathlib.Path(out).absolute()
+        out = paths.path(out, "out")
         out.mkdir(parents=True, exist_ok=True)
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), self.params)
         with ocp.StandardCheckpointer() as ckptr:
@@ -202,8 +201,8 @@ class DCAEDiffusion:
             ckptr.wait_until_finished()
         if jax.process_index() == 0:
             ae = str(self._autoencoder) if isinstance(self._autoencoder, str | os.PathLike) else ""
-            if bundle_autoencoder and ae and pathlib.Path(ae).is_dir():
-                ae = _bundle(pathlib.Path(ae), out)
+            if bundle_autoencoder and ae and paths.path(ae).is_dir():
+                ae = _bundle(paths.path(ae), out)
             raw = {
                 "format": FORMAT,
                 "model_type": self.model_type,
@@ -214,9 +213,7 @@ class DCAEDiffusion:
                 "autoencoder": ae,
                 "classes": self.classes,
             }
-            tmp = out / (CONFIG_FILE + ".tmp")
-            tmp.write_text(json.dumps(raw, indent=2))
-            tmp.replace(out / CONFIG_FILE)  # atomic: no config, no loadable export
+            paths.write_text_atomic(out / CONFIG_FILE, json.dumps(raw, indent=2))  # last: no config, no export
         distributed.barrier(f"DCAEDiffusion.save_pretrained {out}")
         return out
 
@@ -336,24 +333,20 @@ def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
 BUNDLED_AUTOENCODER = "autoencoder"
 
 
-def _bundle(ae: pathlib.Path, out: pathlib.Path) -> str:
-    """Copies the autoencoder folder `ae` into `out/autoencoder` (atomically replacing an older copy)."""
-    import shutil
-
+def _bundle(ae: paths.Path, out: paths.Path) -> str:
+    """Copies the autoencoder folder `ae` into `out/autoencoder`, replacing an older copy (its config is copied
+    last, so an interrupted copy is refused by the loader rather than half-read)."""
     target = out / BUNDLED_AUTOENCODER
-    if ae.resolve() == target.resolve():
+    if str(ae).rstrip("/") == str(target).rstrip("/"):
         return BUNDLED_AUTOENCODER
-    tmp = out / f".{BUNDLED_AUTOENCODER}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ae, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    paths.rmtree(target)
+    paths.copytree(ae, target)
     return BUNDLED_AUTOENCODER
 
 
-def _autoencoder_path(root: pathlib.Path, ae: str) -> str:
+def _autoencoder_path(root: paths.Path, ae: str) -> str:
     """A relative autoencoder path in an export's config is relative to the export folder."""
-    if ae and not pathlib.Path(ae).is_absolute() and (root / ae).is_dir():
+    if ae and not paths.is_remote(ae) and not ae.startswith("/") and (root / ae).is_dir():
         return str(root / ae)
     return ae
 

@@ -15,7 +15,6 @@ sample grids decoded by the autoencoder. The final model goes to `<workdir>/expo
 import dataclasses
 import functools
 import json
-import pathlib
 from typing import Any
 
 import flax
@@ -31,7 +30,7 @@ from clu import metrics as clu_metrics
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import sharding
+from dcae_jax.runtime import paths, sharding
 from dcae_jax.training import checkpoints, loop
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
@@ -202,9 +201,9 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
 # Latents: precomputed, or computed into the workdir from images and an autoencoder.
 
 
-def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+def _latents_dir(config, workdir: paths.Path) -> paths.Path:
     if config.data.latents:
-        return pathlib.Path(config.data.latents)
+        return paths.path(config.data.latents, "config.data.latents")
     if not config.autoencoder:
         raise ValueError(
             "config.data.latents is empty and there is no config.autoencoder to compute them with: run "
@@ -231,19 +230,18 @@ def _latents_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 # The loop.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
     """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
     anything is written; the workdir is locked for the run (one trainer per workdir)."""
     from dcae_jax.autoencoder.train import check_loop_config
-    from dcae_jax.runtime import paths
 
     check_loop_config(config, sharding.mesh_from_config(config))
-    workdir = pathlib.Path(workdir)
+    workdir = paths.path(workdir, "workdir")
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train(config, workdir)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, Any]:
     from dcae_jax.data.latents import LatentDataset, make_latent_train_loader
     from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
 
@@ -337,7 +335,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
     write_samples(config.num_steps, state, pipe)
     result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
     if is_main:
-        (workdir / "eval.json").write_text(json.dumps(result, indent=2))
+        paths.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))
         history.plot(workdir, ["loss", "grad_norm", "learning_rate"], f"{cfg.name} ({config.objective})")
     writer.flush()
     return result

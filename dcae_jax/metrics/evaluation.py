@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -323,7 +324,7 @@ def load_fid_or_note(path: str | None, notes: list[str]):
     return fid_lib.load_fid_inception(path) if path else (None, None)
 
 
-def write_results(r: dict[str, Any], output: str | pathlib.Path) -> list[pathlib.Path]:
+def write_results(r: dict[str, Any], output: str | os.PathLike) -> list:
     """Process 0 writes `r` to `output` (.json) and its table row beside it (.md), atomically; returns the paths."""
     import json
 
@@ -331,7 +332,7 @@ def write_results(r: dict[str, Any], output: str | pathlib.Path) -> list[pathlib
 
     if jax.process_index() != 0:
         return []
-    out = pathlib.Path(output)
+    out = paths.path(output, "--output")
     out.parent.mkdir(parents=True, exist_ok=True)
     paths.write_text_atomic(out, json.dumps(r, indent=2) + "\n")
     paths.write_text_atomic(out.with_suffix(".md"), r["markdown"] + "\n")

@@ -51,7 +51,7 @@ import numpy as np
 from flax import traverse_util
 
 from dcae_jax.metrics._variables import check_variables
-from dcae_jax.runtime import distributed, state_dict
+from dcae_jax.runtime import distributed, paths, state_dict
 
 Array = jax.Array
 
@@ -381,10 +381,7 @@ _KIND = "fid_inception_v3/pt_inception-2015-12-05"
 def save_fid_weights(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes `FIDInception` variables to one .npz file (exactly at `path`)."""
     flat = _check_variables(variables, "save_fid_weights")
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, kind=np.array(_KIND), **{"/".join(k): v for k, v in flat.items()})
+    paths.save_npz(path, kind=np.array(_KIND), **{"/".join(k): v for k, v in flat.items()})
 
 
 def conversion_help(path: str | os.PathLike) -> str:
@@ -399,18 +396,18 @@ def conversion_help(path: str | os.PathLike) -> str:
 
 
 def load_fid_inception(path: str | os.PathLike) -> tuple[FIDInception, dict[str, Any]]:
-    """Reads a `save_fid_weights` file -> (`FIDInception()`, variables)."""
-    path = pathlib.Path(path)
+    """Reads a `save_fid_weights` file (local or gs://) -> (`FIDInception()`, variables)."""
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: FID Inception weights not found. Nothing is downloaded at run time; `python -m "
             "dcae_jax.fetch_weights` makes the genuine file (no torch needed), or convert the PyTorch file:\n"
             + conversion_help(path)
         )
-    with np.load(path, allow_pickle=False) as z:
-        if "kind" not in z.files or str(z["kind"]) != _KIND:
-            raise ValueError(f"{path}: not a dcae_jax FID Inception weights file (kind {_KIND!r} expected)")
-        flat = {tuple(k.split("/")): z[k] for k in z.files if k != "kind"}
+    z = paths.load_npz(path)
+    if "kind" not in z or str(z["kind"]) != _KIND:
+        raise ValueError(f"{path}: not a dcae_jax FID Inception weights file (kind {_KIND!r} expected)")
+    flat = {tuple(k.split("/")): z[k] for k in z if k != "kind"}
     flat = _check_variables(traverse_util.unflatten_dict(flat), str(path))
     return FIDInception(), traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
@@ -502,25 +499,22 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez_compressed(f, mu=mu, sigma=sigma)
+    paths.save_npz(path, compressed=True, mu=mu, sigma=sigma)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) as float64 from a stats .npz (ours or pytorch-fid's `--save-stats`)."""
-    path = pathlib.Path(path)
+    """(mu, sigma) as float64 from a stats .npz (ours or pytorch-fid's `--save-stats`; local or gs://)."""
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: FID reference statistics not found. Build them with\n"
             f"  python -m dcae_jax.fid_stats --data DATA --resolution R --out {path}\n"
             f"or with pytorch-fid: python -m pytorch_fid --save-stats IMAGE_DIR {path}"
         )
-    with np.load(path, allow_pickle=False) as z:
-        if not {"mu", "sigma"} <= set(z.files):
-            raise ValueError(f"{path}: not an FID stats file (needs 'mu' and 'sigma'); files: {sorted(z.files)}")
-        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    z = paths.load_npz(path)
+    if not {"mu", "sigma"} <= set(z):
+        raise ValueError(f"{path}: not an FID stats file (needs 'mu' and 'sigma'); files: {sorted(z)}")
+    mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     return mu, sigma

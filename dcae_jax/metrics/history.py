@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 from collections.abc import Mapping, Sequence
+
+from dcae_jax.runtime import paths
 
 FILENAME = "metrics.jsonl"
 PLOT = "curves.png"
 
 
-def append(workdir: pathlib.Path, step: int, values: Mapping[str, float]) -> None:
+def append(workdir: paths.PathLike, step: int, values: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-    with open(workdir / FILENAME, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    paths.append_line(paths.path(workdir) / FILENAME, json.dumps(row))
 
 
-def read(workdir: pathlib.Path) -> list[dict[str, float]]:
+def read(workdir: paths.PathLike) -> list[dict[str, float]]:
     """Rows by step (the last line written for a step wins); a torn last line (killed mid-write) is ignored."""
-    path = workdir / FILENAME
+    path = paths.path(workdir) / FILENAME
     if not path.exists():
         return []
     rows: dict[int, dict[str, float]] = {}
@@ -36,7 +36,7 @@ def read(workdir: pathlib.Path) -> list[dict[str, float]]:
     return [rows[s] for s in sorted(rows)]
 
 
-def plot(workdir: pathlib.Path, keys: Sequence[str], title: str) -> pathlib.Path | None:
+def plot(workdir: paths.PathLike, keys: Sequence[str], title: str) -> paths.Path | None:
     """One panel per key that was logged with a non-zero value; returns the PNG's path (None if nothing to plot)."""
     rows = read(workdir)
     keys = [k for k in keys if any(r.get(k) for r in rows)]  # fields that are always 0 in this phase are left out
@@ -63,9 +63,6 @@ def plot(workdir: pathlib.Path, keys: Sequence[str], title: str) -> pathlib.Path
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out = workdir / PLOT
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    out = paths.save_figure(fig, paths.path(workdir) / PLOT, dpi=90)
     plt.close(fig)
-    tmp.replace(out)
     return out

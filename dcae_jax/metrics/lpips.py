@@ -43,7 +43,7 @@ import numpy as np
 from flax import traverse_util
 
 from dcae_jax.metrics._variables import check_variables
-from dcae_jax.runtime import state_dict
+from dcae_jax.runtime import paths, state_dict
 
 Array = jax.Array
 
@@ -304,10 +304,7 @@ def save_lpips_weights(variables: Mapping[str, Any], path: str | os.PathLike, ne
     """Writes `variables` of `LPIPS(net)` and the net name to one .npz file (exactly at `path`)."""
     flat = _check_variables(variables, net, "save_lpips_weights")
     arrays = {"/".join(k): v for k, v in flat.items()}
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, net=np.array(net), **arrays)
+    paths.save_npz(path, net=np.array(net), **arrays)
 
 
 def conversion_help(path: str | os.PathLike, net: str | None = None) -> str:
@@ -328,18 +325,18 @@ def conversion_help(path: str | os.PathLike, net: str | None = None) -> str:
 
 
 def load_lpips(path: str | os.PathLike) -> tuple[LPIPS, dict[str, Any]]:
-    """Reads a `save_lpips_weights` file -> (`LPIPS(net)`, variables)."""
-    path = pathlib.Path(path)
+    """Reads a `save_lpips_weights` file (local or gs://) -> (`LPIPS(net)`, variables)."""
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: LPIPS weights not found. Nothing is downloaded at run time; `python -m dcae_jax.fetch_weights` "
             "makes the genuine files (no torch needed), or convert the PyTorch files:\n" + conversion_help(path)
         )
-    with np.load(path, allow_pickle=False) as z:
-        if "net" not in z.files:
-            raise ValueError(f"{path}: not an LPIPS weights file (no 'net' entry); files: {sorted(z.files)}")
-        net = str(z["net"])
-        flat = {tuple(k.split("/")): z[k] for k in z.files if k != "net"}
+    z = paths.load_npz(path)
+    if "net" not in z:
+        raise ValueError(f"{path}: not an LPIPS weights file (no 'net' entry); files: {sorted(z)}")
+    net = str(z["net"])
+    flat = {tuple(k.split("/")): z[k] for k in z if k != "net"}
     get_backbone(net)
     flat = _check_variables(traverse_util.unflatten_dict(flat), net, str(path))
     variables = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})

@@ -122,6 +122,12 @@ class LazySafetensors(Mapping):
 def read(path: str | os.PathLike) -> Mapping[str, Any]:
     """A weights file as a mapping: `.safetensors` lazily (no torch), PyTorch pickles (.pt, .pth, .bin, .ckpt) with
     `torch.load(map_location="cpu", weights_only=True)` (no code runs; needs torch). Nothing is unwrapped."""
+    from dcae_jax.runtime import paths
+
+    if paths.is_remote(path):  # safetensors and torch read local files: a cached local copy
+        if not paths.path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        path = paths.local_copy(path)
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")

@@ -10,12 +10,12 @@ exist) are skipped, so running the same command again resumes. The last phase's 
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 import time
 
 import jax
 from absl import logging
+
+from dcae_jax.runtime import paths
 
 
 def _train_fn(config):
@@ -48,8 +48,9 @@ def _announce(k: int, n: int, name: str, phase, t0: float, done_cost: float, lef
     print(f"== {k}/{n} {name} ({what}, {phase.num_steps} steps) | elapsed {_fmt_s(elapsed)}{eta}", flush=True)
 
 
-def run(config, workdir: pathlib.Path) -> dict:
+def run(config, workdir: paths.PathLike) -> dict:
     t0 = time.time()
+    workdir = paths.path(workdir, "workdir")
     if "chain" not in config:
         result = _train_fn(config)(config, workdir)
         if jax.process_index() == 0:
@@ -75,45 +76,42 @@ def run(config, workdir: pathlib.Path) -> dict:
                 field = "autoencoder" if phase.get("trainer", "dcae") == "diffusion" else "init_from"
                 if not phase[field]:
                     with phase.unlocked():
-                        phase[field] = str((previous / "export").absolute())
+                        phase[field] = str(previous / "export")
             result = _train_fn(phase)(phase, phase_dir)
             done_cost += costs[name]
         result = {**result, "phase": name}
         previous = phase_dir
     if jax.process_index() == 0:
-        if (workdir / "export").exists():
-            shutil.rmtree(workdir / "export")
-        shutil.copytree(previous / "export", workdir / "export")
+        paths.rmtree(workdir / "export")
+        paths.copytree(previous / "export", workdir / "export")
         write_eval_table(config, workdir)
         _print_summary(config, workdir, [workdir / n for n in config.chain], t0)
     return result
 
 
-def _print_summary(config, workdir: pathlib.Path, phase_dirs: list[pathlib.Path], t0: float) -> None:
+def _print_summary(config, workdir: paths.Path, phase_dirs: list[paths.Path], t0: float) -> None:
     """What the run wrote and where, and the command a user runs next."""
     last = config[config.chain[-1]] if "chain" in config else config
     diffusion = last.get("trainer", "dcae") == "diffusion"
-    export = (workdir / "export").absolute()
+    export = workdir / "export"
     lines = [f"Finished in {_fmt_s(time.time() - t0)}. Wrote:"]
     load = "DCAEDiffusion.from_pretrained" if diffusion else "DCAE.from_pretrained"
     lines.append(f"  model       {export}   (load with {load})")
     if (workdir / "eval.md").exists():
-        lines.append(f"  evaluation  {(workdir / 'eval.md').absolute()}")
+        lines.append(f"  evaluation  {workdir / 'eval.md'}")
     for d in phase_dirs:
         pictures = sorted((d / "samples").glob("*.png"))[-1:] + [p for p in [d / "curves.png"] if p.exists()]
         if pictures:
-            lines.append(f"  pictures    {', '.join(str(p.absolute()) for p in pictures)}")
-    lines.append(f"  logs        tensorboard --logdir {workdir.absolute()}")
+            lines.append(f"  pictures    {', '.join(str(p) for p in pictures)}")
+    lines.append(f"  logs        tensorboard --logdir {workdir}")
     if diffusion:
-        lines.append(
-            f"Next: python -m dcae_jax.sample --model={export} --num_samples=16 --out={workdir.absolute()}/grid"
-        )
+        lines.append(f"Next: python -m dcae_jax.sample --model={export} --num_samples=16 --out={workdir}/grid")
     else:
         lines.append(f"Next: python -m dcae_jax.reconstruct --model {export} --input YOUR_PHOTOS --output recon/")
     print("\n".join(lines), flush=True)
 
 
-def write_eval_table(config, workdir: pathlib.Path) -> None:
+def write_eval_table(config, workdir: paths.Path) -> None:
     rows = [
         "| phase | steps | train res | eval res | held-out PSNR | SSIM | LPIPS (alex) | rFID | images |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -146,5 +144,5 @@ def write_eval_table(config, workdir: pathlib.Path) -> None:
             "|---|---|---:|---:|---|",
         ]
         rows += diffusion_rows
-    (workdir / "eval.md").write_text("\n".join(rows) + "\n")
+    paths.write_text_atomic(workdir / "eval.md", "\n".join(rows) + "\n")
     print("\n".join(rows))

@@ -10,7 +10,6 @@ stops the run instead, after the checkpoint being written is on disk, naming the
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import flax
@@ -18,19 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, paths
 
 
-def manager(workdir: pathlib.Path, keep: int):
-    """The orbax CheckpointManager of `<workdir>/checkpoints`, keeping the newest `keep` steps."""
+def manager(workdir: paths.PathLike, keep: int):
+    """The orbax CheckpointManager of `<workdir>/checkpoints` (local or gs://), keeping the newest `keep` steps."""
     import orbax.checkpoint as ocp
 
-    from dcae_jax.runtime import paths
-
+    directory = paths.path(workdir, "workdir") / "checkpoints"
     if jax.process_index() == 0:
-        paths.check_writable_dir(workdir.absolute() / "checkpoints", "checkpoint")
+        paths.check_writable_dir(directory, "checkpoint")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def state_bytes(state: Any) -> int:
@@ -50,7 +48,9 @@ def check_free_space(mngr, step: int, state: Any) -> None:
     import errno
     import shutil
 
-    directory = pathlib.Path(str(mngr.directory))
+    directory = str(mngr.directory)
+    if paths.is_remote(directory):  # object storage: no disk to fill
+        return
     need = int(state_bytes(state) * 1.05) + (1 << 20)  # + metadata, the iterator state, filesystem blocks
     free = shutil.disk_usage(directory).free
     if free >= need:
@@ -128,17 +128,17 @@ def host_variables(tree: Any) -> Any:
     return jax.tree_util.tree_map(distributed.host_array, tree)
 
 
-def stop_non_finite(what: str, step: int, mngr, workdir: pathlib.Path) -> None:
+def stop_non_finite(what: str, step: int, mngr, workdir: paths.PathLike) -> None:
     """Waits for any checkpoint still being written (so it really is on disk), then stops naming the newest one."""
     mngr.wait_until_finished()
     latest = mngr.latest_step()
     kept = f"the last good checkpoint, step {latest}, is in" if latest is not None else "no checkpoint was written to"
     raise FloatingPointError(
-        f"{what} at step {step}; stopped, nothing non-finite saved; {kept} {workdir / 'checkpoints'}"
+        f"{what} at step {step}; stopped, nothing non-finite saved; {kept} {paths.path(workdir) / 'checkpoints'}"
     )
 
 
-def fetch_summary(metrics, step: int, mngr, workdir: pathlib.Path) -> dict[str, float]:
+def fetch_summary(metrics, step: int, mngr, workdir: paths.PathLike) -> dict[str, float]:
     """The accumulated metrics on the host (a log step's one device fetch); stops on a non-finite loss.
 
     Stopping before the step's checkpoint keeps the last good one as the latest, so a rerun resumes there.
@@ -155,7 +155,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def save_checked(mngr, step: int, state: Any, data_iter, workdir: pathlib.Path) -> None:
+def save_checked(mngr, step: int, state: Any, data_iter, workdir: paths.PathLike) -> None:
     """Checkpoints `state` unless a parameter (or EMA / BatchNorm statistic) is non-finite; then stops instead.
 
     A loss can be finite while the update it produced is not: this check (one scalar fetch per checkpoint) keeps

@@ -140,3 +140,31 @@ def test_sampling_draws_only_the_trained_classes():
     assert set(everything.tolist()) == set(range(10))
     np.testing.assert_array_equal(everything, class_ids(400, 10, seed=0, explicit=[], trained=list(range(10))))
     np.testing.assert_array_equal(class_ids(3, 10, seed=0, explicit=[9, 0, 1], trained=[2]), [9, 0, 1])
+
+
+@pytest.mark.gcs
+def test_export_and_sample_on_gcs(export, gcs_dir, tmp_path, monkeypatch):
+    """An export with its autoencoder bundled, written to and loaded from the bucket; `sample --out=gs://...` writes
+    its chunks, grid and results there and resumes (a damaged chunk alone is sampled again)."""
+    from dcae_jax import sample
+    from dcae_jax.runtime import paths
+
+    monkeypatch.chdir(tmp_path)
+    local = DCAEDiffusion.from_pretrained(export)
+    remote_dir = local.save_pretrained(f"{gcs_dir}/export", bundle_autoencoder=True)
+    assert str(remote_dir) == f"{gcs_dir}/export" and (remote_dir / "autoencoder" / "dcae_config.json").exists()
+    remote = DCAEDiffusion.from_pretrained(f"{gcs_dir}/export")
+    np.testing.assert_array_equal(remote.generate([0, 3], seed=2), local.generate([0, 3], seed=2))
+
+    out = paths.path(f"{gcs_dir}/samples")
+    args = [f"--model={gcs_dir}/export", f"--out={out}", "--num_samples=6", "--batch_size=4", "--seed=1"]
+    assert sample.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert (result["chunks_sampled"], result["chunks_skipped"]) == (2, 0) and (out / "grid.png").exists()
+    first = paths.load_npz(out / "chunks" / "chunk-00000.npz")
+    (out / "chunks" / "chunk-00001.npz").write_bytes(b"truncated")
+    assert sample.main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert (again["chunks_sampled"], again["chunks_skipped"]) == (1, 1)
+    np.testing.assert_array_equal(paths.load_npz(out / "chunks" / "chunk-00000.npz")["images"], first["images"])
+    assert not (tmp_path / "gs:").exists()

@@ -1,4 +1,4 @@
-"""Output folders refuse URLs (which pathlib would turn into a local relative folder) with a clear error."""
+"""User paths: local or gs:// through one type, other URL schemes refused by name, atomic writes on both."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dcae_jax.runtime import paths
@@ -15,39 +16,37 @@ from dcae_jax.runtime import paths
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_local_dir():
-    assert paths.local_dir("/mnt/shared/run", "--workdir") == pathlib.Path("/mnt/shared/run")
-    assert paths.local_dir("runs/a:b", "--out") == pathlib.Path("runs/a:b")  # a colon alone is a file name
-    for url in ("gs://bucket/run", "s3://b/r", "file:///tmp/x", "gcs+grpc://b"):
-        with pytest.raises(ValueError, match=re.escape(f"--workdir={url!r}: URLs are not supported")):
-            paths.local_dir(url, "--workdir")
+def test_path_accepts_local_and_gs_and_refuses_other_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(paths.path("/mnt/shared/run", "--workdir")) == "/mnt/shared/run"
+    assert os.fspath(paths.path("runs/a:b", "--out")) == str(tmp_path / "runs/a:b")  # a colon alone is a file name
+    gs = paths.path("gs://bucket/run", "--workdir")
+    assert os.fspath(gs) == "gs://bucket/run" and os.fspath(gs / "x") == "gs://bucket/run/x"  # never made local
+    assert paths.is_remote(gs) and not paths.is_remote(tmp_path)
+    for url in ("s3://b/r", "file:///tmp/x", "gcs+grpc://b", "http://host/x"):
+        with pytest.raises(ValueError, match=re.escape(f"--workdir={url!r}: unsupported URL scheme")):
+            paths.path(url, "--workdir")
+    with pytest.raises(ValueError, match="name a bucket"):
+        paths.path("gs://", "--out")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (
-            ["-m", "dcae_jax.main", f"--config={REPO}/configs/tiny_test.py", "--workdir=gs://b/run"],
-            "main: error: --workdir=",
-        ),
-        (["-m", "dcae_jax.sample", "--model=m", "--out=gs://bucket/samples"], "sample: error: --out="),
-        (
-            ["-m", "dcae_jax.precompute_latents", "--model=m", "--data=bundled", "--resolution=64", "--out=gs://b/l"],
-            "precompute_latents: error: --out=",
-        ),
+        (["-m", "dcae_jax.main", f"--config={REPO}/configs/tiny_test.py", "--workdir=s3://b/run"], "main: error: "),
+        (["-m", "dcae_jax.sample", "--model=m", "--out=s3://bucket/samples"], "sample: error: --out="),
     ],
 )
-def test_entry_points_refuse_urls(tmp_path, args, message):
+def test_entry_points_refuse_unsupported_urls(tmp_path, args, message):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "URLs are not supported" in result.stderr
-    assert not any(tmp_path.iterdir())  # nothing written, in particular no local "gs:" folder
+    assert message in result.stderr and "unsupported URL scheme 's3'" in result.stderr, result.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing written, in particular no local "s3:" folder
 
 
 def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
-    from dcae_jax.runtime import paths
-
     target = tmp_path / "r.json"
     paths.write_text_atomic(target, "old")
     paths.write_text_atomic(target, "new")
@@ -56,3 +55,53 @@ def test_write_text_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path
     with pytest.raises(OSError):
         paths.write_text_atomic(tmp_path / "dir.json", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "r.json"]
+
+
+def test_writing_commits_only_a_finished_file(tmp_path):
+    target = tmp_path / "w.bin"
+    with pytest.raises(RuntimeError), paths.writing(target) as local:
+        pathlib.Path(local).write_bytes(b"partial")
+        raise RuntimeError("killed mid-write")
+    assert not any(tmp_path.iterdir())
+    with paths.writing(target) as local:
+        pathlib.Path(local).write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == ["w.bin"]
+
+
+def _exercise(root) -> None:
+    """The path operations the commands use, on `root` (local or gs://)."""
+    root = paths.path(root)
+    paths.check_writable_dir(root / "a", "test")
+    paths.write_text_atomic(root / "a" / "x.json", '{"v": 1}')
+    paths.write_text_atomic(root / "a" / "x.json", '{"v": 2}')
+    assert (root / "a" / "x.json").read_text() == '{"v": 2}'
+    paths.append_line(root / "a" / "log.jsonl", "1")
+    paths.append_line(root / "a" / "log.jsonl", "2")
+    assert (root / "a" / "log.jsonl").read_text() == "1\n2\n"
+    paths.save_npz(root / "a" / "sub" / "z.npz", compressed=True, w=np.arange(5.0))
+    np.testing.assert_array_equal(paths.load_npz(root / "a" / "sub" / "z.npz")["w"], np.arange(5.0))
+    with paths.writing(root / "a" / "sub" / "big.bin") as local:
+        pathlib.Path(local).write_bytes(bytes(range(256)) * 4096)
+    assert paths.size(root / "a" / "sub" / "big.bin") == 256 * 4096
+    paths.copytree(root / "a", root / "b")
+    assert [rel for rel, _ in paths.files(root / "b")] == ["log.jsonl", "sub/big.bin", "sub/z.npz", "x.json"]
+    local = paths.local_copy(root / "b")
+    assert (local / "sub" / "big.bin").read_bytes() == bytes(range(256)) * 4096
+    paths.rmtree(root / "b")
+    assert not (root / "b").exists()
+    with paths.workdir_lock(root / "run"):  # local: flock; object storage has none (and no empty folders)
+        paths.write_text_atomic(root / "run" / "f", "x")
+    assert (root / "run" / "f").read_text() == "x"
+
+
+def test_path_operations_local(tmp_path):
+    _exercise(tmp_path)
+
+
+@pytest.mark.gcs
+def test_path_operations_gcs(gcs_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCAE_JAX_CACHE", str(tmp_path / "cache"))
+    _exercise(gcs_dir)
+    assert paths.local_copy(f"{gcs_dir}/a/x.json").read_text() == '{"v": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing landed in a local "gs:" folder
