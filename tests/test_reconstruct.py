@@ -86,3 +86,25 @@ def test_output_names_never_collide(tmp_path):
     paths = [tmp_path / "a.jpg", tmp_path / "a.png", tmp_path / "s" / "b.png"]
     names = [n.as_posix() for n in inference.output_names(paths, tmp_path)]
     assert names == ["a_jpg.png", "a_png.png", "s/b.png"]
+
+
+@pytest.mark.gcs
+def test_reconstruct_from_and_to_gcs(tiny_model_dir, photo_dir, gcs_dir, tmp_path, monkeypatch):
+    """Model, photos and outputs in the bucket: the same results and PNG bytes as a local run."""
+    from dcae_jax.runtime import paths
+
+    monkeypatch.chdir(tmp_path)
+    paths.copytree(tiny_model_dir, f"{gcs_dir}/model")
+    paths.copytree(photo_dir, f"{gcs_dir}/photos")
+    local = tmp_path / "local"
+    assert reconstruct.main(["--model", str(tiny_model_dir), "--input", str(photo_dir), "--output", str(local)]) == 0
+    out = paths.path(f"{gcs_dir}/out")
+    args = ["--model", f"{gcs_dir}/model", "--input", f"{gcs_dir}/photos", "--output", str(out)]
+    assert reconstruct.main(args) == 0
+    want = json.loads((local / "results.json").read_text())
+    got = json.loads((out / "results.json").read_text())
+    assert got["images"] == want["images"] and got["failed"] == want["failed"]
+    for r in got["images"]:
+        assert (out / r["reconstruction"]).read_bytes() == (local / r["reconstruction"]).read_bytes()
+        assert (out / r["comparison"]).read_bytes() == (local / r["comparison"]).read_bytes()
+    assert not (tmp_path / "gs:").exists()
