@@ -39,7 +39,7 @@ def _gcs_emulator(tmp_path_factory):
         pytest.skip(reason or f"{gcs_emulator.KEY_ENV} (the TLS front's key) is not set: run via tests/test_gcs.py")
     cert, key = os.environ["CURL_CA_BUNDLE"], os.environ[gcs_emulator.KEY_ENV]
     root = tmp_path_factory.mktemp("gcs") / "objects"
-    with gcs_tensorflow.emulator(root, cert, key, bucket=gcs_emulator.BUCKET) as bucket:
+    with gcs_tensorflow.emulator(root, cert, key, bucket=gcs_emulator.BUCKET, memory=True) as bucket:
         yield bucket
 
 

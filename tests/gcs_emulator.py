@@ -28,11 +28,10 @@ ENV = {
     "GCE_METADATA_HOST": "127.0.0.1:1",
     "GCE_METADATA_IP": "127.0.0.1:1",
     "GCE_METADATA_ROOT": "127.0.0.1:1",
-    "FSSPEC_GS_TOKEN": "anon",  # gcsfs (etils.epath's backend with EPATH_USE_TF=false)
+    "FSSPEC_GS_TOKEN": "anon",  # gcsfs (etils.epath's backend without TensorFlow, or with EPATH_USE_TF=false)
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else every gcsfs call waits 60 s on a gRPC lookup
     "GOOGLE_CLOUD_PROJECT": "test-project",
     "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
-    "EPATH_USE_TF": "false",  # etils.epath through gcsfs: TensorFlow's GCS file system has no endpoint setting
 }
 
 

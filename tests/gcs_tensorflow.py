@@ -250,9 +250,13 @@ def _create_bucket(bucket: str) -> None:
 
 
 @contextlib.contextmanager
-def emulator(root: pathlib.Path, cert: pathlib.Path, key: pathlib.Path, bucket: str = BUCKET, requests=None):
+def emulator(
+    root: pathlib.Path, cert: pathlib.Path, key: pathlib.Path, bucket: str = BUCKET, requests=None, memory=False
+):
     """fake-gcs-server with its objects on disk under `root` (the bucket's objects land in `root/<bucket>/`), behind
     the TLS front on 127.0.0.1:443; yields "gs://<bucket>". `requests`, a list, receives what the front served.
+    `memory`: objects in memory instead (the file system backend keeps empty folders after their objects are
+    deleted and lists them as prefixes, which real Cloud Storage does not: a deleted folder would still "exist").
     Refuses to start outside the loopback-only namespace with the hosts mapping and environment."""
     reason = why_not_here()
     if reason:
@@ -261,7 +265,7 @@ def emulator(root: pathlib.Path, cert: pathlib.Path, key: pathlib.Path, bucket: 
     log = open(root.parent / "fake-gcs-server-tf.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(gcs_emulator.binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(PORT), "-backend",
-         "filesystem", "-filesystem-root", str(root), "-external-url", f"http://127.0.0.1:{PORT}", "-public-host",
+         *(["memory"] if memory else ["filesystem", "-filesystem-root", str(root)]), "-external-url", f"http://127.0.0.1:{PORT}", "-public-host",
          NAMES[1], "-log-level", "warn"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

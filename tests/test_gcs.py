@@ -79,7 +79,6 @@ def test_quickstart_chain_on_gcs_resumes_after_a_kill_and_exports(gcs_dir, tmp_p
 
     workdir = epath.Path(f"{gcs_dir}/quickstart")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env.pop("EPATH_USE_TF", None)  # the product's default: etils.epath through TensorFlow's GCS client
     cmd = [sys.executable, "-m", "dcae_jax.main", *QUICKSTART, f"--workdir={workdir}"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -45,6 +45,7 @@ per shard makes a shard's write atomic (temp name, fsync, `os.replace`); the ind
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -313,6 +314,7 @@ class LatentDataset:
         self._dtype = dtype
         self._remote = paths.is_remote(self.root)
         self._lock = threading.Lock()
+        self._open = contextlib.ExitStack()
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -320,8 +322,8 @@ class LatentDataset:
     def _shard(self, k: int) -> Any:
         m = self._maps.get(k)
         if m is None:
-            if self._remote:
-                m = self._maps[k] = self._files[k].open("rb")
+            if self._remote:  # (epath's TensorFlow backend opens through a context manager: entered, kept open)
+                m = self._maps[k] = self._open.enter_context(self._files[k].open("rb"))
             else:
                 m = self._maps[k] = np.load(os.fspath(self._files[k]), mmap_mode="r")
         return m
@@ -344,10 +346,10 @@ class LatentDataset:
         return {"latent": np.array(record["latent"], np.float32), "label": np.int32(record["label"])}
 
     def __getstate__(self):  # grain workers: ship the index, not the memory maps
-        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock", "_open")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _maps={}, _lock=threading.Lock())
+        self.__dict__.update(state, _maps={}, _lock=threading.Lock(), _open=contextlib.ExitStack())
 
     def __repr__(self) -> str:
         return f"LatentDataset({str(self.root)!r}, {len(self)} x {self.latent_shape}, {self.num_classes} classes)"

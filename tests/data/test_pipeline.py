@@ -337,3 +337,43 @@ def test_crop_scale_and_channel_shuffle():
     assert not np.array_equal(default, plain)
     with pytest.raises(ValueError, match="crop scale"):
         next(ip.make_train_loader(src, crop_scale=(0.5, 1.0), **kw))
+
+
+def test_arrayrecord_source_trains_like_the_folder(id_folder, tmp_path):
+    """Packed shards (python -m dcae_jax.pack) hold the folder's files in the folder's order: same batches."""
+    from dcae_jax.data import shards
+
+    shards.pack_folder(str(id_folder), str(tmp_path / "ar"), images_per_shard=8, read_threads=2)
+    packed = ip.make_source(f"arrayrecord:{tmp_path / 'ar'}", "train")
+    folder = ip.make_source(f"folder:{id_folder}", "train")
+    assert len(packed) == len(folder) == 21 and "arrayrecord:DIR" in ip.make_source.__doc__
+    a, b = _loader(packed, global_batch_size=3), _loader(folder, global_batch_size=3)
+    for _ in range(8):  # more than one epoch
+        x, y = next(a), next(b)
+        np.testing.assert_array_equal(x["image"], y["image"])
+        assert x["image"].shape == (3, R, R, 3) and not x["skipped"].any()
+
+
+@pytest.mark.gcs
+def test_tfds_source_on_gcs(gcs_dir, tmp_path):
+    """tfds:NAME@gs://DATA_DIR: a prepared dataset copied to Cloud Storage is read in place."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from dcae_jax.runtime import paths
+
+    features = tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=10)}
+    )
+    examples = [(i, {"image": np.asarray(_id_image(i, (20 + i, 24))), "label": i}) for i in range(5)]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="dcae_tiny_gcs",
+        version="1.0.0",
+        features=features,
+        split_datasets={"train": examples},
+        data_dir=tmp_path / "tfds",
+        file_format="array_record",
+    )
+    paths.copytree(tmp_path / "tfds", f"{gcs_dir}/tfds")
+    train = ip.make_source(f"tfds:dcae_tiny_gcs@{gcs_dir}/tfds", "train")
+    assert len(train) == 5
+    ids = [i for b in _loader(train, global_batch_size=1, num_epochs=1) for i in _ids(b)]
+    assert sorted(ids) == list(range(5))

@@ -22,6 +22,7 @@ COMMANDS = [
     "dcae_jax.studies.reproduce",
     "dcae_jax.studies.bicubic",
     "dcae_jax.convert_weights",
+    "dcae_jax.pack",
 ]
 
 

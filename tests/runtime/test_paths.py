@@ -99,7 +99,10 @@ def test_path_operations_local(tmp_path):
 
 
 @pytest.mark.gcs
-def test_path_operations_gcs(gcs_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["tensorflow", "gcsfs"])
+def test_path_operations_gcs(backend, gcs_dir, tmp_path, monkeypatch):
+    """Both of etils.epath's Cloud Storage backends: TensorFlow's (the default with our requirements) and gcsfs."""
+    monkeypatch.setenv("EPATH_USE_TF", "true" if backend == "tensorflow" else "false")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DCAE_JAX_CACHE", str(tmp_path / "cache"))
     _exercise(gcs_dir)
