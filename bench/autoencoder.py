@@ -27,37 +27,43 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def main(argv=None) -> None:
-    from dcae_jax.runtime import cli
+def _dcae_config(model: str):
+    """The DCAEConfig for a released name, or the test-sized "tiny" one (smoke runs of `bench.suite`)."""
+    from dcae_jax.autoencoder.model import get_config, tiny_config
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="dc-ae-f32c32-in-1.0")
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (GPU)")
-    p.add_argument("--stages", action="store_true", help="per-stage timing of our model")
-    args = p.parse_args(argv)
+    return tiny_config() if model == "tiny" else get_config(model)
 
+
+def measure(
+    model: str,
+    resolution: int,
+    batch: int,
+    repeats: int,
+    dtype: str = "float32",
+    torch_compile: bool = False,
+    stages: bool = False,
+    warmup: int = 2,
+) -> dict:
+    """Times encode+decode of both frameworks on identical weights; returns medians (s) and XLA's FLOPs.
+
+    Shared by this script's command line and `bench.suite` (which runs it in a child process per row)."""
     import torch
     from diffusers import AutoencoderDC
 
-    from dcae_jax import DCAE, get_config
+    from dcae_jax import DCAE
     from dcae_jax.autoencoder.model import DCAEModel
 
-    cfg = get_config(args.model)
+    cfg = _dcae_config(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     torch.manual_seed(0)
     tmodel = AutoencoderDC(**cfg.to_diffusers()).eval()
     with tempfile.TemporaryDirectory() as d:
         tmodel.save_pretrained(d)
-        ae = DCAE.from_pretrained(d, variant=args.model, dtype=jnp.dtype(args.dtype))
+        ae = DCAE.from_pretrained(d, variant=None if model == "tiny" else model, dtype=jnp.dtype(dtype))
     tmodel = tmodel.to(device=device, dtype=tdtype)
 
-    x = np.random.RandomState(0).uniform(-1, 1, (args.batch, args.resolution, args.resolution, 3)).astype(np.float32)
+    x = np.random.RandomState(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device=device, dtype=tdtype)
     xj = jnp.asarray(x, ae.dtype)
 
@@ -77,22 +83,46 @@ def main(argv=None) -> None:
     flops = _flops(enc_c) + _flops(dec_c)
 
     runners = {"diffusers eager": lambda: run_torch(tmodel), "dcae_jax": run_jax}
-    if args.torch_compile:
+    if torch_compile:
         compiled = torch.compile(tmodel)
         runners["diffusers torch.compile"] = lambda: run_torch(compiled)
-    for fn in runners.values():  # compile + warm up
-        fn()
-        fn()
+    for _ in range(warmup):  # compile + warm up
+        for fn in runners.values():
+            fn()
     times = {k: [] for k in runners}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for k, fn in runners.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    if stages:
+        _stage_report(ae, DCAEModel, xj, repeats)
+    return {
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "flops": flops,
+        "device": f"{jax.devices()[0].device_kind}/{device}",
+    }
+
+
+def main(argv=None) -> None:
+    from dcae_jax.runtime import cli
+
+    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dc-ae-f32c32-in-1.0", help='a released variant, or "tiny"')
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument("--stages", action="store_true", help="per-stage timing of our model")
+    args = p.parse_args(argv)
+
+    r = measure(args.model, args.resolution, args.batch, args.repeats, args.dtype, args.torch_compile, args.stages)
+    med, flops = r["median_s"], r["flops"]
     print(
         f"model={args.model} resolution={args.resolution} batch={args.batch} dtype={args.dtype} "
-        f"device={jax.devices()[0].device_kind}/{device} repeats={args.repeats}"
+        f"device={r['device']} repeats={args.repeats}"
     )
     print(f"XLA cost analysis: {flops / 1e12:.3f} TFLOP per encode+decode")
     for k, t in med.items():
@@ -100,9 +130,6 @@ def main(argv=None) -> None:
     print(f"speed ratio dcae_jax / diffusers eager: {med['diffusers eager'] / med['dcae_jax']:.3f}x")
     if "diffusers torch.compile" in med:
         print(f"speed ratio dcae_jax / torch.compile: {med['diffusers torch.compile'] / med['dcae_jax']:.3f}x")
-
-    if args.stages:
-        _stage_report(ae, DCAEModel, xj, args.repeats)
 
 
 def _stage_report(ae, DCAEModel, x, repeats: int) -> None:

@@ -48,7 +48,7 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
+def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str = "float32"):
     """Compiled train step and guided sampling step for one latent space, with their inputs."""
     from dcae_jax.diffusion import train as dtrain
     from dcae_jax.diffusion.samplers import classifier_free_guidance
@@ -57,7 +57,7 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
 
     config = common.diffusion_config()
     config.model.preset, config.model.patch_size = model, patch
-    config.model.dtype, config.model.remat = "float32", False
+    config.model.dtype, config.model.remat = dtype, False
     config.global_batch_size = batch
     cfg = dtrain.model_config(config, latent)
     trainer = dtrain.build_trainer(config, cfg)
@@ -97,20 +97,14 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int):
     return cfg, train_compiled, sample_compiled, run_train, run_sample
 
 
-def main(argv=None) -> None:
-    from dcae_jax.runtime import cli
+def measure(model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = "float32") -> dict[str, dict]:
+    """Per latent space: tokens, FLOPs and the interleaved train / sample step times (lists of seconds).
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-
+    Shared by this script's command line and `bench.suite` (which runs it in a child process per row)."""
     rows = {}
     runners = {}
-    for name, latent, patch in LATENTS:
-        cfg, train_c, sample_c, run_train, run_sample = build(args.model, latent, patch, args.batch)
+    for name, latent, patch in latents:
+        cfg, train_c, sample_c, run_train, run_sample = build(model, latent, patch, batch, dtype)
         run_train(), run_sample()  # warm-up
         runners[name] = (run_train, run_sample)
         rows[name] = {
@@ -120,11 +114,24 @@ def main(argv=None) -> None:
             "train_s": [],
             "sample_s": [],
         }
-    for _ in range(args.repeats):  # interleaved, so machine load drifts hit every row alike
+    for _ in range(repeats):  # interleaved, so machine load drifts hit every row alike
         for name, (run_train, run_sample) in runners.items():
             rows[name]["train_s"] += _timed(run_train, 1)
             rows[name]["sample_s"] += _timed(run_sample, 1)
+    return rows
 
+
+def main(argv=None) -> None:
+    from dcae_jax.runtime import cli
+
+    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b | uvit-tiny")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    rows = measure(args.model, args.batch, args.repeats)
     base = rows[LATENTS[0][0]]
     print(f"{args.model}, batch {args.batch}, fp32, {jax.devices()[0].platform}, median of {args.repeats}")
     print(

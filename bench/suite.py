@@ -1,0 +1,479 @@
+"""The benchmark suite: every dcae_jax-vs-reference comparison of bench/, one table, one results.json.
+
+    python -m bench.suite --scale smoke --out /tmp/suite            # CI: tiny models, < 1 min on 2 cores
+    python -m bench.suite --scale cpu --out /tmp/suite              # released f32c32 on a CPU, ~15 min
+    python -m bench.suite --scale accelerator --out /tmp/suite      # one H100/H200-class GPU, ~8 min
+    python -m bench.suite --scale cpu --only uvit --repeats 3 --out /tmp/suite
+
+Each row is one comparison measured by an existing script's `measure` function (bench.autoencoder,
+bench.train_step, bench.diffusion): both sides get identical weights, compile and warm-up are excluded, and the
+repeats are interleaved (ours, reference, ours, ...) so load drifts hit both alike; the median is reported.
+Each row of the `cpu` and `accelerator` scales runs in its own child process, so its peak memory is its own and
+a crash or a time-out costs that row only (recorded as "error" / "skipped"). The `smoke` scale runs all its rows
+in one child: a child per row would spend most of the minute importing jax, torch and diffusers again.
+See bench/README.md for the row lists, the time plan and how results.md goes into docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+SCHEMA_VERSION = 1
+ROW_MARK = "@@bench.suite row "
+# Dense peak FLOP/s by accelerator kind (substring of jax's device_kind, lower case) and dtype. None: unknown.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "h100": {"bfloat16": 989e12, "float32": 67e12},
+    "h200": {"bfloat16": 989e12, "float32": 67e12},  # same SXM compute as H100; NVIDIA's dense, no-sparsity figures
+    "a100": {"bfloat16": 312e12, "float32": 19.5e12},
+}
+VECTOR_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_tile",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One comparison: which measuring function, its arguments, and how long it may take (seconds)."""
+
+    name: str
+    kind: str  # "autoencoder encode+decode" | "train step" | "uvit train step" | "uvit sample step"
+    fn: str  # "autoencoder" | "train_step" | "uvit"
+    model: str
+    resolution: int
+    dtype: str
+    batch: int
+    budget_s: float
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _ae(model: str, res: int, dtype: str, budget: float, batch: int = 1, compile_: bool = False) -> Spec:
+    short = model.removeprefix("dc-ae-").removesuffix("-in-1.0")
+    tag = "+torch.compile" if compile_ else ""
+    return Spec(
+        f"ae {short} {res} {dtype}{tag}",
+        "autoencoder encode+decode",
+        "autoencoder",
+        model,
+        res,
+        dtype,
+        batch,
+        budget,
+        {"torch_compile": compile_},
+    )
+
+
+def _train(model: str, res: int, batch: int, phase: int, budget: float) -> Spec:
+    short = model.removeprefix("dc-ae-").removesuffix("-in-1.0")
+    return Spec(
+        f"train p{phase} {short} {res}",
+        "train step",
+        "train_step",
+        model,
+        res,
+        "float32",
+        batch,
+        budget,
+        {"phase": phase},
+    )
+
+
+def _uvit(model: str, batch: int, dtype: str, budget: float) -> Spec:
+    # One child measures train and sample steps; it yields two rows ("... train", "... sample").
+    return Spec(f"uvit {model} {dtype}", "uvit", "uvit", model, 512, dtype, batch, budget)
+
+
+def plan(scale: str, gpu: bool) -> list[Spec]:
+    """The rows of a scale in priority order: when the time budget runs short the last ones are skipped."""
+    if scale == "smoke":
+        return [_ae("tiny", 32, "float32", 30), _train("tiny", 32, 2, 1, 30), _uvit("uvit-tiny", 2, "float32", 30)]
+    if scale == "cpu":  # one call of the 512² encode+decode is ~26 s on 2 cores: 1 warm-up + 3 repeats per side
+        return [
+            _ae("dc-ae-f32c32-in-1.0", 512, "float32", 360),
+            _train("dc-ae-f32c32-in-1.0", 256, 1, 1, 420),
+            _uvit("uvit-s", 1, "float32", 240),
+        ]
+    # accelerator: planned for 8 minutes on one H200 (see bench/README.md); the order below is the drop order.
+    rows = [
+        _ae("dc-ae-f32c32-in-1.0", 512, "bfloat16", 60),
+        _ae("dc-ae-f64c128-in-1.0", 512, "bfloat16", 60),
+        _ae("dc-ae-f128c512-in-1.0", 512, "bfloat16", 60),
+        _train("dc-ae-f32c32-in-1.0", 512, 8, 1, 90),
+        _uvit("uvit-h", 32, "bfloat16", 90),
+        _ae("dc-ae-f32c32-in-1.0", 1024, "bfloat16", 60),
+        _ae("dc-ae-f32c32-in-1.0", 512, "float32", 60),
+        _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 90),
+        _train("dc-ae-f64c128-in-1.0", 512, 8, 3, 90),
+        _ae("dc-ae-f32c32-in-1.0", 512, "bfloat16", 120, compile_=True),
+        _ae("dc-ae-f64c128-in-1.0", 2048, "bfloat16", 90),
+        _ae("dc-ae-f128c512-in-1.0", 2048, "bfloat16", 90),
+    ]
+    if not gpu:  # torch.compile rows only where torch has a GPU; the rest still run (slowly) for a dry run
+        rows = [r for r in rows if not r.extra.get("torch_compile")]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Machine description.
+
+
+def machine() -> dict[str, Any]:
+    """Processor model and vector extensions (every result carries them: XLA's CPU speed depends on both)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
+    flags = set(info.get("flags", "").split())
+    mem_gb = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    return {
+        "processor": name,
+        "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "accelerator": None,  # filled in from the child's jax device kind
+    }
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "torch", "diffusers", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Child side: runs specs, prints one marked JSON line per row.
+
+
+def _peak_memory() -> dict[str, int | None]:
+    """Peak memory so far in this child: device peaks on a GPU (per framework, each allocator's own count), the
+    process's peak RSS everywhere (on a CPU the only number: both frameworks share the process's heap)."""
+    import resource
+
+    import jax
+
+    out: dict[str, int | None] = {"dcae_jax": None, "reference": None}
+    if jax.default_backend() != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        out["dcae_jax"] = stats.get("peak_bytes_in_use")
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["reference"] = int(torch.cuda.max_memory_allocated())
+    except ImportError:
+        pass
+    out["process_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return out
+
+
+def _row(spec: Spec, kind: str, ours: float, ref: float | None, flops: float | None, ref_flops=None, **kw) -> dict:
+    """One result row: medians, their ratio, FLOP rate, fraction of the device's peak where known, memory."""
+    import jax
+
+    kind_name = jax.devices()[0].device_kind
+    ok = [v for v in (ours, ref) if v is not None]
+    row = {
+        "name": spec.name,
+        "kind": kind,
+        "model": spec.model,
+        "resolution": spec.resolution,
+        "dtype": spec.dtype,
+        "batch": spec.batch,
+        "status": "ok" if all(math.isfinite(v) and v > 0 for v in ok) else "error",
+        "reason": None if all(math.isfinite(v) and v > 0 for v in ok) else "a time is not a positive number",
+        "seconds": {"dcae_jax": ours, "reference": ref},
+        "ratio": (ref / ours) if ref is not None else None,
+        "flops": flops if flops and math.isfinite(flops) else None,
+        "reference_flops": ref_flops,
+        "device": kind_name,
+        "memory_bytes": _peak_memory(),
+    }
+    row["flops_per_s"] = row["flops"] / ours if row["flops"] else None
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in kind_name.lower()), {}).get(spec.dtype)
+    row["fraction_of_peak"] = row["flops_per_s"] / peak if (peak and row["flops_per_s"]) else None
+    row.update(kw)
+    return row
+
+
+def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
+    """Measures one spec with the owning script's `measure` and turns the result into rows. `warmup` calls per
+    side come first (the first compiles); UViT always warms up once (bench.diffusion's choice)."""
+    if spec.fn == "autoencoder":
+        from bench import autoencoder
+
+        r = autoencoder.measure(
+            spec.model, spec.resolution, spec.batch, repeats, spec.dtype, warmup=warmup, **spec.extra
+        )
+        m = r["median_s"]
+        ref_name = "diffusers torch.compile" if spec.extra.get("torch_compile") else "diffusers eager"
+        return [_row(spec, spec.kind, m["dcae_jax"], m[ref_name], r["flops"], reference=ref_name)]
+    if spec.fn == "train_step":
+        from bench import train_step
+
+        r = train_step.measure(spec.model, spec.resolution, spec.batch, repeats, warmup=warmup, **spec.extra)
+        m = r["median_s"]
+        ref = m.get("pytorch (diffusers + AdamW)")
+        ref_name = "pytorch (diffusers + AdamW)" if ref is not None else None
+        return [_row(spec, spec.kind, m["dcae_jax"], ref, r["flops"], reference=ref_name)]
+    if spec.fn == "uvit":
+        import statistics
+
+        from bench import diffusion
+
+        lat = {name: (name, latent, patch) for name, latent, patch in diffusion.LATENTS}
+        ours, ref = "DC-AE-f64 p1", "SD-VAE-f8 p2"
+        r = diffusion.measure(spec.model, spec.batch, repeats, latents=(lat[ref], lat[ours]), dtype=spec.dtype)
+        rows = []
+        for step in ("train", "sample"):
+            s = dataclasses.replace(spec, name=f"{spec.name} {step}")
+            rows.append(
+                _row(
+                    s,
+                    f"uvit {step} step",
+                    statistics.median(r[ours][f"{step}_s"]),
+                    statistics.median(r[ref][f"{step}_s"]),
+                    r[ours][f"{step}_flops"],
+                    r[ref][f"{step}_flops"],
+                    reference=f"same UViT on {ref} latents (ours: {ours})",
+                )
+            )
+        return rows
+    raise ValueError(f"unknown measuring function {spec.fn!r}")
+
+
+def child(specs_json: str, repeats: int, warmup: int = 1) -> None:
+    """Entry point of a child process: measure each spec, print one marked JSON line per row."""
+    from dcae_jax.runtime import cli
+
+    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    for d in json.loads(specs_json):
+        spec = Spec(**d)
+        t0 = time.perf_counter()
+        try:
+            rows = run_spec(spec, repeats, warmup)
+        except Exception as err:
+            rows = [_error_row(spec, "error", f"{type(err).__name__}: {err}"[:500])]
+        for row in rows:
+            row["spec"], row["row_wall_s"] = spec.name, time.perf_counter() - t0
+            print(ROW_MARK + json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+def _error_row(spec: Spec, status: str, reason: str) -> dict:
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "model": spec.model,
+        "resolution": spec.resolution,
+        "dtype": spec.dtype,
+        "batch": spec.batch,
+        "status": status,
+        "reason": reason,
+        "seconds": {"dcae_jax": None, "reference": None},
+        "ratio": None,
+        "flops": None,
+        "reference_flops": None,
+        "flops_per_s": None,
+        "fraction_of_peak": None,
+        "device": None,
+        "memory_bytes": {"dcae_jax": None, "reference": None, "process_peak_rss": None},
+        "reference": None,
+        "spec": spec.name,
+        "row_wall_s": None,
+    }
+
+
+def run_child(specs: list[Spec], repeats: int, timeout: float, warmup: int = 1) -> tuple[list[dict], str]:
+    """Runs specs in one child process; returns its rows (missing ones as errors) and its stderr tail."""
+    payload = json.dumps([dataclasses.asdict(s) for s in specs])
+    code = f"import sys; from bench import suite; suite.child(sys.argv[1], {int(repeats)}, {int(warmup)})"
+    # Both frameworks share the device: JAX must not grab 75% of its memory up front.
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, payload], capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err, rc = f"timed out after {timeout:.0f} s", None
+    rows = [json.loads(line[len(ROW_MARK) :]) for line in out.splitlines() if line.startswith(ROW_MARK)]
+    done = {r.get("spec") for r in rows}
+    for s in specs:
+        if s.name not in done:
+            status = "skipped" if rc is None else "error"
+            why = err if rc is None else f"child exited {rc}: " + " | ".join(err.strip().splitlines()[-3:])
+            rows.append(_error_row(s, status, why[-500:]))
+    for r in rows:
+        if r.get("row_wall_s") is None:
+            r["row_wall_s"] = time.perf_counter() - t0
+    return rows, err
+
+
+def _fmt(v: float | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return "–" if v is None else format(v * scale, fmt)
+
+
+def markdown(result: dict) -> str:
+    """A results section to paste (generated, not edited) into docs/performance.md."""
+    m, v = result["machine"], result["versions"]
+    lines = [
+        f"### Benchmark suite, scale `{result['scale']}`, {result['date']}",
+        "",
+        f"Machine: {m['processor']} ({', '.join(m['vector_extensions']) or 'no vector extensions listed'}), "
+        f"{m['cores']} cores, {m['memory_gb']} GiB; accelerator: {m['accelerator'] or 'none'}. "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        "",
+        f"Command: `{shlex.join(result['command'])}`",
+        "",
+        "| row | kind | model | res | dtype | batch | dcae_jax ms | reference ms | ratio (ref/ours) | GFLOP | "
+        "TFLOP/s | of peak | peak mem GiB (ours / ref / process RSS) | status |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    gib = 1 / 1024**3
+    for r in result["rows"]:
+        s, mem = r["seconds"], r["memory_bytes"]
+        mems = " / ".join(_fmt(mem.get(k), gib, ".2f") for k in ("dcae_jax", "reference", "process_peak_rss"))
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:80]}"
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {r['model']} | {r['resolution']} | {r['dtype']} | {r['batch']} | "
+            f"{_fmt(s['dcae_jax'], 1e3)} | {_fmt(s['reference'], 1e3)} | {_fmt(r['ratio'], 1, '.2f')} | "
+            f"{_fmt(r['flops'], 1e-9, '.2f')} | {_fmt(r['flops_per_s'], 1e-12, '.3f')} | "
+            f"{_fmt(r['fraction_of_peak'], 100, '.1f') + ('%' if r['fraction_of_peak'] else '')} | {mems} | "
+            f"{status.replace('|', '/')} |"
+        )
+    lines.append("")
+    lines.append(
+        "ratio = reference time / dcae_jax time (> 1: dcae_jax faster). UViT rows: reference = the same UViT on "
+        "SD-VAE-f8 p2 latents, ours = DC-AE-f64 p1 latents. Memory on CPU: one process holds both sides, so only "
+        "its peak RSS is known."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _default_backend_is_gpu() -> bool:
+    """Asks a throw-away child (the parent stays free of jax, so children own the device)."""
+    code = "from dcae_jax.runtime import cli; cli.skip_absent_tpu(); import jax; print(jax.default_backend())"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.stdout.strip().endswith("gpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", required=True, help="smoke | cpu | accelerator")
+    p.add_argument("--out", required=True, help="folder for results.json and results.md")
+    p.add_argument("--only", default="", help="run only rows whose name contains this")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default: 2 / 3 / 5 by scale)")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default: 180 / 900 / 480 by scale)")
+    args = p.parse_args(argv)
+    if args.scale not in ("smoke", "cpu", "accelerator"):
+        print(f"bench.suite: --scale must be smoke, cpu or accelerator, not {args.scale!r}", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        print(f"bench.suite: cannot write to --out {args.out!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    repeats = args.repeats or {"smoke": 2, "cpu": 3, "accelerator": 5}[args.scale]
+    warmup = 2 if args.scale == "accelerator" else 1  # on CPU a warm-up call of a released model costs ~25 s
+    # smoke's target is < 60 s, but its limit is 180 s: a loaded CI machine should not turn it into "skipped".
+    budget = args.budget or {"smoke": 180.0, "cpu": 900.0, "accelerator": 480.0}[args.scale]
+    start = time.perf_counter()
+    gpu = args.scale == "accelerator" and _default_backend_is_gpu()
+    if args.scale == "accelerator" and not gpu:
+        print("bench.suite: no GPU backend; the accelerator rows will run (slowly) on this device", file=sys.stderr)
+    specs = [s for s in plan(args.scale, gpu) if args.only in s.name]
+    if not specs:
+        print(f"bench.suite: no row of scale {args.scale!r} contains {args.only!r}", file=sys.stderr)
+        return 2
+
+    rows: list[dict] = []
+    if args.scale == "smoke":  # one child for all: a child per row would spend the minute on imports
+        rows, _ = run_child(specs, repeats, timeout=budget, warmup=warmup)
+    else:
+        for s in specs:
+            left = budget - (time.perf_counter() - start)
+            if left < min(s.budget_s, 30):
+                rows.append(_error_row(s, "skipped", f"suite time budget spent ({budget:.0f} s)"))
+                continue
+            new, _ = run_child([s], repeats, timeout=min(s.budget_s, left), warmup=warmup)
+            rows += new
+            for r in new:
+                print(f"  {r['name']}: {r['status']} ({r['row_wall_s']:.0f} s)", file=sys.stderr)
+
+    mach = machine()
+    mach["accelerator"] = next((r["device"] for r in rows if r.get("device") and r["device"] != "cpu"), None)
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "command": [os.path.basename(sys.executable), "-m", "bench.suite", *argv],
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "scale": args.scale,
+        "repeats": repeats,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "machine": mach,
+        "versions": versions(),
+        "rows": rows,
+    }
+    json_path, md_path = os.path.join(args.out, "results.json"), os.path.join(args.out, "results.md")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown(result)
+    with open(md_path, "w") as f:
+        f.write(md)
+    print(md)
+    for r in rows:
+        if r["flops_per_s"]:
+            peak = f", {r['fraction_of_peak']:.1%} of peak" if r["fraction_of_peak"] else ""
+            print(f"{r['name']}: {r['flops_per_s'] / 1e12:.3f} TFLOP/s achieved{peak}")
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"bench.suite: {ok}/{len(rows)} rows ok in {result['wall_s']:.0f} s; wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

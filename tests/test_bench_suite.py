@@ -1,0 +1,112 @@
+"""`python -m bench.suite --scale smoke` runs end to end and writes results.json / results.md of the documented schema.
+
+Schema and sanity only (keys, types, finite positive times, ratio = reference / ours): never timings, which depend on
+the machine and its load. One smoke run (~30 s on 2 cores) is shared by the tests of this module.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ROW_KEYS = {
+    "name": str,
+    "kind": str,
+    "model": str,
+    "resolution": int,
+    "dtype": str,
+    "batch": int,
+    "status": str,
+    "seconds": dict,
+    "memory_bytes": dict,
+}
+NULLABLE_NUMBERS = ("ratio", "flops", "flops_per_s", "fraction_of_peak")
+
+
+def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.suite", *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite")
+    proc = _run("--scale", "smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_results_json_schema(smoke):
+    out, _ = smoke
+    result = json.loads((out / "results.json").read_text())
+    assert result["schema_version"] == 1
+    assert result["scale"] == "smoke"
+    assert isinstance(result["command"], list) and "bench.suite" in result["command"]
+    assert "--scale" in result["command"] and "smoke" in result["command"]
+    assert result["date"].endswith("Z") and result["date"][:4].isdigit()
+    m = result["machine"]
+    assert isinstance(m["processor"], str) and m["processor"].strip()
+    assert isinstance(m["vector_extensions"], list) and all(isinstance(f, str) for f in m["vector_extensions"])
+    assert isinstance(m["cores"], int) and m["cores"] >= 1
+    assert m["memory_gb"] is None or m["memory_gb"] > 0
+    assert "accelerator" in m
+    for pkg in ("python", "jax", "jaxlib", "flax", "torch", "diffusers", "numpy"):
+        assert isinstance(result["versions"][pkg], str) and result["versions"][pkg], pkg
+
+    rows = result["rows"]
+    assert rows
+    for row in rows:
+        for key, typ in ROW_KEYS.items():
+            assert isinstance(row[key], typ), (row["name"], key)
+        assert row["status"] in ("ok", "error", "skipped")
+        for key in NULLABLE_NUMBERS:
+            assert row[key] is None or isinstance(row[key], int | float), (row["name"], key)
+        assert set(row["seconds"]) == {"dcae_jax", "reference"}
+        assert {"dcae_jax", "reference", "process_peak_rss"} <= set(row["memory_bytes"])
+        if row["status"] != "ok":
+            assert row["reason"], row["name"]
+            continue
+        ours, ref = row["seconds"]["dcae_jax"], row["seconds"]["reference"]
+        assert math.isfinite(ours) and ours > 0, row["name"]
+        assert math.isfinite(ref) and ref > 0, row["name"]
+        assert row["ratio"] == pytest.approx(ref / ours, rel=1e-9), row["name"]
+        assert row["flops"] > 0 and row["flops_per_s"] == pytest.approx(row["flops"] / ours, rel=1e-9)
+        assert row["fraction_of_peak"] is None  # no known peak for a CPU
+        assert row["memory_bytes"]["process_peak_rss"] > 0
+
+    ok_kinds = {r["kind"] for r in rows if r["status"] == "ok"}
+    assert "autoencoder encode+decode" in ok_kinds
+    assert "train step" in ok_kinds
+    assert {"uvit train step", "uvit sample step"} <= ok_kinds
+
+
+def test_markdown_and_stdout(smoke):
+    out, proc = smoke
+    md = (out / "results.md").read_text()
+    result = json.loads((out / "results.json").read_text())
+    assert md.startswith("### Benchmark suite, scale `smoke`")
+    assert "| row | kind | model |" in md and "|---|" in md
+    assert result["machine"]["processor"] in md
+    assert "bench.suite --scale smoke" in md
+    for row in result["rows"]:
+        assert f"| {row['name']} |" in md
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "results.json" in last and "results.md" in last and str(out) in last
+
+
+def test_bad_scale_is_one_line_exit_2(tmp_path):
+    proc = _run("--scale", "huge", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "--scale" in proc.stderr
