@@ -18,7 +18,12 @@ from dcae_jax.runtime import cli
 
 
 def define_flags(f: cli.Flags) -> None:
-    f.string("data", None, "folder:DIR, tfds:NAME[@DATA_DIR] or bundled.", required=True)
+    f.string(
+        "data",
+        None,
+        "folder:DIR, tfds:NAME[@DATA_DIR], arrayrecord:DIR (dcae_jax.pack) or bundled; DIR may be gs://.",
+        required=True,
+    )
     f.string("split", "validation", "Dataset split.")
     f.integer("resolution", None, "ADM center crop to R x R.", required=True)
     f.string("out", None, "Output statistics .npz (mu, sigma).", required=True)

@@ -16,7 +16,12 @@ def define_flags(f: cli.Flags) -> None:
     from dcae_jax.data import precompute
 
     f.string("model", None, "DC-AE: Hugging Face repo id or local checkpoint (any supported format).", required=True)
-    f.string("data", None, "folder:DIR, tfds:NAME[@DATA_DIR] or bundled.", required=True)
+    f.string(
+        "data",
+        None,
+        "folder:DIR, tfds:NAME[@DATA_DIR], arrayrecord:DIR (dcae_jax.pack) or bundled; DIR may be gs://.",
+        required=True,
+    )
     f.integer("resolution", None, "ADM center crop to R x R.", required=True, lower_bound=1)
     f.string("out", None, "Output folder (created; rerun with the same settings to resume).", required=True)
     f.string("split", "train", "Dataset split.")

@@ -1,11 +1,11 @@
 """Image files: listing, loading to float arrays in [-1, 1], saving, and the ADM center crop.
 
-    paths = list_images("photos/")                  # recursive, sorted
+    paths = list_images("photos/")                  # recursive, sorted; gs://bucket/photos too
     x = load_image(paths[0], resolution=512)        # (512, 512, 3) float32 in [-1, 1]
     save_image(x, "out.png")
 
 Unreadable, corrupt, truncated or empty files raise `ImageReadError` (with `.path`), so a caller can
-report and skip them.
+report and skip them. Listing and reading take local paths and `gs://` URLs (`as_path`); saving is local.
 """
 
 from __future__ import annotations
@@ -16,16 +16,25 @@ import pathlib
 import warnings
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # gif/tiff: the first frame
+
+
+def as_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
+    """A user's path: `gs://...` as an `etils.epath.Path` (pathlib would read it as the local folder "gs:/..."),
+    anything else as a `pathlib.Path` with ~ expanded (local listing and reading stay exactly pathlib's)."""
+    from dcae_jax.runtime import paths
+
+    return paths.path(path) if paths.is_remote(path) else pathlib.Path(path).expanduser()
 
 
 class ImageReadError(Exception):
     """An image file that cannot be read (unreadable, corrupt, truncated, empty or not an image)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = pathlib.Path(path)
+        self.path = as_path(path)
         self.reason = reason
         super().__init__(f"{path}: cannot read image ({reason})")
 
@@ -34,14 +43,29 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return pathlib.Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(path: str | os.PathLike) -> list[pathlib.Path]:
-    """A file -> [file]; a folder -> every image file under it (recursive, by extension, sorted)."""
-    p = pathlib.Path(path).expanduser()
+def list_images(path: str | os.PathLike) -> list[pathlib.Path] | list[epath.Path]:
+    """A file -> [file]; a folder -> every image file under it (recursive, by extension, sorted); local or gs://."""
+    p = as_path(path)
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    return sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+    if isinstance(p, pathlib.Path):
+        return sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+    return sorted(_walk_images(p))
+
+
+def _walk_images(root: epath.Path) -> list[epath.Path]:
+    """The image files under a remote folder, from one listing per folder (`walk`) rather than a request per file
+    (`rglob` + `is_file`), which matters at millions of objects."""
+    out, top = [], None
+    for folder, _, names in root.walk():
+        # Backends spell the folders differently (gcsfs drops "gs://"): keep only the part below the first, the top.
+        top = os.fspath(folder) if top is None else top
+        rel = os.fspath(folder)[len(top) :].strip("/")
+        base = root / rel if rel else root
+        out += [base / name for name in names if is_image_file(name)]
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -60,8 +84,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(path: str | os.PathLike, exif_transpose: bool = True) -> Image.Image:
-    """Decodes the whole file into an RGB PIL image (any mode converted); raises `ImageReadError`."""
-    p = pathlib.Path(path)
+    """Decodes the whole file (local or gs://) into an RGB PIL image (any mode converted); raises `ImageReadError`."""
+    p = as_path(path)
+    if not isinstance(p, pathlib.Path):  # remote: one read of the whole object
+        try:
+            data = p.read_bytes()
+        except Exception as err:  # any failed read (missing object, permissions, network) is an unreadable image
+            raise ImageReadError(p, f"{type(err).__name__}: {err}") from err
+        if not data:
+            raise ImageReadError(p, "empty file")
+        return _decode(io.BytesIO(data), p, exif_transpose)
     try:
         empty = p.stat().st_size == 0
     except OSError as err:  # missing file, permissions
@@ -91,7 +123,8 @@ def _decode(fp, what, exif_transpose: bool) -> Image.Image:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         # OSError covers missing files, PIL.UnidentifiedImageError and "image file is truncated".
-        raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
+        message = str(err).replace(repr(fp), "(bytes)") if isinstance(fp, io.BytesIO) else str(err)  # no address
+        raise ImageReadError(what, f"{type(err).__name__}: {message}") from err
 
 
 def center_crop_adm(pil_img: Image.Image, size: int) -> Image.Image:
@@ -141,18 +174,23 @@ def load_image(path: str | os.PathLike, resolution: int | None = None, exif_tran
     return pil_to_array(img)
 
 
-def save_image(x, path: str | os.PathLike) -> pathlib.Path:
-    """Writes an (H, W, 3) (or (1, H, W, 3)) image in [-1, 1] (or uint8) as PNG; creates parent folders."""
-    p = pathlib.Path(path)
+def save_image(x, path: str | os.PathLike):
+    """Writes an (H, W, 3) (or (1, H, W, 3)) image in [-1, 1] (or uint8) as PNG, atomically, locally or to gs://;
+    creates parent folders. Returns the path (`etils.epath.Path`)."""
+    from dcae_jax.runtime import paths
+
+    p = paths.path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    array_to_pil(x).save(p, format="PNG")
-    return p
+    buf = io.BytesIO()
+    array_to_pil(x).save(buf, format="PNG")
+    return paths.write_bytes_atomic(p, buf.getvalue())
 
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "array_to_pil",
+    "as_path",
     "center_crop_adm",
     "is_image_file",
     "list_images",

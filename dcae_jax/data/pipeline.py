@@ -1,6 +1,7 @@
 """Training and evaluation input pipelines on grain: image sources, ADM crops, skip counting, checkpointable iterators.
 
-    source = make_source("folder:/data/imagenet", "train")   # or "tfds:imagenet2012[@/data_dir]", "bundled"
+    source = make_source("folder:/data/imagenet", "train")   # or "tfds:imagenet2012[@/data_dir]", "bundled",
+                                                            # "arrayrecord:/data/packed" (python -m dcae_jax.pack)
     it = make_train_loader(source, resolution=256, global_batch_size=256, seed=0,
                            process_index=jax.process_index(), process_count=jax.process_count())
     batch = next(it)      # {"image": (B_local, 256, 256, 3) float32 in [-1, 1], "skipped": (B_local,) int32}
@@ -8,7 +9,10 @@
         ...               # also "mask": (B,) float32, 1 for real images, 0 for padding / unreadable records
 
 Sources are random-access (`__len__`, `__getitem__`) like every grain data source. Folder and bundled records are
-file paths; tfds records are dicts whose `image` is encoded bytes or a decoded array (both handled).
+file paths; tfds records are dicts whose `image` is encoded bytes or a decoded array (both handled); arrayrecord
+records are dicts too (the image file's bytes, `file_name`, `label`; `dcae_jax.data.shards`). `folder:` and
+`tfds:...@DATA_DIR` take gs:// locations as well as local ones; so does `arrayrecord:`, which is what a pod should
+read: a few hundred shards instead of listing and opening millions of small files.
 
 Training augmentation is guided-diffusion's `random_crop_arr` + `random_flip` (the random counterpart of
 `center_crop_adm`): the short side is resized to a size drawn uniformly from [R, ceil(1.25 R)] (BOX halving while
@@ -62,6 +66,7 @@ from PIL import Image
 from dcae_jax.data.images import (
     ImageReadError,
     _to_rgb,
+    as_path,
     center_crop_adm,
     decode_image_bytes,
     list_images,
@@ -72,8 +77,8 @@ from dcae_jax.data.images import (
 # The crop covers this range of fractions of the resized short side (guided-diffusion's random_crop_arr).
 MIN_CROP_FRAC, MAX_CROP_FRAC = 0.8, 1.0
 
-# Folder split names -> subfolder names tried in order.
-_SPLIT_DIRS = {
+# Folder split names -> subfolder names tried in order (packed shards keep the same split folders).
+SPLIT_DIRS = {
     "train": ("train",),
     "validation": ("validation", "val"),
     "val": ("val", "validation"),
@@ -120,13 +125,18 @@ class ImageFileSource:
         return f"ImageFileSource({self.name!r}, {len(self)} images)"
 
 
+def split_folders(base) -> list[str]:
+    """The split subfolders (train, validation, val, test) present in a `folder:` root; none: the root serves every
+    split. Local or gs:// (`base` as `images.as_path` gives it)."""
+    return [d for d in dict.fromkeys(d for names in SPLIT_DIRS.values() for d in names) if (base / d).is_dir()]
+
+
 def _folder_source(root: str, split: str) -> ImageFileSource:
-    base = pathlib.Path(root).expanduser()
+    base = as_path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"folder:{root}: not a directory")
-    known = {d for names in _SPLIT_DIRS.values() for d in names}
-    if any((base / d).is_dir() for d in known):  # split subfolders present: the split must be one of them
-        found = [base / d for d in _SPLIT_DIRS.get(split, (split,)) if (base / d).is_dir()]
+    if split_folders(base):  # split subfolders present: the split must be one of them
+        found = [base / d for d in SPLIT_DIRS.get(split, (split,)) if (base / d).is_dir()]
         if not found:
             raise FileNotFoundError(f"folder:{root} has split subfolders but none for split {split!r}")
         base = found[0]
@@ -162,10 +172,17 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
 
 
 def make_source(spec: str, split: str):
-    """`folder:DIR`, `tfds:NAME[@DATA_DIR]` or `bundled` -> a random-access source for `split`."""
+    """`folder:DIR`, `tfds:NAME[@DATA_DIR]`, `arrayrecord:DIR` or `bundled` -> a random-access source for `split`.
+
+    DIR and DATA_DIR may be gs:// URLs. `arrayrecord:DIR` is a folder written by `python -m dcae_jax.pack`.
+    """
     kind, _, arg = spec.partition(":")
     if kind == "folder" and arg:
         return _folder_source(arg, split)
+    if kind == "arrayrecord" and arg:
+        from dcae_jax.data import shards  # it imports this module
+
+        return shards.open_source(arg, split)
     if kind == "tfds" and arg:
         name, _, data_dir = arg.partition("@")
         return _tfds_source(name, split, data_dir or None)
@@ -179,7 +196,8 @@ def make_source(spec: str, split: str):
     if pathlib.Path(spec).expanduser().is_dir():  # a plain existing directory means folder:DIR
         return _folder_source(spec, split)
     raise ValueError(
-        f"unknown data spec {spec!r}: use folder:DIR (or an existing directory), tfds:NAME[@DATA_DIR] or bundled"
+        f"unknown data spec {spec!r}: use folder:DIR (or an existing directory), tfds:NAME[@DATA_DIR], "
+        "arrayrecord:DIR or bundled"
     )
 
 
@@ -199,12 +217,21 @@ def _open_array(a: np.ndarray, what: str) -> Image.Image:
         raise ImageReadError(what, f"{type(err).__name__}: {err}") from err
 
 
+def _record_name(record: Any) -> str:
+    """What names a dict record in messages: its `file_name` (tfds, arrayrecord) if it has one."""
+    name = record.get("file_name", "?") if isinstance(record, dict) else "?"
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+
+
 def open_record(record: Any) -> Image.Image:
-    """A source record (path, or dict with an `image` of bytes or array) -> RGB PIL image; raises ImageReadError."""
+    """A source record (path, or dict with an `image` of bytes or array) -> RGB PIL image; raises ImageReadError.
+
+    Dicts are tfds records and arrayrecord records (`dcae_jax.data.shards`: the image file's original bytes).
+    """
     if isinstance(record, str | os.PathLike):
         return open_image(record)
     if isinstance(record, dict) and "image" in record:
-        image, what = record["image"], f"record {record.get('file_name', '?')!s}"
+        image, what = record["image"], f"record {_record_name(record)}"
         if isinstance(image, np.ndarray) and image.dtype.kind in "SO" and image.size == 1:
             image = image.item()  # a scalar bytes array
         if isinstance(image, bytes):
@@ -278,7 +305,7 @@ def _decode(record, resolution: int, min_side: int, crop) -> np.ndarray | None:
     try:
         img = open_record(record)
         if min(img.size) < min_side:
-            what = record if isinstance(record, str) else "record"
+            what = record if isinstance(record, str) else f"record {_record_name(record)}"
             raise ImageReadError(what, f"too small {img.size}, short side < {min_side}")
         return pil_to_array(crop(img))
     except ImageReadError as err:
@@ -553,6 +580,7 @@ def make_eval_loader(
 __all__ = [
     "BUNDLED_TRAIN",
     "BUNDLED_VALIDATION",
+    "SPLIT_DIRS",
     "CountSkippedIterDataset",
     "EvalLoader",
     "ImageFileSource",
@@ -564,4 +592,5 @@ __all__ = [
     "make_train_loader",
     "open_record",
     "random_crop_adm",
+    "split_folders",
 ]

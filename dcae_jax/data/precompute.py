@@ -121,6 +121,8 @@ def open_labeled_source(data: str, split: str, max_images: int | None):
         label_source = "folder" if class_names and label_fn.class_to_index else "none (flat folder)"
     elif kind == "bundled":
         label_fn, class_names, label_source = BundledLabels(), list(BUNDLED_PACKAGES), "bundled package"
+    elif kind == "arrayrecord":  # packed by dcae_jax.pack with the folder's labels and class names
+        label_fn, class_names, label_source = FeatureLabel(), source.class_names, source.label_source
     else:  # tfds
         features = getattr(getattr(source, "dataset_info", None), "features", None)
         has_label = "label" in features if features is not None else len(source) and "label" in source[0]

@@ -339,3 +339,19 @@ def test_precompute_to_gcs_resumes_and_trains_from_it(files, first, gcs_dir, tmp
     ]
     np.testing.assert_array_equal(batches[0]["latent"], batches[1]["latent"])
     assert not (tmp_path / "gs:").exists()  # nothing went to a local "gs:" folder
+
+
+def test_packed_shards_give_the_same_latents_labels_and_class_names(files, first, tmp_path):
+    """`arrayrecord:` (dcae_jax.pack of the same folder): the latents, labels and class names of `folder:`."""
+    from dcae_jax.data import shards
+
+    shards.pack_folder(str(files["photos"]), str(tmp_path / "packed"), images_per_shard=4)
+    out = tmp_path / "out"
+    r = pl.precompute(str(files["model"]), f"arrayrecord:{tmp_path / 'packed'}", RES, out, **{**KW, "verbose": False})
+    assert r["class_names"] == ["cats", "objects"] and r["label_source"] == "folder"
+    # The packer leaves the corrupt file out (listed in its manifest): 6 records, all readable.
+    assert (r["num_records"], r["num_examples"]) == (6, 6)
+    want, got = fmt.LatentDataset(first[0]), fmt.LatentDataset(out)
+    for i in range(6):
+        np.testing.assert_array_equal(got[i]["latent"], want[i]["latent"])
+        assert got[i]["label"] == want[i]["label"]
