@@ -23,14 +23,9 @@ SHAPES = ((256, 256, 3), (128, 512, 3), (64, 512, 3), (256, 256, 1), (128, 512, 
 
 
 def processor() -> str:
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    from bench.suite import cpuinfo
+
+    info = cpuinfo()
     isa = sorted(f for f in info.get("flags", "").split() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"))
     name = f"{info.get('model name', 'unknown')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
     return f"{name}, {', '.join(isa) or 'no AVX2'}, {os.cpu_count()} cores"

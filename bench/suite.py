@@ -137,8 +137,8 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
 # Machine description.
 
 
-def machine() -> dict[str, Any]:
-    """Processor model and vector extensions (every result carries them: XLA's CPU speed depends on both)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags", "cpu family", ...); {} elsewhere."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -147,6 +147,12 @@ def machine() -> dict[str, Any]:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def machine() -> dict[str, Any]:
+    """Processor model and vector extensions (every result carries them: XLA's CPU speed depends on both)."""
+    info = cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
     flags = set(info.get("flags", "").split())
     mem_gb = None
