@@ -282,3 +282,26 @@ def test_training_on_a_channel_prefix_of_a_structured_latent(tmp_path):
     assert pipe.config.in_channels == 3 and pipe.latent_shape == (4, 4, 3)
     images = pipe.generate([0, 1], seed=0, steps=2)
     assert images.shape == (2, 32, 32, 3) and np.all(np.isfinite(images))
+
+
+@pytest.mark.gcs
+def test_trains_from_gcs_latents_into_a_gcs_workdir_and_resumes(latents, gcs_dir, tmp_path, monkeypatch):
+    """Latents, autoencoder and workdir in the bucket: killed after step 3's checkpoint ("crash": a 3-step run),
+    resumed to 6 steps, the export equals that of the same run on local disk."""
+    from dcae_jax.runtime import paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("latents", "ae"):
+        paths.copytree(latents / name, f"{gcs_dir}/{name}")
+    kw = {"data.latents": f"{gcs_dir}/latents", "autoencoder": f"{gcs_dir}/ae"}
+    workdir = paths.path(f"{gcs_dir}/run")
+    _run(tiny_config(num_steps=3, **kw), workdir)
+    result = _run(tiny_config(**kw), workdir)
+    assert result["steps"] == 6 and (workdir / "samples" / "step0000006.png").exists()
+    local = tmp_path / "local"
+    _run(tiny_config(**{"data.latents": str(latents / "latents"), "autoencoder": str(latents / "ae")}), local)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(_params(local)), jax.tree_util.tree_leaves(_params(workdir)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not (tmp_path / "gs:").exists()
