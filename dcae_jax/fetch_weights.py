@@ -26,6 +26,11 @@ def define_flags(f: cli.Flags) -> None:
 
 def body(flags) -> None:
     from dcae_jax.metrics import weights
+    from dcae_jax.runtime import paths
+
+    if flags.out_dir:
+        why = "a per-host cache; put the files in a bucket yourself and pass them as --lpips_weights / --fid_weights"
+        paths.local_only(flags.out_dir, "--out_dir", why)
 
     unknown = [n for n in flags.names if n not in weights.FILES]
     if unknown:

@@ -47,6 +47,14 @@ def path(value: PathLike, flag: str = "path") -> epath.Path:
     return epath.Path(s) if m else epath.Path(s).expanduser().absolute()  # (absolute() would make gs:// local)
 
 
+def local_only(value: PathLike, flag: str, why: str) -> pathlib.Path:
+    """`value` as a local path, for the few folders that are local by design; a URL is refused, saying `why`."""
+    s = os.fspath(value)
+    if _URL.match(s):
+        raise ValueError(f"{flag}={s!r}: must be a local path ({why})")
+    return pathlib.Path(s).expanduser()
+
+
 def is_remote(p: PathLike) -> bool:
     """True for object-storage paths (gs://), which have no rename, append or file lock."""
     return bool(_URL.match(os.fspath(p)))

@@ -29,8 +29,13 @@ def define_flags(f: cli.Flags) -> None:
 def body(flags) -> None:
     import jax
 
+    from dcae_jax.runtime import paths
     from dcae_jax.studies import experiments
 
+    why = "the study reads and writes a local folder"
+    for name in ("data", "out", "compilation_cache"):
+        if flags[name].value:
+            paths.local_only(flags[name].value, f"--{name}", why)
     if flags.report_only:
         print(f"wrote {experiments.rewrite_report(flags.out)} and the figures beside it")
         return

@@ -108,3 +108,19 @@ def test_path_operations_gcs(backend, gcs_dir, tmp_path, monkeypatch):
     _exercise(gcs_dir)
     assert paths.local_copy(f"{gcs_dir}/a/x.json").read_text() == '{"v": 2}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing landed in a local "gs:" folder
+
+
+def test_local_by_design_folders_refuse_urls(tmp_path, monkeypatch, capsys):
+    """The per-host weights cache and the reproduction study's folders are local by design: a gs:// value is one
+    clear line and exit 2, never a local folder named "gs:"."""
+    from dcae_jax import fetch_weights
+    from dcae_jax.studies import reproduce
+
+    monkeypatch.chdir(tmp_path)
+    assert fetch_weights.main(["--out_dir=gs://b/weights", "--nodownload"]) == 2
+    assert "--out_dir='gs://b/weights': must be a local path (a per-host cache" in capsys.readouterr().err
+    assert reproduce.main(["--data=/photos", "--out=gs://b/study"]) == 2
+    assert "--out='gs://b/study': must be a local path (the study reads and writes a local folder)" in (
+        capsys.readouterr().err
+    )
+    assert not any(tmp_path.iterdir())
