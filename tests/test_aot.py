@@ -64,12 +64,17 @@ def test_phases_from_a_per_phase_config_and_from_a_chain():
         aot.phase_configs(chain, "configs/quickstart.py", {}, [4])
 
 
-def test_tiny_phase1_report_on_v5e_4(tmp_path):
-    out = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "report.json"
     proc = _aot("--config=configs/tiny_test.py", "--topology=v5e-4", "--mfu=0.5", f"--json={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_tiny_phase1_report_on_v5e_4(tiny_report):
+    proc, report = tiny_report
     assert "| phase1 | 32 | 8 / 2 |" in proc.stdout and "TPU v5e v5e:2x2 (4 chips" in proc.stdout
-    report = json.loads(out.read_text())
     assert report["chips"] == 4 and report["chip"]["hbm_gib"] == 16 and report["chip"]["peak_tflops"] == 197
     r = report["phases"]["phase1"]
     assert r["arguments"] > 0 and r["temporaries"] > 0 and r["outputs"] > 0 and r["fits"]
@@ -78,6 +83,19 @@ def test_tiny_phase1_report_on_v5e_4(tmp_path):
     assert r["flops_per_chip"] > 1e6 and r["flops_global"] == 4 * r["flops_per_chip"]
     assert r["step_s"] == pytest.approx(r["flops_per_chip"] / (197e12 * 0.5))
     assert r["images_per_s"] == pytest.approx(8 / r["step_s"])
+
+
+def test_remat_as_config_lowers_the_tpu_step_memory(tiny_report, tmp_path):
+    """config.model.remat=full: the TPU compiler (which schedules for memory, unlike XLA:CPU) keeps fewer
+    activations for the backward pass and recomputes them: fewer temporaries, more FLOPs than the same step
+    without remat."""
+    out = tmp_path / "remat.json"
+    proc = _aot("--config=configs/tiny_test.py", "--config.model.remat=full", "--topology=v5e-4", f"--json={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, remat = tiny_report[1]["phases"]["phase1"], json.loads(out.read_text())["phases"]["phase1"]
+    assert remat["temporaries"] < 0.9 * base["temporaries"], (remat["temporaries"], base["temporaries"])
+    assert remat["flops_per_chip"] > 1.1 * base["flops_per_chip"]
+    assert remat["arguments"] == base["arguments"]  # the same state: remat changes no parameter
 
 
 def test_exceeding_hbm_exits_nonzero_with_a_clear_message():

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dcae_jax.runtime import compute
+
 Array = jax.Array
 Dtype = Any
 
@@ -453,9 +455,13 @@ def get_block(name: str) -> type[nn.Module]:
     return BLOCKS[name]
 
 
-def make_block(block_type: str, *, norm: str, act: str, head_dim: int, scales: Sequence[int], **kw: Any) -> nn.Module:
-    """Builds a stage block; ResBlocks ignore the attention arguments."""
-    cls = get_block(block_type)
-    if cls is EfficientViTBlock:
+def make_block(
+    block_type: str, *, norm: str, act: str, head_dim: int, scales: Sequence[int], remat: str = "none", **kw: Any
+) -> nn.Module:
+    """Builds a stage block; ResBlocks ignore the attention arguments. `remat`: a `compute.REMAT_POLICIES` name
+    (the block's activations recomputed in the backward pass; parameter names unchanged)."""
+    base = get_block(block_type)
+    cls = compute.remat(base, remat, static_argnums=(2,))  # (self, x, train): train is a Python bool
+    if base is EfficientViTBlock:
         return cls(norm=norm, act=act, head_dim=head_dim, scales=tuple(scales), **kw)
     return cls(norm=norm, act=act, **kw)

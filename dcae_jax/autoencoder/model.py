@@ -348,6 +348,7 @@ class Encoder(nn.Module):
     config: DCAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # a compute.REMAT_POLICIES name, per block
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -369,6 +370,7 @@ class Encoder(nn.Module):
                     head_dim=cfg.attention_head_dim,
                     scales=cfg.encoder_qkv_multiscales[i],
                     name=f"stage_{i}_block_{j}",
+                    remat=self.remat,
                     **kw,
                 )
                 x = block(x, train)
@@ -386,6 +388,7 @@ class Decoder(nn.Module):
     config: DCAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # a compute.REMAT_POLICIES name, per block
 
     @nn.compact
     def __call__(self, z: Array, train: bool = False) -> Array:
@@ -415,6 +418,7 @@ class Decoder(nn.Module):
                     head_dim=cfg.attention_head_dim,
                     scales=cfg.decoder_qkv_multiscales[i],
                     name=f"stage_{i}_block_{j}",
+                    remat=self.remat,
                     **kw,
                 )
                 x = block(x, train)
@@ -433,10 +437,11 @@ class DCAEModel(nn.Module):
     config: DCAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = "none"  # a compute.REMAT_POLICIES name, per block
 
     def setup(self):
-        self.encoder = Encoder(self.config, self.dtype, self.param_dtype)
-        self.decoder = Decoder(self.config, self.dtype, self.param_dtype)
+        self.encoder = Encoder(self.config, self.dtype, self.param_dtype, self.remat)
+        self.decoder = Decoder(self.config, self.dtype, self.param_dtype, self.remat)
 
     def encode(self, x: Array, train: bool = False, latent_channels: int | None = None) -> Array:
         """`latent_channels=c`: the first c channels only (a DC-AE 1.5 model's structured latent)."""

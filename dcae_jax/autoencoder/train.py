@@ -28,7 +28,7 @@ from clu import metrics as clu_metrics
 from dcae_jax.autoencoder import losses
 from dcae_jax.autoencoder.model import VARIANTS, DCAEConfig, DCAEModel, get_config, tiny_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import distributed, paths, sharding
+from dcae_jax.runtime import compute, distributed, paths, sharding
 from dcae_jax.training import checkpoints, loop, optim
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +275,16 @@ def eval_step(params, batch_stats, batch, aux_vars, *, model: DCAEModel, nets: E
 # Building the pieces from the config.
 
 
+def build_model(config: ml_collections.ConfigDict, cfg: DCAEConfig) -> DCAEModel:
+    """The trained model: `config.model.dtype` computes (parameters stay float32; norms and the linear
+    attention's sums in float32), `config.model.remat` per block (runtime.compute)."""
+    return DCAEModel(
+        cfg,
+        dtype=compute.dtype(config.model.get("dtype", "float32")),
+        remat=compute.remat_name(config.model.get("remat", "none")),
+    )
+
+
 def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abstract: Any) -> Trainer:
     labels = optim.label_params(params_abstract, [tuple(r) for r in config.trainable])
     o = config.optim
@@ -302,12 +312,15 @@ def build_trainer(config: ml_collections.ConfigDict, cfg: DCAEConfig, params_abs
         from dcae_jax.autoencoder.discriminator import PatchDiscriminator
 
         disc = PatchDiscriminator(
-            base_features=config.disc.base_features, num_layers=config.disc.num_layers, norm=config.disc.norm
+            base_features=config.disc.base_features,
+            num_layers=config.disc.num_layers,
+            norm=config.disc.norm,
+            dtype=compute.dtype(config.model.get("dtype", "float32")),
         )
         disc_tx = optax.adam(config.disc.learning_rate, b1=config.disc.b1, b2=config.disc.b2)
         losses.get_gan_loss(loss_cfg.gan_loss)  # validate the name early
     return Trainer(
-        model=DCAEModel(cfg),
+        model=build_model(config, cfg),
         tx=tx,
         labels=labels,
         train_batch_norm=config.train_batch_norm,
@@ -501,14 +514,27 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict
 
     nets, eval_vars = eval_nets(config)
     aux = jax.device_put({**_lpips_aux(config), **eval_vars}, sharding.replicated(mesh))
-    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding, 1)
+    step_fn = loop.jit_step(
+        functools.partial(train_step, trainer=trainer),
+        shardings,
+        data_sharding,
+        1,
+        donate=config.get("donate_state", True),
+    )
     step_fn_l1 = step_fn  # steps <= config.loss.lpips_start: L1 only (its own compiled step, no VGG pass)
     if trainer.lpips is not None and trainer.lpips_start > 0:
         l1_only = dataclasses.replace(trainer, lpips=None, lpips_weight=0.0)
-        step_fn_l1 = loop.jit_step(functools.partial(train_step, trainer=l1_only), shardings, data_sharding, 1)
+        step_fn_l1 = loop.jit_step(
+            functools.partial(train_step, trainer=l1_only),
+            shardings,
+            data_sharding,
+            1,
+            donate=config.get("donate_state", True),
+        )
     # Evaluation is data-parallel like training: images split over every mesh device, outputs kept split.
     eval_fn = functools.partial(
-        jax.jit(functools.partial(eval_step, model=trainer.model, nets=nets), out_shardings=data_sharding),
+        # float32 whatever the training dtype: held-out numbers are comparable across runs and with the paper's.
+        jax.jit(functools.partial(eval_step, model=DCAEModel(cfg), nets=nets), out_shardings=data_sharding),
         aux_vars=aux,
     )
 
@@ -562,6 +588,11 @@ def check_loop_config(config, mesh) -> None:
         v = config.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             problems.append(f"config.{key}={v!r} must be a positive integer")
+    model = config.get("model") or {}
+    for key, names in (("dtype", compute.DTYPES), ("remat", compute.REMAT_POLICIES), ("attention", compute.ATTENTION)):
+        v = model.get(key)
+        if v is not None and not (key == "remat" and isinstance(v, bool)) and v not in names:
+            problems.append(f"config.model.{key}={v!r}; valid: {sorted(names)}")
     every = config.get("eval_every", 0)
     if not isinstance(every, int) or every < 0:
         problems.append(f"config.eval_every={every!r} must be 0 (off) or a positive integer")
@@ -640,7 +671,13 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         )
     }
     aux = jax.eval_shape(lambda: _lpips_aux(config))
-    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding, 1)
+    step_fn = loop.jit_step(
+        functools.partial(train_step, trainer=trainer),
+        shardings,
+        data_sharding,
+        1,
+        donate=config.get("donate_state", True),
+    )
     return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch, aux)
 
 

@@ -52,6 +52,7 @@ from dcae_jax.diffusion.layers import (
     timestep_embedding,
     unpatchify,
 )
+from dcae_jax.runtime import compute
 
 Array = jax.Array
 Dtype = Any
@@ -178,6 +179,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, c: Array) -> Array:
@@ -185,7 +187,7 @@ class DiTBlock(nn.Module):
         mod = dense(6 * d, "adaLN_modulation_1", self.dtype, _zeros)(nn.silu(c)).astype(jnp.float32)  # (B, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(_layer_norm("norm1")(x), shift_msa, scale_msa)
-        attn = Attention(self.num_heads, qkv_bias=True, kernel_init=_xavier, dtype=self.dtype, name="attn")
+        attn = Attention(self.num_heads, True, _xavier, dtype=self.dtype, attention=self.attention, name="attn")
         x = x + gate_msa[:, None] * attn(h)
         h = modulate(_layer_norm("norm2")(x), shift_mlp, scale_mlp)
         mlp = Mlp(int(d * self.mlp_ratio), approximate_gelu=True, kernel_init=_xavier, dtype=self.dtype, name="mlp")
@@ -213,12 +215,15 @@ class DiT(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (bf16 for training); parameters stay float32.
-      remat: recompute each block's activations in the backward pass (the reference's `use_checkpoint`).
+      remat: per-block recomputation in the backward pass, a `runtime.compute.REMAT_POLICIES` name ("full" is
+        the reference's `use_checkpoint`); True / False mean "full" / "none".
+      attention: the attention kernel, "auto" | "xla" | "cudnn" (`runtime.compute.attention_implementation`).
     """
 
     config: DiTConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str | bool = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array, *, train: bool = False) -> Array:
@@ -241,9 +246,9 @@ class DiT(nn.Module):
         y_emb = y_embedder(y, train)
         c = t_emb.astype(jnp.float32) + y_emb  # (B, D)
 
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        block_cls = compute.remat(DiTBlock, self.remat)
         for i in range(cfg.depth):
-            h = block_cls(cfg.num_heads, cfg.mlp_ratio, self.dtype, name=f"blocks_{i}")(h, c)
+            h = block_cls(cfg.num_heads, cfg.mlp_ratio, self.dtype, self.attention, name=f"blocks_{i}")(h, c)
         out = FinalLayer(p * p * cfg.out_channels, self.dtype, name="final_layer")(h, c)  # (B, L, p*p*out)
         return unpatchify(out.astype(jnp.float32), p, cfg.out_channels)  # (B, H, W, out)
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dcae_jax.runtime import compute
+
 Array = jax.Array
 Dtype = Any
 Initializer = nn.initializers.Initializer
@@ -163,6 +165,7 @@ class Attention(nn.Module):
     qkv_bias: bool
     kernel_init: Initializer
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # runtime.compute.attention_implementation: auto | xla | cudnn
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -171,8 +174,10 @@ class Attention(nn.Module):
         qkv = dense(3 * d, "qkv", self.dtype, self.kernel_init, use_bias=self.qkv_bias)(x)  # (B, N, 3D)
         qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd) each
-        # implementation=None lets JAX choose (XLA in jax 0.10); its softmax runs in float32 for any dtype.
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)  # (B, N, H, hd)
+        # XLA's kernel (softmax in float32 for any dtype), or cuDNN's fused one on a GPU in bf16 (float32 softmax
+        # statistics too); chosen when the module is traced.
+        impl = compute.attention_implementation(self.attention, self.dtype, head_dim)
+        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation=impl)  # (B, N, H, hd)
         return dense(d, "proj", self.dtype, self.kernel_init)(out.reshape(b, n, d))  # (B, N, D), heads major
 
 

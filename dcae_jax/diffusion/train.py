@@ -30,11 +30,10 @@ from clu import metrics as clu_metrics
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import paths, sharding
+from dcae_jax.runtime import compute, paths, sharding
 from dcae_jax.training import checkpoints, loop
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -88,10 +87,15 @@ def model_config(
 
 
 def build_model(config: ml_collections.ConfigDict, cfg: UViTConfig) -> UViT:
-    dtype = config.model.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise KeyError(f"config.model.dtype={dtype!r}; valid: {sorted(DTYPES)}")
-    return UViT(cfg, dtype=DTYPES[dtype], remat=config.model.get("remat", False))
+    """The trained UViT: compute dtype, per-block remat policy and attention kernel from `config.model`
+    (runtime.compute; parameters stay float32)."""
+    m = config.model
+    return UViT(
+        cfg,
+        dtype=compute.dtype(m.get("dtype", "float32")),
+        remat=compute.remat_name(m.get("remat", "none")),
+        attention=m.get("attention", "auto"),
+    )
 
 
 def learning_rate_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
@@ -193,7 +197,12 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         "latent": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=data_sharding),
         "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data_sharding),
     }
-    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding)
+    step_fn = loop.jit_step(
+        functools.partial(train_step, trainer=trainer),
+        shardings,
+        data_sharding,
+        donate=config.get("donate_state", True),
+    )
     return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch)
 
 
@@ -280,7 +289,12 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
         logging.info("resumed from step %d", latest)
     logging.info("%s: %.2fM parameters, %d tokens", cfg.name, _num_params(state.params) / 1e6, cfg.seq_len)
 
-    step_fn = loop.jit_step(functools.partial(train_step, trainer=trainer), shardings, data_sharding)
+    step_fn = loop.jit_step(
+        functools.partial(train_step, trainer=trainer),
+        shardings,
+        data_sharding,
+        donate=config.get("donate_state", True),
+    )
 
     sampling_pipe: DCAEDiffusion | None = None  # built once: its autoencoder and compiled sampler are reused
 

@@ -55,6 +55,7 @@ from dcae_jax.diffusion.layers import (
     timestep_embedding,
     unpatchify,
 )
+from dcae_jax.runtime import compute
 
 Array = jax.Array
 Dtype = Any
@@ -130,6 +131,7 @@ class Block(nn.Module):
     mlp_ratio: float
     has_skip: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None = None) -> Array:
@@ -137,7 +139,7 @@ class Block(nn.Module):
         if self.has_skip:
             skip_linear = dense(d, "skip_linear", self.dtype, _linear_init)
             x = skip_linear(jnp.concatenate([x, skip], axis=-1))  # (B, N, 2D) -> (B, N, D)
-        attn = Attention(self.num_heads, qkv_bias=False, kernel_init=_linear_init, dtype=self.dtype, name="attn")
+        attn = Attention(self.num_heads, False, _linear_init, dtype=self.dtype, attention=self.attention, name="attn")
         x = x + attn(_layer_norm("norm1")(x))
         mlp = Mlp(
             int(d * self.mlp_ratio), approximate_gelu=False, kernel_init=_linear_init, dtype=self.dtype, name="mlp"
@@ -152,12 +154,15 @@ class UViT(nn.Module):
     Attributes:
       config: the architecture.
       dtype: compute dtype (bf16 for training); parameters stay float32.
-      remat: recompute each block's activations in the backward pass (the reference's `use_checkpoint`).
+      remat: per-block recomputation in the backward pass, a `runtime.compute.REMAT_POLICIES` name ("full" is
+        the reference's `use_checkpoint`); True / False mean "full" / "none".
+      attention: the attention kernel, "auto" | "xla" | "cudnn" (`runtime.compute.attention_implementation`).
     """
 
     config: UViTConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str | bool = "none"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array, *, train: bool = False) -> Array:
@@ -177,14 +182,15 @@ class UViT(nn.Module):
         pos_embed = self.param("pos_embed", _linear_init, (1, cfg.seq_len, d), jnp.float32)
         h = tokens + pos_embed
 
-        block_cls = nn.remat(Block) if self.remat else Block
+        block_cls = compute.remat(Block, self.remat)
+        kw = dict(dtype=self.dtype, attention=self.attention)
         skips = []
         for i in range(cfg.depth // 2):
-            h = block_cls(cfg.num_heads, cfg.mlp_ratio, dtype=self.dtype, name=f"in_blocks_{i}")(h)
+            h = block_cls(cfg.num_heads, cfg.mlp_ratio, name=f"in_blocks_{i}", **kw)(h)
             skips.append(h)
-        h = block_cls(cfg.num_heads, cfg.mlp_ratio, dtype=self.dtype, name="mid_block")(h)
+        h = block_cls(cfg.num_heads, cfg.mlp_ratio, name="mid_block", **kw)(h)
         for i in range(cfg.depth // 2):
-            h = block_cls(cfg.num_heads, cfg.mlp_ratio, has_skip=True, dtype=self.dtype, name=f"out_blocks_{i}")(
+            h = block_cls(cfg.num_heads, cfg.mlp_ratio, has_skip=True, name=f"out_blocks_{i}", **kw)(
                 h,
                 skips.pop(),  # LIFO: out_blocks_0 pairs with the last in-block
             )

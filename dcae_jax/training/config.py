@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.phase = 1
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"variant": "tiny", "overrides": {}})
+    # dtype: compute dtype (float32 | bfloat16; parameters stay float32); remat: per-block recomputation policy
+    # (none | full | dots | dots_no_batch); both in dcae_jax/runtime/compute.py.
+    c.model = ml_collections.ConfigDict({"variant": "tiny", "overrides": {}, "dtype": "float32", "remat": "none"})
     c.init_from = ""  # export dir of the previous phase (params only; not a resume)
     c.trainable = [(".*", "train")]
     c.train_batch_norm = True  # phase 1: batch statistics (global over data parallel); else frozen
@@ -119,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})  # 0: all
     # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
     c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14, "fsdp_axis": "fsdp"})
+    c.donate_state = True  # the step reuses the old state's device buffers (one state in memory, not two)
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
@@ -148,8 +151,16 @@ def diffusion_config() -> ml_collections.ConfigDict:
     c.trainer = "diffusion"
     c.seed = 0
     c.objective = "epsilon"  # UViT; "velocity" for USiT
+    # attention: auto (cuDNN's fused kernel on a GPU where it applies, XLA elsewhere) | xla | cudnn.
     c.model = ml_collections.ConfigDict(
-        {"preset": "uvit-h", "patch_size": 1, "overrides": {}, "dtype": "bfloat16", "remat": True}
+        {
+            "preset": "uvit-h",
+            "patch_size": 1,
+            "overrides": {},
+            "dtype": "bfloat16",
+            "remat": "full",
+            "attention": "auto",
+        }
     )
     c.autoencoder = ""  # DC-AE that decodes sample grids (and encodes config.data.images when no latents given)
     c.data = ml_collections.ConfigDict(
@@ -175,6 +186,7 @@ def diffusion_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})
     # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
     c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14, "fsdp_axis": "fsdp"})
+    c.donate_state = True
     c.log_every = 100
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3

@@ -28,15 +28,19 @@ from dcae_jax.runtime import distributed
 from dcae_jax.training import checkpoints
 
 
-def jit_step(step: Callable, state_shardings: Any, data_sharding: Any, num_extra: int = 0) -> CompiledStep:
+def jit_step(
+    step: Callable, state_shardings: Any, data_sharding: Any, num_extra: int = 0, donate: bool = True
+) -> CompiledStep:
     """`step(state, batch, *extra)` compiled the way every train step is: state and batch sharded as given (the
-    extra inputs, e.g. frozen perceptual networks, as they come), metrics replicated, the old state donated."""
+    extra inputs, e.g. frozen perceptual networks, as they come), metrics replicated, and with `donate`
+    (`config.donate_state`, default on) the old state's buffers reused for the new state: one state in device
+    memory instead of two. Off only to keep the old state readable after a step (debugging)."""
     return CompiledStep(
         jax.jit(
             step,
             in_shardings=(state_shardings, data_sharding, *([None] * num_extra)),
             out_shardings=(state_shardings, None),
-            donate_argnums=(0,),
+            donate_argnums=(0,) if donate else (),
         )
     )
 

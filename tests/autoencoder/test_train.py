@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,62 @@ def test_phase2_compiles_to_less_temporary_memory_than_phase1():
         c.resolution, c.global_batch_size = 64, 4
         mem[phase] = train.lower_train_step(c).compile().memory_analysis().temp_size_in_bytes
     assert mem[2] < mem[1], mem
+
+
+def _one_step(config, variables, x):
+    """(state before, state after, metrics) of one compiled step built as the trainer builds it."""
+    from dcae_jax.runtime import sharding
+
+    cfg = train.model_config(config)
+    mesh = sharding.mesh_from_config(config)
+    trainer = train.build_trainer(config, cfg, variables["params"])
+    state, _ = train.create_train_state(config, trainer, cfg, mesh, variables)
+    lowered = train.lower_train_step(config)
+    batch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
+    new_state, metrics = lowered.compile()(state, batch, {})
+    return state, new_state, metrics.compute(), lowered
+
+
+def test_bf16_compute_keeps_float32_parameters_and_follows_the_float32_step():
+    """config.model.dtype=bfloat16: convolutions run in bf16 (the lowered step asks for bf16 convolutions; XLA:CPU
+    may upcast them, accelerators do not), parameters, optimizer
+    state and the BatchNorm statistics stay float32, and the step's loss and update follow the float32 step's."""
+    from dcae_jax.autoencoder.model import init_variables
+
+    c32 = tiny_train_config(1)
+    variables = jax.tree_util.tree_map(np.asarray, init_variables(train.model_config(c32), jax.random.key(3), 32))
+    x = np.random.RandomState(3).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_train_config(1, **{"model.dtype": dtype})
+        _, new, metrics, lowered = _one_step(c, variables, x)
+        convs = [line for line in lowered.as_text().splitlines() if "stablehlo.convolution" in line]
+        runs[dtype] = (new, metrics, sum(line.rstrip().endswith("bf16>") for line in convs), len(convs))
+    (s32, m32, bf16_convs32, _), (s16, m16, bf16_convs16, n16) = runs["float32"], runs["bfloat16"]
+    assert bf16_convs32 == 0 and bf16_convs16 > 0.8 * n16, (bf16_convs16, n16)
+    for tree in (s16.params, s16.opt_state, s16.batch_stats):
+        assert {leaf.dtype for leaf in _leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+            np.dtype("float32")
+        }
+    assert abs(float(m16["l1"]) - float(m32["l1"])) < 0.02 * float(m32["l1"])
+    delta = lambda s: np.concatenate([np.ravel(a - b) for a, b in zip(_leaves(s.params), _leaves(variables["params"]))])
+    d16, d32 = delta(s16), delta(s32)
+    assert float(d16 @ d32 / np.linalg.norm(d16) / np.linalg.norm(d32)) > 0.9  # AdamW's first step: ~sign(grad)
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_donate_state_is_config(donate):
+    """config.donate_state: the step reuses the old state's buffers (they are deleted), or leaves them readable."""
+    from dcae_jax.autoencoder.model import init_variables
+
+    c = tiny_train_config(1, donate_state=donate)
+    variables = jax.tree_util.tree_map(np.asarray, init_variables(train.model_config(c), jax.random.key(4), 32))
+    x = np.random.RandomState(4).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    old, new, _, _ = _one_step(c, variables, x)
+    assert all(leaf.is_deleted() for leaf in _leaves(old.params)) == donate
+    assert not any(leaf.is_deleted() for leaf in _leaves(new.params))
+    if not donate:
+        np.testing.assert_array_equal(_leaves(old.params)[0], _leaves(variables["params"])[0])
 
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
@@ -238,13 +295,19 @@ def test_crops_are_aligned_windows():
         ({"num_steps": -5}, "config.num_steps=-5 must be a positive integer"),
         ({"checkpoint_every": 0}, "config.checkpoint_every=0 must be a positive integer"),
         ({"resolution": 36}, "config.resolution=36 must be a positive multiple of the model's compression factor"),
+        ({"model.dtype": "float16"}, "config.model.dtype='float16'; valid: ['bfloat16', 'float32']"),
+        ({"model.remat": "sometimes"}, "config.model.remat='sometimes'; valid: ['dots', 'dots_no_batch', 'full'"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(overrides, message, tmp_path):
     config = tiny_train_config(1)
     for key, value in overrides.items():
-        config[key] = value
-    with pytest.raises(train.ConfigError, match=message.replace("(", r"\(")):
+        node, *path = key.split(".")
+        if path:
+            config[node][path[0]] = value
+        else:
+            config[key] = value
+    with pytest.raises(train.ConfigError, match=re.escape(message)):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -232,7 +232,8 @@ def test_bf16_compute_close_to_f32_and_params_stay_f32():
     assert 0 < err < 5e-2
 
 
-def test_remat_same_outputs_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", True])
+def test_remat_same_outputs_and_gradients(policy):
     cfg = _tiny(patch_size=2, depth=2, input_size=4)
     params = _random_params(cfg)
     x, t, y = _inputs(cfg)
@@ -240,9 +241,11 @@ def test_remat_same_outputs_and_gradients():
     def loss_and_grad(remat):
         model = UViT(cfg, remat=remat)
         loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, y) ** 2)
-        return jax.jit(jax.value_and_grad(loss))(params)
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        return compiled(params), compiled.cost_analysis()["flops"]
 
-    (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
+    ((l0, g0), flops0), ((l1, g1), flops1) = loss_and_grad("none"), loss_and_grad(policy)
+    assert flops1 > flops0  # the backward pass recomputes
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     # Recomputation may fuse differently: compare each gradient leaf relative to its own scale.
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):

@@ -1,0 +1,105 @@
+"""How the models compute: the compute dtype, the rematerialisation policy and the attention kernel, each named
+in the config (`config.model.dtype`, `config.model.remat`, `config.model.attention`) and resolved here.
+
+* `dtype(name)`: "float32" or "bfloat16" for activations and matmuls. Parameters, optimizer state and EMA stay
+  float32 whatever the compute dtype; every model keeps its norms (RMSNorm, BatchNorm, LayerNorm, GroupNorm
+  statistics), the linear attention's sums and the softmax in float32.
+* `remat_policy(name)`: which activations a block keeps for the backward pass. "none" keeps all of them (no
+  recomputation); "full" keeps only the block's inputs and recomputes the rest (least memory, ~1/3 more
+  FLOPs); "dots" keeps the matmul/conv outputs and recomputes the cheap elementwise work between them;
+  "dots_no_batch" keeps only the weight matmuls' outputs (for attention models: recomputes the attention
+  scores, which grow with the sequence length squared).
+* `attention_implementation(name, dtype, head_dim)`: the kernel of `jax.nn.dot_product_attention` in UViT and
+  DiT. "auto" picks cuDNN's fused attention on a GPU where cuDNN supports the call (bf16/fp16, head_dim a
+  multiple of 8 up to 128) and XLA's otherwise (CPU, TPU, float32); "xla" and "cudnn" force one.
+* `GPU_XLA_FLAGS`: the XLA flags worth knowing for GPU throughput, each with what it changes (docs/performance.md
+  lists them; a test checks that this XLA still knows every one). None is set for you.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION = ("auto", "xla", "cudnn")
+# Set through the environment before jax starts: XLA_FLAGS="--flag=value --flag=value". Unmeasured here (no GPU).
+GPU_XLA_FLAGS = {
+    "--xla_gpu_enable_latency_hiding_scheduler=true": "schedules the asynchronous collectives (data-parallel "
+    "gradient all-reduces, FSDP all-gathers / reduce-scatters) to overlap with compute instead of waiting for each; "
+    "matters with more than one GPU",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728": "combines the many per-parameter gradient "
+    "all-reduces into fewer, larger NCCL calls (up to 128 MiB each): fewer launches and better bandwidth",
+    "--xla_gpu_enable_triton_gemm=false": "runs every matmul through cuBLAS/cuBLASLt instead of Triton-generated "
+    "GEMMs; try both for the large bf16 matmuls of UViT-H / DiT-XL (autotuning does not always pick the faster)",
+    "--xla_gpu_enable_command_buffer=": "(empty) turns CUDA graphs off: each kernel is launched on its own; for "
+    "debugging and profiling (default on: small kernels of a step replay as one graph, less launch overhead)",
+    "--xla_gpu_deterministic_ops=true": "bit-reproducible runs (deterministic reductions and scatter); slower, "
+    "for debugging a divergence between two runs, never for throughput",
+}
+
+
+def dtype(name: str, field: str = "config.model.dtype") -> jnp.dtype:
+    if name not in DTYPES:
+        raise KeyError(f"{field}={name!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def remat_name(value: str | bool, field: str = "config.model.remat") -> str:
+    """A remat setting as a policy name; True / False (older configs) mean "full" / "none"."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise KeyError(f"{field}={value!r}; valid: {sorted(REMAT_POLICIES)}")
+    return value
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a remat name (None for "none": no checkpointing at all)."""
+    return REMAT_POLICIES[remat_name(name)]
+
+
+def remat(module_cls, name: str, static_argnums: tuple[int, ...] = ()):
+    """`module_cls` wrapped in `nn.remat` with the named policy; unchanged for "none". Parameter names are the
+    same either way (checkpoints and released weights load into both)."""
+    import flax.linen as nn
+
+    name = remat_name(name)
+    if name == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[name], static_argnums=static_argnums)
+
+
+def cudnn_supports(compute_dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes this call (jax.nn.dot_product_attention's cuDNN checks)."""
+    return jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
+        head_dim % 8 == 0 and head_dim <= 128
+    )
+
+
+def attention_implementation(
+    name: str, compute_dtype, head_dim: int, backend: str | None = None, field: str = "config.model.attention"
+) -> str:
+    """The `implementation=` for jax.nn.dot_product_attention: "xla" or "cudnn" (see the module docstring)."""
+    if name not in ATTENTION:
+        raise KeyError(f"{field}={name!r}; valid: {list(ATTENTION)}")
+    backend = backend or jax.default_backend()
+    if name == "xla":
+        return "xla"
+    fits = cudnn_supports(compute_dtype, head_dim)
+    if name == "cudnn":
+        if backend != "gpu":
+            raise ValueError(f"{field}='cudnn' needs a GPU; this run's backend is {backend} (use 'auto' or 'xla')")
+        if not fits:
+            raise ValueError(
+                f"{field}='cudnn' needs bfloat16/float16 compute and a head size that is a multiple of 8 up to "
+                f"128; this model computes in {jnp.dtype(compute_dtype).name} with heads of {head_dim}"
+            )
+        return "cudnn"
+    return "cudnn" if backend == "gpu" and fits else "xla"
