@@ -57,7 +57,7 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
 
     config = common.diffusion_config()
     config.model.preset, config.model.patch_size = model, patch
-    config.model.dtype, config.model.remat = dtype, False
+    config.model.dtype, config.model.remat = dtype, "none"
     config.global_batch_size = batch
     cfg = dtrain.model_config(config, latent)
     trainer = dtrain.build_trainer(config, cfg)

@@ -1,7 +1,7 @@
 """The benchmark suite: every dcae_jax-vs-reference comparison of bench/, one table, one results.json.
 
     python -m bench.suite --scale smoke --out /tmp/suite            # CI: tiny models, < 1 min on 2 cores
-    python -m bench.suite --scale cpu --out /tmp/suite              # released f32c32 on a CPU, ~15 min
+    python -m bench.suite --scale cpu --out /tmp/suite --docs docs/performance.md   # a CPU, ~20 min
     python -m bench.suite --scale accelerator --out /tmp/suite      # one H100/H200-class GPU, ~8 min
     python -m bench.suite --scale cpu --only uvit --repeats 3 --out /tmp/suite
 
@@ -103,15 +103,40 @@ def _uvit(model: str, batch: int, dtype: str, budget: float) -> Spec:
     return Spec(f"uvit {model} {dtype}", "uvit", "uvit", model, 512, dtype, batch, budget)
 
 
+def _hires(model: str, height: int, width: int, dtype: str, budget: float, tile=512, overlap=64, untiled=True):
+    # One child decodes one latent four ways; it yields two rows ("... tiled", "... sharded").
+    short = model.removeprefix("dc-ae-").removesuffix("-1.0")
+    return Spec(
+        f"hires {short} {width}x{height} {dtype}",
+        "high-res decode",
+        "highres",
+        model,
+        height,
+        dtype,
+        1,
+        budget,
+        {"width": width, "tile": tile, "overlap": overlap, "untiled": untiled},
+    )
+
+
 def plan(scale: str, gpu: bool) -> list[Spec]:
     """The rows of a scale in priority order: when the time budget runs short the last ones are skipped."""
     if scale == "smoke":
-        return [_ae("tiny", 32, "float32", 30), _train("tiny", 32, 2, 1, 30), _uvit("uvit-tiny", 2, "float32", 30)]
+        return [
+            _ae("tiny", 32, "float32", 30),
+            _train("tiny", 32, 2, 1, 30),
+            _train("tiny", 32, 2, 3, 30),
+            _uvit("uvit-tiny", 2, "float32", 30),
+            _hires("tiny", 96, 136, "float32", 30, tile=64, overlap=16),
+        ]
     if scale == "cpu":  # one call of the 512² encode+decode is ~26 s on 2 cores: 1 warm-up + 3 repeats per side
         return [
             _ae("dc-ae-f32c32-in-1.0", 512, "float32", 360),
             _train("dc-ae-f32c32-in-1.0", 256, 1, 1, 420),
             _uvit("uvit-s", 1, "float32", 240),
+            _train("dc-ae-f32c32-in-1.0", 128, 1, 2, 240),
+            _train("dc-ae-f32c32-in-1.0", 128, 1, 3, 300),
+            _hires("dc-ae-f32c32-sana-1.0", 576, 1024, "float32", 300),
         ]
     # accelerator: planned for 8 minutes on one H200 (see bench/README.md); the order below is the drop order.
     rows = [
@@ -120,6 +145,7 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
         _ae("dc-ae-f128c512-in-1.0", 512, "bfloat16", 60),
         _train("dc-ae-f32c32-in-1.0", 512, 8, 1, 90),
         _uvit("uvit-h", 32, "bfloat16", 90),
+        _hires("dc-ae-f32c32-sana-1.0", 2160, 3840, "bfloat16", 90),
         _ae("dc-ae-f32c32-in-1.0", 1024, "bfloat16", 60),
         _ae("dc-ae-f32c32-in-1.0", 512, "float32", 60),
         _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 90),
@@ -127,6 +153,8 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
         _ae("dc-ae-f32c32-in-1.0", 512, "bfloat16", 120, compile_=True),
         _ae("dc-ae-f64c128-in-1.0", 2048, "bfloat16", 90),
         _ae("dc-ae-f128c512-in-1.0", 2048, "bfloat16", 90),
+        _hires("dc-ae-f32c32-sana-1.0", 2048, 2048, "bfloat16", 90),
+        _hires("dc-ae-f32c32-sana-1.0", 4096, 4096, "bfloat16", 120),
     ]
     if not gpu:  # torch.compile rows only where torch has a GPU; the rest still run (slowly) for a dry run
         rows = [r for r in rows if not r.extra.get("torch_compile")]
@@ -251,9 +279,8 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
 
         r = train_step.measure(spec.model, spec.resolution, spec.batch, repeats, warmup=warmup, **spec.extra)
         m = r["median_s"]
-        ref = m.get("pytorch (diffusers + AdamW)")
-        ref_name = "pytorch (diffusers + AdamW)" if ref is not None else None
-        return [_row(spec, spec.kind, m["dcae_jax"], ref, r["flops"], reference=ref_name)]
+        ref = train_step.REFERENCE
+        return [_row(spec, spec.kind, m["dcae_jax"], m[ref], r["flops"], reference=ref)]
     if spec.fn == "uvit":
         import statistics
 
@@ -274,6 +301,42 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
                     r[ours][f"{step}_flops"],
                     r[ref][f"{step}_flops"],
                     reference=f"same UViT on {ref} latents (ours: {ours})",
+                )
+            )
+        return rows
+    if spec.fn == "highres":
+        from bench import highres
+
+        e = spec.extra
+        r = highres.measure(
+            spec.model, spec.resolution, e["width"], spec.dtype, e["tile"], e["overlap"], repeats, warmup, e["untiled"]
+        )
+        m, ref = r["median_s"], "diffusers tiled"
+        rows = []
+        for ours, label in (("dcae_jax tiled", "tiled"), ("dcae_jax sharded", "sharded (exact)")):
+            s = dataclasses.replace(spec, name=f"{spec.name} {label}")
+            if ours not in m or ref not in m:
+                why = r["status"].get(ours) if ours not in m else r["status"].get(ref)
+                rows.append(_error_row(s, "error", f"{why}"))
+                continue
+            rows.append(
+                _row(
+                    s,
+                    spec.kind,
+                    m[ours],
+                    m[ref],
+                    r["flops"][ours],
+                    reference=f"{ref} (tile {e['tile']}, overlap {e['overlap']})",
+                    width=e["width"],
+                    highres={
+                        "method": ours,
+                        "seconds": m,
+                        "status": r["status"],
+                        "errors_vs_untiled": r["errors"],
+                        "method_memory_bytes": r["memory_bytes"],
+                        "devices": r["devices"],
+                        "latent_shape": r["latent_shape"],
+                    },
                 )
             )
         return rows
@@ -388,10 +451,64 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(
         "ratio = reference time / dcae_jax time (> 1: dcae_jax faster). UViT rows: reference = the same UViT on "
-        "SD-VAE-f8 p2 latents, ours = DC-AE-f64 p1 latents. Memory on CPU: one process holds both sides, so only "
-        "its peak RSS is known."
+        "SD-VAE-f8 p2 latents, ours = DC-AE-f64 p1 latents. High-res rows: reference = diffusers with "
+        "`enable_tiling()`. Memory on CPU: one process holds both sides, so only its peak RSS is known."
     )
+    lines += _highres_markdown(result["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _highres_markdown(rows: list[dict]) -> list[str]:
+    """Per high-res spec: each decode method's time, memory and error against the exact untiled decode."""
+    seen, out = set(), []
+    for r in rows:
+        h = r.get("highres")
+        if not h or r["spec"] in seen:
+            continue
+        seen.add(r["spec"])
+        if not out:
+            out += [
+                "",
+                "High-resolution decode (one latent, random weights; error vs the exact untiled decode in 8-bit "
+                "levels; memory: torch's peak on a GPU, ours XLA's compiled footprint per device / per tile, "
+                "untiled compiled even when not run):",
+                "",
+                "| spec | method | ms | memory GiB | max error | mean error | status |",
+                "|---|---|---:|---:|---:|---:|---|",
+            ]
+        for method in ("diffusers tiled", "dcae_jax tiled", "dcae_jax sharded", "dcae_jax untiled"):
+            err = h["errors_vs_untiled"].get(method) or {}
+            status = h["status"].get(method, "not run")
+            out.append(
+                f"| {r['spec']} | {method} | {_fmt(h['seconds'].get(method), 1e3)} | "
+                f"{_fmt(h['method_memory_bytes'].get(method), 1 / 1024**3, '.2f')} | "
+                f"{_fmt(err.get('max_8bit'), 1, '.2f')} | {_fmt(err.get('mean_8bit'), 1, '.3f')} | "
+                f"{status.replace('|', '/')[:80]} |"
+            )
+    return out
+
+
+def docs_markers(scale: str) -> tuple[str, str]:
+    return f"<!-- bench.suite scale={scale}: generated by `python -m bench.suite --docs`, do not edit -->", (
+        f"<!-- /bench.suite scale={scale} -->"
+    )
+
+
+def update_docs(path: str, scale: str, md: str) -> None:
+    """Replaces the generated block of `scale` in the markdown file at `path` (appends one if there is none)."""
+    begin, end = docs_markers(scale)
+    with open(path) as f:
+        text = f.read()
+    block = f"{begin}\n{md.rstrip()}\n{end}"
+    if begin in text and end in text.split(begin, 1)[1]:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _default_backend_is_gpu() -> bool:
@@ -411,8 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--only", default="", help="run only rows whose name contains this")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default: 2 / 3 / 5 by scale)")
-    p.add_argument("--budget", type=float, default=None, help="total seconds (default: 180 / 900 / 480 by scale)")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default: 180 / 1500 / 480 by scale)")
+    p.add_argument("--docs", default="", help="also put the table into this markdown file (docs/performance.md)")
     args = p.parse_args(argv)
+    if args.docs and not os.path.isfile(args.docs):
+        print(f"bench.suite: --docs {args.docs!r} is not a file", file=sys.stderr)
+        return 2
     if args.scale not in ("smoke", "cpu", "accelerator"):
         print(f"bench.suite: --scale must be smoke, cpu or accelerator, not {args.scale!r}", file=sys.stderr)
         return 2
@@ -428,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or {"smoke": 2, "cpu": 3, "accelerator": 5}[args.scale]
     warmup = 2 if args.scale == "accelerator" else 1  # on CPU a warm-up call of a released model costs ~25 s
     # smoke's target is < 60 s, but its limit is 180 s: a loaded CI machine should not turn it into "skipped".
-    budget = args.budget or {"smoke": 180.0, "cpu": 900.0, "accelerator": 480.0}[args.scale]
+    budget = args.budget or {"smoke": 180.0, "cpu": 1500.0, "accelerator": 480.0}[args.scale]
     start = time.perf_counter()
     gpu = args.scale == "accelerator" and _default_backend_is_gpu()
     if args.scale == "accelerator" and not gpu:
@@ -477,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
             peak = f", {r['fraction_of_peak']:.1%} of peak" if r["fraction_of_peak"] else ""
             print(f"{r['name']}: {r['flops_per_s'] / 1e12:.3f} TFLOP/s achieved{peak}")
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"bench.suite: {ok}/{len(rows)} rows ok in {result['wall_s']:.0f} s; wrote {json_path} and {md_path}")
+    wrote = f"{json_path} and {md_path}"
+    if args.docs:
+        update_docs(args.docs, args.scale, md)
+        wrote = f"{json_path}, {md_path} and the scale-{args.scale} table of {args.docs}"
+    print(f"bench.suite: {ok}/{len(rows)} rows ok in {result['wall_s']:.0f} s; wrote {wrote}")
     return 0
 
 

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from bench import suite
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = {
     "name": str,
@@ -42,7 +44,10 @@ def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
-    proc = _run("--scale", "smoke", "--out", str(out))
+    doc = out / "performance.md"  # a generated block from an earlier run, between hand-written text
+    begin, end = suite.docs_markers("smoke")
+    doc.write_text(f"# Perf\n\nprose before\n\n{begin}\nOLD TABLE\n{end}\n\nprose after\n")
+    proc = _run("--scale", "smoke", "--out", str(out), "--docs", str(doc))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -89,6 +94,27 @@ def test_results_json_schema(smoke):
     assert "autoencoder encode+decode" in ok_kinds
     assert "train step" in ok_kinds
     assert {"uvit train step", "uvit sample step"} <= ok_kinds
+    assert "high-res decode" in ok_kinds
+    ok = {r["name"]: r for r in rows if r["status"] == "ok"}
+    assert "train p3 tiny 32" in ok, sorted(ok)  # phase 3 (frozen model + PatchGAN) against its PyTorch step
+
+
+def test_highres_rows_score_every_method_against_the_exact_decode(smoke):
+    out, _ = smoke
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["kind"] == "high-res decode"]
+    assert [r["name"].rsplit(" ", 1)[-1] for r in rows] == ["tiled", "(exact)"]
+    for r in rows:
+        h = r["highres"]
+        assert r["status"] == "ok" and r["width"] == 136 and r["resolution"] == 96
+        assert set(h["status"].values()) == {"ok"} and len(h["seconds"]) == 4
+        assert all(v > 0 for v in h["method_memory_bytes"].values() if v is not None)
+        assert h["method_memory_bytes"]["dcae_jax tiled"] < h["method_memory_bytes"]["dcae_jax untiled"]
+        errs = h["errors_vs_untiled"]
+        # Sharded decode is exact (one device here: the same program); both tilings depart from it.
+        assert errs["dcae_jax sharded"]["max_8bit"] < 1e-3
+        assert errs["dcae_jax tiled"]["mean_8bit"] > 1e-3 and errs["diffusers tiled"]["mean_8bit"] > 1e-3
+    md = (out / "results.md").read_text()
+    assert "| hires tiny 136x96 float32 | dcae_jax sharded |" in md
 
 
 def test_markdown_and_stdout(smoke):
@@ -102,7 +128,10 @@ def test_markdown_and_stdout(smoke):
     for row in result["rows"]:
         assert f"| {row['name']} |" in md
     last = proc.stdout.strip().splitlines()[-1]
-    assert "results.json" in last and "results.md" in last and str(out) in last
+    assert "results.json" in last and "results.md" in last and str(out) in last and "performance.md" in last
+    doc = (out / "performance.md").read_text()  # --docs: the block replaced, the prose around it kept
+    assert doc.startswith("# Perf\n\nprose before\n") and doc.endswith("\n\nprose after\n")
+    assert "OLD TABLE" not in doc and md.strip() in doc and doc.count("bench.suite scale=smoke") == 2
 
 
 def test_bad_scale_is_one_line_exit_2(tmp_path):
