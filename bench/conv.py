@@ -1,11 +1,15 @@
 """Single convolutions at DC-AE's main shapes: XLA vs torch, same data, one process, interleaved.
 
     python -m bench.conv --repeats 5
+    python -m bench.conv --repeats 5 --pass input_grad     # the backward convolutions (training)
+    python -m bench.conv --repeats 5 --pass weight_grad
     # Both frameworks limited to AVX2 (to compare with an AVX2-only processor):
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.conv
 
 The 3x3 convolutions of the ResBlock stages hold most of an f32c32 encode+decode's FLOPs; the 1x1 ones are
 LiteMLA's and GLUMBConv's projections. Batch 1, fp32, compile and warm-up excluded, median of the repeats.
+`--pass`: the forward convolution, or a train step's two backward ones (gradient w.r.t. the input, and w.r.t.
+the kernel: XLA's from `jax.vjp`, torch's `torch.nn.grad.conv2d_input/conv2d_weight`).
 Prints the processor (lscpu model name and vector extensions) beside the numbers.
 """
 
@@ -18,8 +22,10 @@ import time
 
 import numpy as np
 
-# (spatial size, channels in = out, kernel): f32c32 at 512², ResBlock stages at H/2 and H/4, and the H/8 stage.
-SHAPES = ((256, 256, 3), (128, 512, 3), (64, 512, 3), (256, 256, 1), (128, 512, 1))
+# (spatial size, channels in = out, kernel): f32c32 at 512², ResBlock stages at H/2 and H/4, and the H/8 stage;
+# the last: the H/2 ResBlock stage of a 256² phase-1 train step (its H/4 stage is the third).
+SHAPES = ((256, 256, 3), (128, 512, 3), (64, 512, 3), (256, 256, 1), (128, 512, 1), (128, 256, 3))
+PASSES = ("forward", "input_grad", "weight_grad")
 
 
 def processor() -> str:
@@ -37,31 +43,52 @@ def main(argv=None) -> None:
     cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--pass", dest="which", default="forward", choices=PASSES)
     args = p.parse_args(argv)
 
     import jax
     import torch
 
     torch.set_grad_enabled(False)
-    conv = jax.jit(
-        lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    )
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    xla = {
+        "forward": jax.jit(lambda x, w, g: conv(x, w)),
+        "input_grad": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0]),
+        "weight_grad": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]),
+    }[args.which]
     print(f"processor: {processor()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch {torch.__version__}")
+    print(f"{args.which}:")
     print("| shape (H=W x C, kernel) | XLA ms | torch ms | torch ms / XLA ms |\n|---|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for size, c, k in SHAPES:
         x = rng.standard_normal((1, size, size, c), dtype=np.float32)
         w = (0.01 * rng.standard_normal((k, k, c, c))).astype(np.float32)
-        xj, wj = jax.device_put(x), jax.device_put(w)
+        g = rng.standard_normal((1, size, size, c), dtype=np.float32)
+        xj, wj, gj = jax.device_put(x), jax.device_put(w), jax.device_put(g)
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
+        gt = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous()
+        pad = k // 2
+        torch_fn = {
+            "forward": lambda xt=xt, wt=wt, pad=pad: torch.nn.functional.conv2d(xt, wt, padding=pad),
+            "input_grad": lambda xt=xt, wt=wt, gt=gt, pad=pad: torch.nn.grad.conv2d_input(
+                xt.shape, wt, gt, padding=pad
+            ),
+            "weight_grad": lambda xt=xt, wt=wt, gt=gt, pad=pad: torch.nn.grad.conv2d_weight(
+                xt, wt.shape, gt, padding=pad
+            ),
+        }[args.which]
         runs = {
-            "xla": lambda xj=xj, wj=wj: conv(xj, wj).block_until_ready(),
-            "torch": lambda xt=xt, wt=wt, k=k: torch.nn.functional.conv2d(xt, wt, padding=k // 2),
+            "xla": lambda xj=xj, wj=wj, gj=gj: xla(xj, wj, gj).block_until_ready(),
+            "torch": torch_fn,
         }
         ref = np.asarray(runs["xla"]())
-        got = runs["torch"]().permute(0, 2, 3, 1).numpy()
-        assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max(), "the two convolutions disagree"
+        layout = (2, 3, 1, 0) if args.which == "weight_grad" else (0, 2, 3, 1)  # OIHW -> HWIO, NCHW -> NHWC
+        got = runs["torch"]().permute(*layout).numpy()
+        assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max(), f"the two {args.which} convolutions disagree"
         times = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, fn in runs.items():
