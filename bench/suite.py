@@ -83,15 +83,15 @@ def _ae(model: str, res: int, dtype: str, budget: float, batch: int = 1, compile
     )
 
 
-def _train(model: str, res: int, batch: int, phase: int, budget: float) -> Spec:
+def _train(model: str, res: int, batch: int, phase: int, budget: float, dtype: str = "float32") -> Spec:
     short = model.removeprefix("dc-ae-").removesuffix("-in-1.0")
     return Spec(
-        f"train p{phase} {short} {res}",
+        f"train p{phase} {short} {res}" + ("" if dtype == "float32" else f" {dtype}"),
         "train step",
         "train_step",
         model,
         res,
-        "float32",
+        dtype,
         batch,
         budget,
         {"phase": phase},
@@ -103,7 +103,9 @@ def _uvit(model: str, batch: int, dtype: str, budget: float) -> Spec:
     return Spec(f"uvit {model} {dtype}", "uvit", "uvit", model, 512, dtype, batch, budget)
 
 
-def _hires(model: str, height: int, width: int, dtype: str, budget: float, tile=512, overlap=64, untiled=True):
+def _hires(
+    model: str, height: int, width: int, dtype: str, budget: float, tile=512, overlap=64, untiled=True, repeats=0
+):
     # One child decodes one latent four ways; it yields two rows ("... tiled", "... sharded").
     short = model.removeprefix("dc-ae-").removesuffix("-1.0")
     return Spec(
@@ -115,7 +117,7 @@ def _hires(model: str, height: int, width: int, dtype: str, budget: float, tile=
         dtype,
         1,
         budget,
-        {"width": width, "tile": tile, "overlap": overlap, "untiled": untiled},
+        {"width": width, "tile": tile, "overlap": overlap, "untiled": untiled, "repeats": repeats},
     )
 
 
@@ -125,7 +127,7 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
         return [
             _ae("tiny", 32, "float32", 30),
             _train("tiny", 32, 2, 1, 30),
-            _train("tiny", 32, 2, 3, 30),
+            _train("tiny", 32, 2, 3, 30, "bfloat16"),
             _uvit("uvit-tiny", 2, "float32", 30),
             _hires("tiny", 96, 136, "float32", 30, tile=64, overlap=16),
         ]
@@ -136,25 +138,43 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
             _uvit("uvit-s", 1, "float32", 240),
             _train("dc-ae-f32c32-in-1.0", 128, 1, 2, 240),
             _train("dc-ae-f32c32-in-1.0", 128, 1, 3, 300),
-            _hires("dc-ae-f32c32-sana-1.0", 576, 1024, "float32", 300),
+            _hires("dc-ae-f32c32-sana-1.0", 512, 512, "float32", 300, tile=256, overlap=32, repeats=1),
         ]
     # accelerator: planned for 8 minutes on one H200 (see bench/README.md); the order below is the drop order.
     rows = [
         _ae("dc-ae-f32c32-in-1.0", 512, "bfloat16", 60),
         _ae("dc-ae-f64c128-in-1.0", 512, "bfloat16", 60),
         _ae("dc-ae-f128c512-in-1.0", 512, "bfloat16", 60),
-        _train("dc-ae-f32c32-in-1.0", 512, 8, 1, 90),
+        _train("dc-ae-f32c32-in-1.0", 512, 8, 1, 90, "bfloat16"),
         _uvit("uvit-h", 32, "bfloat16", 90),
         _hires("dc-ae-f32c32-sana-1.0", 2160, 3840, "bfloat16", 90),
         _ae("dc-ae-f32c32-in-1.0", 1024, "bfloat16", 60),
         _ae("dc-ae-f32c32-in-1.0", 512, "float32", 60),
-        _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 90),
-        _train("dc-ae-f64c128-in-1.0", 512, 8, 3, 90),
+        _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 90, "bfloat16"),
+        _train("dc-ae-f64c128-in-1.0", 512, 8, 3, 90, "bfloat16"),
         _ae("dc-ae-f32c32-in-1.0", 512, "bfloat16", 120, compile_=True),
         _ae("dc-ae-f64c128-in-1.0", 2048, "bfloat16", 90),
         _ae("dc-ae-f128c512-in-1.0", 2048, "bfloat16", 90),
         _hires("dc-ae-f32c32-sana-1.0", 2048, 2048, "bfloat16", 90),
         _hires("dc-ae-f32c32-sana-1.0", 4096, 4096, "bfloat16", 120),
+        # The rest of the autoencoder grid (3 models x 512² / 1024² / 2048² x fp32 / bf16): beyond 8 minutes, run
+        # with a larger --budget or --only.
+        *[
+            _ae(f"dc-ae-{m}-in-1.0", res, dt, 90)
+            for m, res, dt in [
+                ("f64c128", 1024, "bfloat16"),
+                ("f128c512", 1024, "bfloat16"),
+                ("f32c32", 2048, "bfloat16"),
+                ("f64c128", 512, "float32"),
+                ("f128c512", 512, "float32"),
+                ("f32c32", 1024, "float32"),
+                ("f64c128", 1024, "float32"),
+                ("f128c512", 1024, "float32"),
+                ("f32c32", 2048, "float32"),
+                ("f64c128", 2048, "float32"),
+                ("f128c512", 2048, "float32"),
+            ]
+        ],
     ]
     if not gpu:  # torch.compile rows only where torch has a GPU; the rest still run (slowly) for a dry run
         rows = [r for r in rows if not r.extra.get("torch_compile")]
@@ -277,7 +297,9 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
     if spec.fn == "train_step":
         from bench import train_step
 
-        r = train_step.measure(spec.model, spec.resolution, spec.batch, repeats, warmup=warmup, **spec.extra)
+        r = train_step.measure(
+            spec.model, spec.resolution, spec.batch, repeats, warmup=warmup, dtype=spec.dtype, **spec.extra
+        )
         m = r["median_s"]
         ref = train_step.REFERENCE
         return [_row(spec, spec.kind, m["dcae_jax"], m[ref], r["flops"], reference=ref)]
@@ -309,7 +331,15 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
 
         e = spec.extra
         r = highres.measure(
-            spec.model, spec.resolution, e["width"], spec.dtype, e["tile"], e["overlap"], repeats, warmup, e["untiled"]
+            spec.model,
+            spec.resolution,
+            e["width"],
+            spec.dtype,
+            e["tile"],
+            e["overlap"],
+            e.get("repeats") or repeats,  # a row may ask for fewer (a slow CPU decode)
+            warmup,
+            e["untiled"],
         )
         m, ref = r["median_s"], "diffusers tiled"
         rows = []
@@ -488,15 +518,18 @@ def _highres_markdown(rows: list[dict]) -> list[str]:
     return out
 
 
-def docs_markers(scale: str) -> tuple[str, str]:
-    return f"<!-- bench.suite scale={scale}: generated by `python -m bench.suite --docs`, do not edit -->", (
-        f"<!-- /bench.suite scale={scale} -->"
+def docs_markers(scale: str, only: str = "") -> tuple[str, str]:
+    """The markers around the generated block of one command: its scale, and its --only filter if any (a rerun
+    of some rows gets a block of its own and leaves the full run's block as it was)."""
+    tag = f"scale={scale}" + (f" only={only!r}" if only else "")
+    return f"<!-- bench.suite {tag}: generated by `python -m bench.suite --docs`, do not edit -->", (
+        f"<!-- /bench.suite {tag} -->"
     )
 
 
-def update_docs(path: str, scale: str, md: str) -> None:
-    """Replaces the generated block of `scale` in the markdown file at `path` (appends one if there is none)."""
-    begin, end = docs_markers(scale)
+def update_docs(path: str, scale: str, md: str, only: str = "") -> None:
+    """Replaces the generated block of (`scale`, `only`) in the markdown file at `path` (appends one if none)."""
+    begin, end = docs_markers(scale, only)
     with open(path) as f:
         text = f.read()
     block = f"{begin}\n{md.rstrip()}\n{end}"
@@ -600,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(r["status"] == "ok" for r in rows)
     wrote = f"{json_path} and {md_path}"
     if args.docs:
-        update_docs(args.docs, args.scale, md)
+        update_docs(args.docs, args.scale, md, args.only)
         wrote = f"{json_path}, {md_path} and the scale-{args.scale} table of {args.docs}"
     print(f"bench.suite: {ok}/{len(rows)} rows ok in {result['wall_s']:.0f} s; wrote {wrote}")
     return 0

@@ -46,8 +46,15 @@ def _torch_discriminator(base: int, num_layers: int):
 
 
 def torch_step_fn(tmodel, x, phase: int, config, device: str):
-    """One PyTorch train step of `phase` with the hyper-parameters of our `config` (see the module docstring)."""
+    """One PyTorch train step of `phase` with the hyper-parameters of our `config` (see the module docstring).
+    `config.model.dtype=bfloat16`: the forward passes under `torch.autocast` in bf16 (float32 weights and
+    optimizer, as ours)."""
+    import contextlib
+
     import torch
+
+    bf16 = config.model.dtype == "bfloat16"
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     o = config.optim
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
@@ -70,8 +77,9 @@ def torch_step_fn(tmodel, x, phase: int, config, device: str):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            y = tmodel.decode(tmodel.encode(xt).latent).sample
-            (y - xt).abs().mean().backward()
+            with autocast():
+                y = tmodel.decode(tmodel.encode(xt).latent).sample
+            (y.float() - xt).abs().mean().backward()
             opt.step()
             sync()
 
@@ -85,9 +93,11 @@ def torch_step_fn(tmodel, x, phase: int, config, device: str):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        y = tmodel.decode(tmodel.encode(xt).latent).sample
+        with autocast():
+            y = tmodel.decode(tmodel.encode(xt).latent).sample
+            gen = -disc(y).float().mean()
+        y = y.float()
         rec = (y - xt).abs().mean()
-        gen = -disc(y).mean()
         g_rec = torch.autograd.grad(rec, head, retain_graph=True)
         g_gen = torch.autograd.grad(gen, head, retain_graph=True)
         norm = lambda gs: torch.sqrt(sum((g.float() ** 2).sum() for g in gs))
@@ -96,7 +106,9 @@ def torch_step_fn(tmodel, x, phase: int, config, device: str):
         opt.step()
         dopt.zero_grad(set_to_none=True)
         fake = y.detach()
-        d_loss = 0.5 * (torch.relu(1 - disc(xt)).mean() + torch.relu(1 + disc(fake)).mean())
+        with autocast():
+            real_logits, fake_logits = disc(xt).float(), disc(fake).float()
+        d_loss = 0.5 * (torch.relu(1 - real_logits).mean() + torch.relu(1 + fake_logits).mean())
         d_loss.backward()
         dopt.step()
         sync()
@@ -105,7 +117,14 @@ def torch_step_fn(tmodel, x, phase: int, config, device: str):
 
 
 def measure(
-    model: str, resolution: int, batch: int, repeats: int, lr: float | None = None, phase: int = 1, warmup: int = 2
+    model: str,
+    resolution: int,
+    batch: int,
+    repeats: int,
+    lr: float | None = None,
+    phase: int = 1,
+    warmup: int = 2,
+    dtype: str = "float32",
 ) -> dict:
     """Times one train step of `phase` in both frameworks on identical weights; returns medians (s), XLA's FLOPs.
 
@@ -125,6 +144,7 @@ def measure(
     mcfg = train.model_config(c)
     common.apply_phase(c, phase, num_stages=mcfg.num_stages)
     c.loss.lpips_weight = 0.0
+    c.model.dtype = dtype  # our compute dtype; torch: autocast
     c.resolution, c.global_batch_size = resolution, batch
     if lr is not None:
         c.optim.learning_rate = lr
@@ -181,12 +201,13 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--phase", type=int, default=1, choices=[1, 2, 3])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the phase's)")
     args = p.parse_args(argv)
 
     import torch
 
-    r = measure(args.model, args.resolution, args.batch, args.repeats, args.lr, phase=args.phase)
+    r = measure(args.model, args.resolution, args.batch, args.repeats, args.lr, phase=args.phase, dtype=args.dtype)
     med, flops = r["median_s"], r["flops"]
     print(
         f"model={args.model} phase={args.phase} resolution={args.resolution} batch={args.batch} device={r['device']} "

@@ -96,7 +96,8 @@ def test_results_json_schema(smoke):
     assert {"uvit train step", "uvit sample step"} <= ok_kinds
     assert "high-res decode" in ok_kinds
     ok = {r["name"]: r for r in rows if r["status"] == "ok"}
-    assert "train p3 tiny 32" in ok, sorted(ok)  # phase 3 (frozen model + PatchGAN) against its PyTorch step
+    # Phase 3 (frozen model + PatchGAN) in bf16 against its PyTorch step under autocast.
+    assert ok["train p3 tiny 32 bfloat16"]["dtype"] == "bfloat16", sorted(ok)
 
 
 def test_highres_rows_score_every_method_against_the_exact_decode(smoke):
@@ -139,3 +140,23 @@ def test_bad_scale_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "--scale" in proc.stderr
+
+
+def test_the_accelerator_plan_covers_the_whole_grid_in_priority_order():
+    """Issue 17's grid: three autoencoders x 512² / 1024² / 2048² x fp32 / bf16, the three phases' train steps,
+    UViT, and high-res decode at 3840x2160, 2048² and 4096²; names are unique (rows are selected by name)."""
+    rows = suite.plan("accelerator", gpu=True)
+    assert len({r.name for r in rows}) == len(rows)
+    grid = {(r.model, r.resolution, r.dtype) for r in rows if r.fn == "autoencoder" and not r.extra["torch_compile"]}
+    for model in ("f32c32", "f64c128", "f128c512"):
+        for res in (512, 1024, 2048):
+            for dtype in ("float32", "bfloat16"):
+                assert (f"dc-ae-{model}-in-1.0", res, dtype) in grid, (model, res, dtype)
+    assert {r.extra["phase"] for r in rows if r.fn == "train_step"} == {1, 2, 3}
+    assert {(r.resolution, r.extra["width"]) for r in rows if r.fn == "highres"} == {
+        (2160, 3840),
+        (2048, 2048),
+        (4096, 4096),
+    }
+    assert [r.name for r in rows][:2] == ["ae f32c32 512 bfloat16", "ae f64c128 512 bfloat16"]  # the drop order
+    assert not [r for r in suite.plan("accelerator", gpu=False) if r.extra.get("torch_compile")]
