@@ -160,3 +160,33 @@ def test_the_accelerator_plan_covers_the_whole_grid_in_priority_order():
     }
     assert [r.name for r in rows][:2] == ["ae f32c32 512 bfloat16", "ae f64c128 512 bfloat16"]  # the drop order
     assert not [r for r in suite.plan("accelerator", gpu=False) if r.extra.get("torch_compile")]
+
+
+def test_docs_keep_one_block_per_machine(tmp_path):
+    """A rerun replaces its own machine's block; another processor gets a block of its own beside it; a
+    placeholder block (no machine) is replaced by the first real run."""
+    doc = tmp_path / "perf.md"
+    cpu, acc = suite.docs_markers("cpu"), suite.docs_markers("accelerator")
+    doc.write_text(
+        f"# Perf\n\n## CPU\n\n{cpu[0]}\n(not yet generated)\n{cpu[1]}\n\n"
+        f"## Accelerator\n\n{acc[0]}\n(not yet generated)\n{acc[1]}\n\n## After\n"
+    )
+    suite.update_docs(str(doc), "cpu", "EPYC TABLE", machine="AMD EPYC (family 25 model 17)")
+    suite.update_docs(str(doc), "cpu", "XEON TABLE", machine="Intel(R) Xeon(R) Processor (family 6 model 143)")
+    suite.update_docs(str(doc), "cpu", "EPYC TABLE 2", machine="AMD EPYC (family 25 model 17)")
+    suite.update_docs(str(doc), "accelerator", "H200 TABLE", machine="NVIDIA H200")
+    text = doc.read_text()
+    assert "EPYC TABLE 2" in text and "EPYC TABLE\n" not in text and "XEON TABLE" in text
+    assert "(not yet generated)" not in text and "H200 TABLE" in text
+    assert text.index("EPYC TABLE 2") < text.index("XEON TABLE") < text.index("## Accelerator"), text
+    assert text.index("## Accelerator") < text.index("H200 TABLE") < text.index("## After"), text
+    assert text.count("<!-- bench.suite scale=cpu") == 2 and text.count("<!-- /bench.suite scale=cpu") == 2
+
+
+def test_machine_tag_names_the_processor_or_the_accelerator():
+    mach = suite.machine()
+    tag = suite.machine_tag(mach)
+    assert mach["processor"] in tag
+    if mach["processor_id"]:
+        assert mach["processor_id"] in tag
+    assert suite.machine_tag({**mach, "accelerator": "NVIDIA H200"}) == "NVIDIA H200"
