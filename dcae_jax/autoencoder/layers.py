@@ -114,6 +114,54 @@ def icnr(init: Callable | None = None, factor: int = 2) -> Callable:
     return init_fn
 
 
+def _conv(x: Array, kernel: Array, stride: int = 1) -> Array:
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def conv_kernel_grad_dots(x: Array, g: Array, k: int) -> Array:
+    """(B, H, W, C_in), (B, H, W, C_out) -> (k, k, C_in, C_out): the kernel gradient of a stride-1 'same' conv
+    as k matmuls: for kernel row i, the k column-shifted windows of the padded input side by side
+    (B*H*W, k*C_in), contracted with g over the pixels. Equal to the conv's own (`jax.vjp`) kernel gradient."""
+    p = k // 2
+    _, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    rows = []
+    for i in range(k):
+        windows = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for j in range(k)], axis=-1)
+        rows.append(jnp.einsum("bhwc,bhwo->co", windows, g).reshape(k, c, g.shape[-1]))
+    return jnp.stack(rows)
+
+
+@jax.custom_vjp
+def conv_same(x: Array, kernel: Array) -> Array:
+    """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. Its kernel gradient runs as matmuls on
+    the CPU (`conv_kernel_grad_dots`: XLA:CPU's weight-gradient conv is 3-5x slower than oneDNN's, the dots about
+    twice as fast as it; docs/performance.md) and as the conv's own transpose on every other platform."""
+    return _conv(x, kernel)
+
+
+def _conv_same_fwd(x: Array, kernel: Array):
+    return _conv(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(res, g):
+    x, kernel = res
+    dx = jax.vjp(lambda x_: _conv(x_, kernel), x)[1](g)[0]  # the input gradient: XLA's own (at torch's speed)
+    dk = jax.lax.platform_dependent(
+        x,
+        g,
+        cpu=lambda x, g: conv_kernel_grad_dots(x, g, kernel.shape[0]).astype(kernel.dtype),
+        default=lambda x, g: jax.vjp(lambda k_: _conv(x, k_), kernel)[1](g)[0],
+    )
+    return dx, dk
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
 class Conv2d(nn.Module):
     """Dense conv with torch padding (`k // 2` on every side, stride-2 included).
 
@@ -143,15 +191,10 @@ class Conv2d(nn.Module):
         kernel = kernel.astype(self.dtype)
         if k == 1 and self.stride == 1:
             y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
+        elif self.stride == 1:
+            y = conv_same(x, kernel)
         else:
-            pad = k // 2
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            y = _conv(x, kernel, self.stride)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

@@ -59,6 +59,35 @@ def test_conv_uses_torch_padding(stride, kernel, hw):
 
 
 @pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_gradients_equal_torch_and_run_as_dots_on_cpu(k, dtype):
+    """`conv_same`'s custom backward (kernel gradient as k matmuls on the CPU) gives torch's input and kernel
+    gradients, jitted; on the CPU its kernel gradient is no convolution.
+    """
+    rng = np.random.RandomState(2)
+    x, g = rng.randn(2, 9, 11, 6).astype(np.float32), rng.randn(2, 9, 11, 4).astype(np.float32)
+    w = (0.3 * rng.randn(k, k, 6, 4)).astype(np.float32)
+
+    def loss(x, w):
+        return jnp.sum(layers.conv_same(x.astype(dtype), w.astype(dtype)).astype(jnp.float32) * g)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    dx, dw = grad(jnp.asarray(x), jnp.asarray(w))
+    xt, wt = _nchw(x).requires_grad_(), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    (F.conv2d(xt, wt, padding=k // 2) * _nchw(g)).sum().backward()
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    for got, ref in ((dx, _nhwc(xt.grad)), (dw, wt.grad.numpy().transpose(2, 3, 1, 0))):
+        assert got.dtype == jnp.float32 and got.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=tol * np.abs(ref).max())
+
+    def convs(conv):
+        f = jax.grad(lambda x, w: jnp.sum(conv(x, w) * g), argnums=(0, 1))
+        return jax.jit(f).lower(jnp.asarray(x), jnp.asarray(w)).as_text().count("stablehlo.convolution")
+
+    assert (convs(layers.conv_same), convs(layers._conv)) == (1, 2)  # input gradient only / input and kernel
+
+
+@pytest.mark.parametrize("k", [3, 5])
 def test_depthwise_and_grouped_pointwise_match_torch(k):
     rng = np.random.RandomState(2)
     x = rng.randn(2, 9, 7, 12).astype(np.float32)
