@@ -9,7 +9,9 @@
 The 3x3 convolutions of the ResBlock stages hold most of an f32c32 encode+decode's FLOPs; the 1x1 ones are
 LiteMLA's and GLUMBConv's projections. Batch 1, fp32, compile and warm-up excluded, median of the repeats.
 `--pass`: the forward convolution, or a train step's two backward ones (gradient w.r.t. the input, and w.r.t.
-the kernel: XLA's from `jax.vjp`, torch's `torch.nn.grad.conv2d_input/conv2d_weight`).
+the kernel: XLA's from `jax.vjp`, torch's `torch.nn.grad.conv2d_input/conv2d_weight`). The dcae_jax column
+is what our `Conv2d` runs: a matmul for 1x1, else `layers.conv_same`, whose kernel gradient is k matmuls on the
+CPU (XLA's weight-gradient conv is the slow one).
 Prints the processor (lscpu model name and vector extensions) beside the numbers.
 """
 
@@ -47,6 +49,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import jax
+    import jax.numpy as jnp
     import torch
 
     torch.set_grad_enabled(False)
@@ -59,9 +62,22 @@ def main(argv=None) -> None:
         "input_grad": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[0]),
         "weight_grad": jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[1]),
     }[args.which]
+    from dcae_jax.autoencoder import layers
+
+    def ours(x, w):  # what our Conv2d runs: a matmul for 1x1, else conv_same (kernel gradient as dots on CPU)
+        return jnp.einsum("bhwi,io->bhwo", x, w[0, 0]) if w.shape[0] == 1 else layers.conv_same(x, w)
+
+    dcae = {
+        "forward": jax.jit(lambda x, w, g: ours(x, w)),
+        "input_grad": jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g)[0]),
+        "weight_grad": jax.jit(lambda x, w, g: jax.vjp(ours, x, w)[1](g)[1]),
+    }[args.which]
     print(f"processor: {processor()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; torch {torch.__version__}")
-    print(f"{args.which}:")
-    print("| shape (H=W x C, kernel) | XLA ms | torch ms | torch ms / XLA ms |\n|---|---:|---:|---:|")
+    print(f"{args.which} (XLA: lax.conv_general_dilated and its jax.vjp; dcae_jax: what Conv2d runs):")
+    print(
+        "| shape (H=W x C, kernel) | XLA conv ms | dcae_jax ms | torch ms | torch / XLA conv | torch / dcae_jax |\n"
+        "|---|---:|---:|---:|---:|---:|"
+    )
     rng = np.random.default_rng(0)
     for size, c, k in SHAPES:
         x = rng.standard_normal((1, size, size, c), dtype=np.float32)
@@ -83,12 +99,14 @@ def main(argv=None) -> None:
         }[args.which]
         runs = {
             "xla": lambda xj=xj, wj=wj, gj=gj: xla(xj, wj, gj).block_until_ready(),
+            "dcae": lambda xj=xj, wj=wj, gj=gj: dcae(xj, wj, gj).block_until_ready(),
             "torch": torch_fn,
         }
         ref = np.asarray(runs["xla"]())
         layout = (2, 3, 1, 0) if args.which == "weight_grad" else (0, 2, 3, 1)  # OIHW -> HWIO, NCHW -> NHWC
-        got = runs["torch"]().permute(*layout).numpy()
-        assert np.abs(ref - got).max() <= 1e-3 * np.abs(ref).max(), f"the two {args.which} convolutions disagree"
+        for name, got in (("torch", runs["torch"]().permute(*layout).numpy()), ("dcae_jax", runs["dcae"]())):
+            err = np.abs(ref - np.asarray(got)).max()
+            assert err <= 1e-3 * np.abs(ref).max(), f"{name}'s {args.which} disagrees with XLA's conv"
         times = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, fn in runs.items():
@@ -96,7 +114,10 @@ def main(argv=None) -> None:
                 fn()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-        print(f"| {size}² x {c}, {k}x{k} | {med['xla']:.1f} | {med['torch']:.1f} | {med['torch'] / med['xla']:.2f} |")
+        print(
+            f"| {size}² x {c}, {k}x{k} | {med['xla']:.1f} | {med['dcae']:.1f} | {med['torch']:.1f} | "
+            f"{med['torch'] / med['xla']:.2f} | {med['torch'] / med['dcae']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
