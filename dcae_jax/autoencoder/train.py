@@ -464,6 +464,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict
 
     # Mesh and model (the config was checked by `train_and_evaluate`).
     mesh = sharding.mesh_from_config(config)
+    distributed.connect_collectives(mesh)
     cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

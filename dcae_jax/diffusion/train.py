@@ -30,7 +30,7 @@ from clu import metrics as clu_metrics
 from dcae_jax.diffusion import objectives
 from dcae_jax.diffusion.uvit import UViT, UViTConfig, get_uvit_config
 from dcae_jax.metrics import history
-from dcae_jax.runtime import compute, paths, sharding
+from dcae_jax.runtime import compute, distributed, paths, sharding
 from dcae_jax.training import checkpoints, loop
 
 OBJECTIVES = {"epsilon": objectives.EpsilonObjective, "velocity": objectives.VelocityObjective}
@@ -267,6 +267,7 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
             f"config.model.overrides.num_classes"
         )
     mesh = sharding.mesh_from_config(config)
+    distributed.connect_collectives(mesh)
     data_sharding = sharding.batch_sharding(mesh)
     trainer = build_trainer(config, cfg)
     if config.global_batch_size % jax.process_count():

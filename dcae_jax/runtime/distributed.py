@@ -110,3 +110,47 @@ def barrier(name: str) -> None:
         return
     n = _barrier_calls[name] = _barrier_calls.get(name, 0) + 1
     client.wait_at_barrier(f"dcae_jax/{name}/{n}", BARRIER_TIMEOUT_S * 1000)
+
+
+_connected: set[tuple] = set()
+
+
+def connect_collectives(mesh: jax.sharding.Mesh) -> None:
+    """Opens, in every process at once, the cross-process channels a job over `mesh` uses.
+
+    XLA connects each group of devices that a collective spans (every subset of mesh axes; all devices in
+    `jax.devices()` order, which orbax's cross-host agreement uses) the first time a computation needs it,
+    and on CPU gloo gives up when a peer is 30 s late to that first meeting: a process still compiling or
+    restoring without a cache hit easily is. Here every process first waits at a coordination-service
+    barrier, then runs one tiny sum over each group, so later collectives find their groups connected and
+    wait as long as the computation needs. A no-op in one process and for a mesh already connected.
+    """
+    if jax.process_count() == 1:
+        return
+    key = (tuple(d.id for d in mesh.devices.flat), mesh.axis_names, mesh.devices.shape)
+    if key in _connected:
+        return
+    import itertools
+
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    barrier("connect collectives")
+    multihost_utils.sync_global_devices("dcae_jax connect collectives")  # all devices, jax.devices() order
+    names = tuple(mesh.axis_names)
+    spec = P(*names)
+    ones = jax.make_array_from_callback(
+        mesh.devices.shape, NamedSharding(mesh, spec), lambda idx: np.ones((1,) * len(names), np.float32)
+    )
+    for r in range(1, len(names) + 1):
+        for axes in itertools.combinations(names, r):
+            if all(mesh.shape[a] == 1 for a in axes):
+                continue
+            total = jax.jit(
+                jax.shard_map(lambda x, axes=axes: jax.lax.psum(x, axes), mesh=mesh, in_specs=spec, out_specs=spec)
+            )
+            compiled = total.lower(ones).compile()
+            barrier("connect collectives")
+            jax.block_until_ready(compiled(ones))
+    _connected.add(key)

@@ -183,3 +183,76 @@ def test_process_concat_multi_process_path(monkeypatch):
     monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, tiled=False: np.stack([x, x + 10]))
     np.testing.assert_array_equal(distributed.process_concat(a, axis=1), np.concatenate([a, a + 10], axis=1))
+
+
+LATE_WORKER = textwrap.dedent(
+    """
+    import json, os, time
+    import numpy as np
+    from dcae_jax.runtime import distributed, sharding
+    distributed.initialize_from_env()
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = sharding.make_mesh((2, 2), ("data", "fsdp"))  # data pairs span the processes, fsdp pairs do not
+    if os.environ["CONNECT"] == "1":
+        distributed.connect_collectives(mesh)
+        distributed.connect_collectives(mesh)  # the same mesh again: a no-op
+    if jax.process_index() == 1:
+        time.sleep(float(os.environ["LATE_S"]))  # e.g. compiling or restoring without a cache hit
+    g = np.arange(8, dtype=np.float32).reshape(2, 4)
+    x = jax.make_array_from_callback(g.shape, NamedSharding(mesh, P("data", "fsdp")), lambda idx: g[idx])
+    rep = NamedSharding(mesh, P())
+    cols, total = jax.jit(lambda a: (a.sum(0), a.sum()), out_shardings=(rep, rep))(x)
+    print(json.dumps({"cols": np.asarray(cols).tolist(), "total": float(total)}))
+    """
+)
+
+
+def test_connected_collectives_wait_for_a_late_process():
+    """A process reaching its first cross-process collective 32 s after the other: CPU collectives (gloo) give up
+    on a peer 30 s late to a device group's first meeting ("Gloo context initialization failed", the CI failure
+    of a resumed 2-process job; the same script without `connect_collectives` fails so, checked by hand), so
+    the trainers connect every group of their mesh at start-up, after which a collective waits as long as it
+    must. Both processes get the global sums."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    base.update(
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_NUM_PROCESSES="2",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        CONNECT="1",
+        LATE_S="32",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LATE_WORKER],
+            env={**base, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    for out, _ in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == {"cols": [4.0, 6.0, 8.0, 10.0], "total": 28.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connect_collectives_is_a_no_op_in_one_process():
+    from dcae_jax.runtime import sharding
+
+    distributed.connect_collectives(sharding.make_mesh((-1,), ("data",)))
+    assert distributed._connected == set()
