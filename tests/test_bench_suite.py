@@ -30,7 +30,7 @@ ROW_KEYS = {
 NULLABLE_NUMBERS = ("ratio", "flops", "flops_per_s", "fraction_of_peak")
 
 
-def _run(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 480) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bench.suite", *args],
         cwd=REPO,
