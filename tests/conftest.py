@@ -50,27 +50,3 @@ def gcs_dir(_gcs_emulator, request):
     import re
 
     return f"{_gcs_emulator}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', request.node.name)}"
-
-
-# The slowest files first (measured, `--durations`): with `-n 2 --dist loadfile` each worker takes whole files in
-# collection order, and a long file collected last leaves the other worker idle at the end of the run.
-SLOW_FILES_FIRST = (
-    "test_gcs.py",
-    "studies/test_experiments.py",
-    "autoencoder/test_train.py",
-    "test_multiprocess.py",
-    "diffusion/test_train.py",
-    "autoencoder/test_structured_latent.py",
-    "diffusion/test_pipeline.py",
-    "test_readme.py",
-    "test_bench_suite.py",
-    "metrics/test_weights.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        path = item.path.as_posix()
-        return next((i for i, f in enumerate(SLOW_FILES_FIRST) if path.endswith("tests/" + f)), len(SLOW_FILES_FIRST))
-
-    items.sort(key=rank)  # stable: the rest keep their order
