@@ -50,3 +50,22 @@ def gcs_dir(_gcs_emulator, request):
     import re
 
     return f"{_gcs_emulator}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', request.node.name)}"
+
+
+# Scheduling (CI time): with `-n 2 --dist loadfile --no-loadscope-reorder` each worker takes whole files in this
+# order. The three longest files (measured with `--durations`; each has few tests, so xdist's own order, by test
+# count, ran them last, the nested gs:// run alone at the end) go first, the rest by test count as xdist would.
+LONGEST_FILES = ("test_gcs.py", "studies/test_experiments.py", "test_multiprocess.py")
+
+
+def pytest_collection_modifyitems(items):
+    counts: dict = {}
+    for item in items:
+        counts[item.path] = counts.get(item.path, 0) + 1
+
+    def rank(item):
+        path = item.path.as_posix()
+        first = next((i for i, f in enumerate(LONGEST_FILES) if path.endswith("tests/" + f)), len(LONGEST_FILES))
+        return first, -counts[item.path], path
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
