@@ -123,7 +123,7 @@ def connect_collectives(mesh: jax.sharding.Mesh) -> None:
     and on CPU gloo gives up when a peer is 30 s late to that first meeting: a process still compiling or
     restoring without a cache hit easily is. Here every process first waits at a coordination-service
     barrier, then runs one tiny sum over each group, so later collectives find their groups connected and
-    wait as long as the computation needs. A no-op in one process and for a mesh already connected.
+    wait for a late peer up to XLA's 30-minute collective timeout. A no-op in one process and for a mesh already connected.
     """
     if jax.process_count() == 1:
         return

@@ -88,6 +88,24 @@ def _free_slurm_job_id() -> int:
     pytest.skip("no free port in 61440-65535")
 
 
+def _run_processes(worker: str, envs: list[dict], timeout: float) -> list[dict]:
+    """Runs `python -c worker` once per environment, side by side; each must exit 0. Their last stdout lines (JSON)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", worker], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for env in envs
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
 WORKER = textwrap.dedent(
     """
     import json
@@ -122,24 +140,8 @@ def test_auto_detects_a_cluster_for_real():
         SLURM_STEP_NODELIST="127.0.0.1",
         SLURM_NTASKS="2",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER],
-            env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["index"])
+    results = _run_processes(WORKER, [{**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)], 180)
+    results = sorted(results, key=lambda r: r["index"])
     # Device values: process 0 holds 0, 1; process 1 holds 10, 11.
     assert results == [{"index": i, "count": 2, "devices": 4, "sum": 22.0} for i in range(2)]
 
@@ -212,8 +214,8 @@ def test_connected_collectives_wait_for_a_late_process():
     """A process reaching its first cross-process collective 32 s after the other: CPU collectives (gloo) give up
     on a peer 30 s late to a device group's first meeting ("Gloo context initialization failed", the CI failure
     of a resumed 2-process job; the same script without `connect_collectives` fails so, checked by hand), so
-    the trainers connect every group of their mesh at start-up, after which a collective waits as long as it
-    must. Both processes get the global sums."""
+    the trainers connect every group of their mesh at start-up, after which a collective waits for a late peer
+    up to XLA's 30-minute collective timeout. Both processes get the global sums."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
     base.update(
         PYTHONPATH=str(REPO),
@@ -224,25 +226,8 @@ def test_connected_collectives_wait_for_a_late_process():
         CONNECT="1",
         LATE_S="32",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LATE_WORKER],
-            env={**base, "JAX_PROCESS_ID": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    for out, _ in outputs:
-        assert json.loads(out.strip().splitlines()[-1]) == {"cols": [4.0, 6.0, 8.0, 10.0], "total": 28.0}
+    for result in _run_processes(LATE_WORKER, [{**base, "JAX_PROCESS_ID": str(i)} for i in range(2)], 240):
+        assert result == {"cols": [4.0, 6.0, 8.0, 10.0], "total": 28.0}
 
 
 def _free_port() -> int:
