@@ -37,27 +37,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(
-    workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], cache=None, logdir=None
-) -> None:
+def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], logdir=None) -> None:
     """Runs one job of `processes` x `devices`; kills every process if one fails or the job times out.
 
-    `cache`: a persistent compilation cache shared by the jobs of this module (a job with an earlier job's
-    layout compiles nothing): CI time only. `logdir`: where the processes' logs go (default: the workdir).
+    The jobs keep the test run's persistent compilation cache (tests/conftest.py; a job with an earlier job's layout
+    compiles nothing): CI time only. `logdir`: where the processes' logs go (default: the workdir).
     """
     logdir = pathlib.Path(logdir or workdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
+    keep = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
+    env = {k: v for k, v in os.environ.items() if k.startswith(keep) or not k.startswith(("JAX_", "XLA_", "TPU_"))}
     env.update(
         PYTHONPATH=str(REPO),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
     )
-    if cache is not None:
-        env.update(
-            JAX_COMPILATION_CACHE_DIR=str(cache),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        )
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
     cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
@@ -133,23 +127,18 @@ def _copy_checkpoint(src: pathlib.Path, dst: pathlib.Path, step: int) -> pathlib
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, cache) -> pathlib.Path:
+def single(tmp_path_factory) -> pathlib.Path:
     """The reference: one process (2 devices), 4 steps uninterrupted, checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("single")
-    run_job(workdir, 1, 2, "--config.num_steps=4", cache=cache)
+    run_job(workdir, 1, 2, "--config.num_steps=4")
     return workdir
 
 
 @pytest.fixture(scope="module")
-def two_proc(tmp_path_factory, cache) -> pathlib.Path:
+def two_proc(tmp_path_factory) -> pathlib.Path:
     """2 processes x 2 devices (mesh data 2 x fsdp 2), 2 steps."""
     workdir = tmp_path_factory.mktemp("two_proc")
-    run_job(workdir, 2, 2, "--config.num_steps=2", cache=cache)
+    run_job(workdir, 2, 2, "--config.num_steps=2")
     return workdir
 
 
@@ -163,18 +152,18 @@ def test_two_processes_train_like_one(single, two_proc):
     assert result["num_images"] == 3  # every process's held-out images, not only process 0's
 
 
-def test_checkpoint_continues_in_a_new_two_process_job(single, two_proc, tmp_path, cache):
+def test_checkpoint_continues_in_a_new_two_process_job(single, two_proc, tmp_path):
     workdir = _copy_checkpoint(two_proc, tmp_path, 2)
-    run_job(workdir, 2, 2, "--config.num_steps=4", cache=cache)
+    run_job(workdir, 2, 2, "--config.num_steps=4")
     assert_close(_params(workdir / "export"), _params(single / "export"))
     log = (workdir / "log_2x2_0.txt").read_text()
     assert "resumed from step 2" in log and "the data restarts" not in log  # grain's iterator state restored
 
 
 @pytest.mark.parametrize("processes,devices", [(1, 8), (4, 1)], ids=["1proc_x8dev", "4proc_x1dev"])
-def test_checkpoint_reshards_to_another_layout(single, two_proc, tmp_path, cache, processes, devices):
+def test_checkpoint_reshards_to_another_layout(single, two_proc, tmp_path, processes, devices):
     workdir = _copy_checkpoint(two_proc, tmp_path, 2)
-    run_job(workdir, processes, devices, "--config.num_steps=4", cache=cache)
+    run_job(workdir, processes, devices, "--config.num_steps=4")
     assert_close(_params(workdir / "export"), _params(single / "export"))
     log = (workdir / f"log_{processes}x{devices}_0.txt").read_text()
     assert "the data restarts at global batch 2" in log

@@ -70,10 +70,10 @@ def test_image_grid_layout():
     assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 1 and grid[2, 0, 0] == 2 and grid[4, 3, 0] == -1
 
 
-def _sample(*args: str, cache: pathlib.Path) -> subprocess.CompletedProcess:
-    # A shared persistent compilation cache: the rerun compiles nothing (Inception alone takes ~30 s here).
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache)}
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+def _sample(*args: str) -> subprocess.CompletedProcess:
+    # The test run's persistent compilation cache (tests/conftest.py): a rerun compiles nothing (Inception alone
+    # takes ~30 s here).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "dcae_jax.sample", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
@@ -87,7 +87,7 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     out = tmp_path / "samples"
     args = [f"--model={export}", f"--out={out}", "--num_samples=6", "--batch_size=4", "--seed=1"]
     args += [f"--fid_stats={tmp_path / 'ref.npz'}", f"--fid_weights={weights}"]
-    first = _sample(*args, cache=tmp_path / "cache")
+    first = _sample(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert result["num_samples"] == 6 and result["chunks_sampled"] == 2 and np.isfinite(result["fid"])
@@ -99,16 +99,16 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     assert result["fid"] == pytest.approx(fid_lib.frechet_distance(*stats.mu_sigma(), *ref), rel=1e-9)
     # A rerun resumes: nothing is sampled again, the result is the same.
     (out / "chunks" / "chunk-00001.npz").write_bytes(b"truncated")
-    second = _sample(*args, cache=tmp_path / "cache")
+    second = _sample(*args)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "results.json").read_text())
     assert again["chunks_skipped"] == 1 and again["chunks_sampled"] == 1
     assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
     # Another sampler setting in the same folder is refused, not mixed in.
-    third = _sample(*args[:-2], "--guidance_scale=3", cache=tmp_path / "cache")
+    third = _sample(*args[:-2], "--guidance_scale=3")
     assert third.returncode == 2 and "different run" in third.stderr
     # A channel prefix of a model without adaptive channels: one line, exit 2, nothing written.
-    fourth = _sample(args[0], "--latent_channels=3", f"--out={tmp_path / 'prefix'}", cache=tmp_path / "cache")
+    fourth = _sample(args[0], "--latent_channels=3", f"--out={tmp_path / 'prefix'}")
     assert fourth.returncode == 2 and "no adaptive channels" in fourth.stderr and "Traceback" not in fourth.stderr
     assert not (tmp_path / "prefix").exists()
 
