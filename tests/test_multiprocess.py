@@ -15,7 +15,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from cpu_jobs import job_env
 
 from dcae_jax.autoencoder.pretrained import DCAE
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny_test.py:fsdp=2,batch=8,checkpoint_every=2"
 JOB_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], logdir=None) -> None:
@@ -45,15 +39,7 @@ def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lamb
     """
     logdir = pathlib.Path(logdir or workdir)
     logdir.mkdir(parents=True, exist_ok=True)
-    keep = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
-    env = {k: v for k, v in os.environ.items() if k.startswith(keep) or not k.startswith(("JAX_", "XLA_", "TPU_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    if processes > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    env = job_env(devices, processes)
     cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
     procs, logs = [], []
     try:

@@ -11,7 +11,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from cpu_jobs import job_env
 from PIL import Image
 
 from dcae_jax.autoencoder.model import init_variables, tiny_config
@@ -234,17 +234,8 @@ def test_labels(files, tmp_path, monkeypatch):
 # Subprocesses: the CLI on 4 fake devices, and 2 processes x 2 devices.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_job(files, out: pathlib.Path, processes: int, devices: int, timeout: float = 240) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    if processes > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
+    env = job_env(devices, processes)
     cmd = [sys.executable, "-m", "dcae_jax.precompute_latents", "--model", str(files["model"])]
     cmd += ["--data", files["data"], "--resolution", str(RES), "--out", str(out), "--batch_size", "2"]
     cmd += ["--shard_size", "3", "--read_threads", "2"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import pathlib
 import random
 import socket
@@ -15,6 +14,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from cpu_jobs import job_env
 
 from dcae_jax.runtime import distributed
 
@@ -128,13 +128,9 @@ def test_auto_detects_a_cluster_for_real():
     """JAX_NUM_PROCESSES=auto with nothing but a (loopback) Slurm allocation's variables: JAX's own detection
     finds 2 processes and the coordinator, and a collective over the 4 devices of both gives the global sum."""
     job_id = _free_slurm_job_id()
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "TPU_", "OMPI_", "PMI_"))
-    }
-    base.update(
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    base = job_env(
+        2,
+        strip=("SLURM_", "OMPI_", "PMI_"),
         JAX_NUM_PROCESSES="auto",
         SLURM_JOB_ID=str(job_id),
         SLURM_STEP_NODELIST="127.0.0.1",
@@ -216,24 +212,14 @@ def test_connected_collectives_wait_for_a_late_process():
     of a resumed 2-process job; the same script without `connect_collectives` fails so, checked by hand), so
     the trainers connect every group of their mesh at start-up, after which a collective waits for a late peer
     up to XLA's 30-minute collective timeout. Both processes get the global sums."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
-    base.update(
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_NUM_PROCESSES="2",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+    base = job_env(
+        2,
+        2,
         CONNECT="1",
         LATE_S="32",
     )
     for result in _run_processes(LATE_WORKER, [{**base, "JAX_PROCESS_ID": str(i)} for i in range(2)], 240):
         assert result == {"cols": [4.0, 6.0, 8.0, 10.0], "total": 28.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_connect_collectives_is_a_no_op_in_one_process():

@@ -39,7 +39,7 @@ def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path, genuine_
     # CI time: --compilation_cache (a documented flag) names the test run's cache (tests/conftest.py), so the runs'
     # identical computations compile once.
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    cmd += ["--compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path / "jax_cache")]
+    cmd += ["--compilation_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]]
     proc = subprocess.run([*cmd, "--scale", "smoke"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

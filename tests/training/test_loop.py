@@ -9,9 +9,7 @@ late at a barrier and compile the step 40 s slower; both must finish with the ri
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +17,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cpu_jobs import job_env
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -80,22 +79,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_process_far_behind_does_not_break_the_collectives():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "TPU_"))}
-    env.update(
-        PYTHONPATH=str(REPO),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
-        JAX_NUM_PROCESSES="2",
-        LATE_S=str(LATE_S),
-    )
+    env = job_env(2, 2, LATE_S=str(LATE_S))
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER],

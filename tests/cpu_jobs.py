@@ -1,0 +1,29 @@
+"""The environment of a JAX job that a test starts in its own processes (fake CPU devices, maybe several processes)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The test run's persistent compilation cache (tests/conftest.py) travels with every job; nothing else of the
+# parent's JAX/XLA/TPU settings does.
+KEEP = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(devices: int, processes: int = 1, *, strip: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """os.environ without the parent's JAX_/XLA_/TPU_ variables (and any `strip` prefixes), for `processes` x
+    `devices` CPU devices; several processes get a fresh coordinator address. `extra` variables go on top."""
+    drop = ("JAX_", "XLA_", "TPU_", *strip)
+    env = {k: v for k, v in os.environ.items() if k.startswith(KEEP) or not k.startswith(drop)}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
+    return env | extra
