@@ -10,6 +10,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # The test run's persistent compilation cache (tests/conftest.py) travels with every job; nothing else of the
 # parent's JAX/XLA/TPU settings does.
 KEEP = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
+# CI time: XLA:CPU's cheaper LLVM pipeline, about a third off every compile (a tiny_test job: 118 s -> 79 s), which
+# is most of what a CPU test spends. tests/conftest.py sets it for every run but the bigmem one.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """The run's XLA_FLAGS (its compile flags) with `devices` fake CPU devices (XLA takes a repeated flag's last)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def free_port() -> int:
@@ -19,11 +27,11 @@ def free_port() -> int:
 
 
 def job_env(devices: int, processes: int = 1, *, strip: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
-    """os.environ without the parent's JAX_/XLA_/TPU_ variables (and any `strip` prefixes), for `processes` x
-    `devices` CPU devices; several processes get a fresh coordinator address. `extra` variables go on top."""
+    """os.environ without the parent's JAX_/XLA_/TPU_ variables (and any `strip` prefixes) but its compile flags, for
+    `processes` x `devices` CPU devices; several processes get a fresh coordinator address. `extra` goes on top."""
     drop = ("JAX_", "XLA_", "TPU_", *strip)
     env = {k: v for k, v in os.environ.items() if k.startswith(KEEP) or not k.startswith(drop)}
-    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     if processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
     return env | extra

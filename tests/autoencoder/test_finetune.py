@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cpu_jobs import FAST_COMPILE
 
 from dcae_jax import DCAE
 from dcae_jax.data import images
@@ -22,8 +23,6 @@ from dcae_jax.training import optim
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RELEASED = "dc-ae-f32c32-sana-1.1"
-# Compile-time only: a cheaper LLVM pipeline halves XLA:CPU compile time, which is most of this test.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _load_recipe(arg: str):
@@ -57,6 +56,7 @@ def _finetune(released_dir: pathlib.Path, workdir: pathlib.Path, args: str) -> D
     # Held-out LPIPS/rFID need the Inception and AlexNet compiles: covered by the trainer's own tests.
     cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={config}", f"--workdir={workdir}"]
     cmd += ["--config.eval_rfid=False", "--config.eval_lpips=False"]
+    # Compile time only (the bigmem run otherwise compiles with XLA's defaults): the recipes' training, not numerics.
     env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

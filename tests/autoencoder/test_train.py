@@ -255,7 +255,9 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(tmp_path):
     BatchNorm mean, a wrong batch) still moves the loss and most parameters, and is caught.
     """
     code = SHARDED.format(repo=str(REPO), tests=str(REPO / "tests" / "autoencoder"), tmp=str(tmp_path))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    from cpu_jobs import xla_flags  # here: the subprocess imports this module without tests/ on its path
+
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -195,7 +195,9 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(latents, tmp_pa
         print(json.dumps(max(float(np.max(np.abs(a - b))) for a, b in zip(out["one"], out["mesh"]))))
         """
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    from cpu_jobs import xla_flags  # here: the subprocess imports this module without tests/ on its path
+
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) < 1e-5
