@@ -61,12 +61,15 @@ def test_sampled_training_makes_channel_prefixes_decode(runs):
     sampled = _psnr_by_prefix(runs["sampled"] / "export", (1, 2, 4, 8))
     whole = _psnr_by_prefix(runs["whole"] / "export", (1, 2, 4, 8))
     print("PSNR by channels kept: sampled", sampled, "whole", whole)
-    # Measured here (300 steps, 32x32, 3 held-out photos): sampled 14.13 / 14.12 / 14.47 / 14.60 dB from 1 / 2 / 4 / 8
-    # channels, whole-latent training 12.65 / 13.23 / 13.65 / 15.82 dB. docs/training.md has the curve at a larger
-    # scale. A prefix decodes better when the training saw prefixes; the whole latent costs a little.
-    assert sampled[1] > whole[1] + 1.0, (sampled, whole)
-    for c in (2, 4):
-        assert sampled[c] > whole[c] + 0.4, (c, sampled, whole)
+    # Measured (300 steps, 32x32, 3 held-out photos), sampled vs whole-latent training, dB from 1 / 2 / 4 / 8 channels:
+    # 14.13 / 14.12 / 14.47 / 14.60 vs 12.65 / 13.23 / 13.65 / 15.82 with XLA's default compile flags; 13.45 / 14.05 /
+    # 14.75 / 14.91 vs 12.65 / 13.19 / 13.57 / 15.86 with the test run's (tests/conftest.py): one seed's float rounding
+    # moves a prefix by up to 0.7 dB, so each prefix must win by 0.3 dB and the three by 0.6 dB on average.
+    # docs/training.md has the curve at a larger scale. A prefix decodes better when the training saw prefixes; the
+    # whole latent costs a little.
+    for c in (1, 2, 4):
+        assert sampled[c] > whole[c] + 0.3, (c, sampled, whole)
+    assert np.mean([sampled[c] - whole[c] for c in (1, 2, 4)]) > 0.6, (sampled, whole)
     assert whole[8] - 2.0 < sampled[8] < whole[8]
     assert sampled[1] < sampled[4] < sampled[8]  # more channels, more detail
 
