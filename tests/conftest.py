@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))  # also f
 # Tests import helpers such as `torch_reference` from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cpu_jobs import FAST_COMPILE  # noqa: E402
+from cpu_jobs import with_fast_compile  # noqa: E402
 
 # diffusers imports torch._dynamo, which imports triton; triton 3.8 segfaults on import when TensorFlow (pulled in
 # by clu's metric writers) is already loaded, and the order in which pytest collects test modules decides that.
@@ -85,11 +85,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_configure(config):
-    """CI time: every run but the bigmem one compiles with XLA:CPU's cheaper LLVM pipeline (FAST_COMPILE), set before
-    any backend starts, so the workers and every job the tests start inherit it (jobs through `cpu_jobs`). The bigmem
-    run, the released models at full size against diffusers, compiles with XLA's defaults, as users' runs do."""
-    if (config.option.markexpr or "").strip() != "bigmem" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    """CI time: every run but the bigmem one compiles with XLA:CPU's cheaper LLVM pipeline (cpu_jobs.FAST_COMPILE), set
+    before any backend starts, so the workers and every job the tests start inherit it (jobs through `cpu_jobs`). The
+    bigmem run, the released models at full size against diffusers, compiles with XLA's defaults, as users' runs do."""
+    if (config.option.markexpr or "").strip() != "bigmem":
+        os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 
 def pytest_unconfigure(config):

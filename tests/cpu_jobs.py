@@ -15,6 +15,11 @@ KEEP = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+def with_fast_compile(flags: str) -> str:
+    """An XLA_FLAGS value plus FAST_COMPILE, unless it sets the backend optimization level itself (that choice wins)."""
+    return flags if "--xla_backend_optimization_level" in flags else f"{flags} {FAST_COMPILE}".strip()
+
+
 def xla_flags(devices: int) -> str:
     """The run's XLA_FLAGS (its compile flags) with `devices` fake CPU devices (XLA takes a repeated flag's last)."""
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from cpu_jobs import FAST_COMPILE
+from cpu_jobs import with_fast_compile
 
 from dcae_jax import DCAE
 from dcae_jax.data import images
@@ -57,7 +57,7 @@ def _finetune(released_dir: pathlib.Path, workdir: pathlib.Path, args: str) -> D
     cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={config}", f"--workdir={workdir}"]
     cmd += ["--config.eval_rfid=False", "--config.eval_lpips=False"]
     # Compile time only (the bigmem run otherwise compiles with XLA's defaults): the recipes' training, not numerics.
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}"}
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": with_fast_compile(os.environ.get("XLA_FLAGS", ""))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return DCAE.from_pretrained(workdir / "export")
