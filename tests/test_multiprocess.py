@@ -58,13 +58,22 @@ def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lamb
             )
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                what = f"process {failed[0]} exited with {procs[failed[0]].returncode}" if failed else "timed out"
-                pytest.fail(f"{processes}-process job {what}:\n{_tail(logdir, processes, devices, failed)}")
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
             time.sleep(0.5)
-        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        assert not failed, _tail(logdir, processes, devices, failed)
+        # Every process that failed, each with its own log: when one fails the others may fail too (a collective
+        # loses its peer) before the next poll, so which one exited first is not known; the test reads all of them.
+        failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed or any(p.poll() is None for p in procs):
+            what = "; ".join(f"process {i} exited with {procs[i].returncode}" for i in failed) or "timed out"
+            logs_text = (
+                "\n".join(
+                    f"process {i} exited with {procs[i].returncode}:\n{_tail(logdir, processes, devices, i)}"
+                    for i in failed
+                )
+                or f"process 0, still running:\n{_tail(logdir, processes, devices, 0)}"
+            )
+            pytest.fail(f"{processes}-process job: {what}\n{logs_text}")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -74,8 +83,7 @@ def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lamb
             log.close()
 
 
-def _tail(workdir: pathlib.Path, processes: int, devices: int, failed: list[int]) -> str:
-    i = failed[0] if failed else 0
+def _tail(workdir: pathlib.Path, processes: int, devices: int, i: int) -> str:
     text = (workdir / f"log_{processes}x{devices}_{i}.txt").read_text()
     return "\n".join(line for line in text.splitlines() if not line.startswith(("W0000", "I0000")))[-4000:]
 
