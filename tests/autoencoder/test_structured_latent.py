@@ -63,8 +63,9 @@ def test_sampled_training_makes_channel_prefixes_decode(runs):
     print("PSNR by channels kept: sampled", sampled, "whole", whole)
     # Measured (300 steps, 32x32, 3 held-out photos), sampled vs whole-latent training, dB from 1 / 2 / 4 / 8 channels:
     # 14.13 / 14.12 / 14.47 / 14.60 vs 12.65 / 13.23 / 13.65 / 15.82 with XLA's default compile flags; 13.45 / 14.05 /
-    # 14.75 / 14.91 vs 12.65 / 13.19 / 13.57 / 15.86 with the test run's (tests/conftest.py): one seed's float rounding
-    # moves a prefix by up to 0.7 dB, so each prefix must win by 0.3 dB and the three by 0.6 dB on average.
+    # 14.75 / 14.91 vs 12.65 / 13.19 / 13.57 / 15.86 at backend level 0; 13.69 / 13.97 / 14.23 / 14.39 vs 12.63 /
+    # 13.18 / 13.70 / 15.75 with the test run's (level 1, tests/conftest.py): one seed's float rounding moves a prefix
+    # by up to 0.7 dB, so each prefix must win by 0.3 dB and the three by 0.6 dB on average.
     # docs/training.md has the curve at a larger scale. A prefix decodes better when the training saw prefixes; the
     # whole latent costs a little.
     for c in (1, 2, 4):
