@@ -49,15 +49,16 @@ def _event_files(objects: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in objects.rglob("*") if p.is_file() and "events.out.tfevents" in p.name)
 
 
-def test_trainers_create_their_writer_with_clu_create_default_writer():
-    """The TensorFlow test below calls the writer the trainers use; if a trainer changes how it makes its writer,
-    this fails so that the test is pointed at the new one."""
+def test_trainers_create_their_writer_with_loop_create_writer():
+    """The TensorFlow test below calls the writer the trainers use (`loop.create_writer`, clu's default writer); if a
+    trainer changes how it makes its writer, this fails so that the test is pointed at the new one."""
     for rel in TRAINERS:
         text = (ROOT / rel).read_text()
-        assert re.search(r"\bmetric_writers\.create_default_writer\(", text), (
-            f"{rel} no longer makes its metric writer with metric_writers.create_default_writer: point "
+        assert re.search(r"\bloop\.create_writer\(workdir\)", text), (
+            f"{rel} no longer makes its metric writer with loop.create_writer(workdir): point "
             "tests/test_gcs_tensorflow.py's inner script at the writer it uses now"
         )
+    assert re.search(r"\bmetric_writers\.create_default_writer\(", (ROOT / "dcae_jax/training/loop.py").read_text())
 
 
 def test_tensorboard_event_files_land_in_the_bucket_through_tensorflow(tmp_path):
@@ -136,15 +137,16 @@ def _inner(work: pathlib.Path, cert: pathlib.Path, key: pathlib.Path) -> None:
         import tensorflow as tf
         from tensorboard.backend.event_processing import event_file_loader
 
-        from dcae_jax.autoencoder import train
+        from dcae_jax.runtime import paths
+        from dcae_jax.training import loop
 
-        # The trainers' writer, made as they make it (their workdir through `paths.path`, then `str`; see
-        # test_trainers_create_their_writer_with_clu_create_default_writer). etils.epath uses TensorFlow's gs:// here.
+        # The trainers' writer, made as they make it (their workdir through `paths.path`; see
+        # test_trainers_create_their_writer_with_loop_create_writer). etils.epath uses TensorFlow's gs:// here.
         logdir = f"{bucket}/run/logs"
-        workdir = train.paths.path(logdir, "workdir")
+        workdir = paths.path(logdir, "workdir")
         assert str(workdir) == logdir, workdir  # not pathlib's "gs:/bucket/..."
         workdir.mkdir(parents=True, exist_ok=True)
-        writer = train.metric_writers.create_default_writer(str(workdir), just_logging=False)
+        writer = loop.create_writer(workdir)
         for step, values in SCALARS.items():
             writer.write_scalars(step, values)
         image = _checkerboard()

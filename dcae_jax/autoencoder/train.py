@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
 
 from dcae_jax.autoencoder import losses
@@ -468,7 +467,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict
     cfg = model_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+    writer = loop.create_writer(workdir)
     data_sharding = sharding.batch_sharding(mesh)
     res = config.resolution
     abstract_vars = jax.eval_shape(DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, res, res, cfg.in_channels)))

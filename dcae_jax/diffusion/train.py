@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
 
 from dcae_jax.diffusion import objectives
@@ -256,7 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
 
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+    writer = loop.create_writer(workdir)
 
     latents_dir = _latents_dir(config, workdir)
     dataset = LatentDataset(latents_dir)

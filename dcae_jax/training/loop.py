@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 from absl import logging
-from clu import periodic_actions
 
 from dcae_jax.metrics import history
 from dcae_jax.runtime import distributed
@@ -65,6 +64,15 @@ class CompiledStep:
         return self._compiled(*args)
 
 
+def create_writer(workdir) -> Any:
+    """The run's metric writer: TensorBoard summaries and log lines on the main process, log lines elsewhere.
+
+    clu's writers import TensorFlow (seconds): imported here, so importing a trainer (a benchmark, a tool) does not."""
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() != 0)
+
+
 def logged_learning_rate(schedule: Callable[[int], Any], step: int) -> float:
     """The learning rate the update of training step `step` (1-based) applied: optax counts updates from 0."""
     return float(schedule(step - 1))
@@ -93,6 +101,8 @@ class Loop:
 def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> tuple[Any, dict[str, float]]:
     """Trains from the state's step to `config.num_steps` (see the module docstring); returns (state, the last
     logged summary). Waits for the last checkpoint to be on disk before returning."""
+    from clu import periodic_actions  # imports clu's writers, so TensorFlow: see create_writer
+
     is_main = jax.process_index() == 0
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
     start = int(jax.device_get(state.step))

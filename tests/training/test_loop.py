@@ -102,3 +102,19 @@ def test_a_process_far_behind_does_not_break_the_collectives():
     total = float(np.sum(np.arange(2.0)) + np.sum(np.arange(2.0) + 10))  # devices 0, 1 and 10, 11
     assert [r["index"] for r in results] == [0, 1]
     assert all(r["sum"] == total and r["state"] == 2 * total for r in results)
+
+
+def test_importing_a_trainer_does_not_import_tensorflow():
+    """clu's metric writers import TensorFlow (~5 s): only a run that writes pays for it (loop.create_writer), not a
+    benchmark, a tool or a test that imports a trainer for its step."""
+    code = "import sys, dcae_jax.autoencoder.train, dcae_jax.diffusion.train; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=job_env(1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_writer_writes_tensorboard_summaries(tmp_path):
+    writer = loop.create_writer(tmp_path)
+    writer.write_scalars(3, {"train/loss": 0.5})
+    writer.flush()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
