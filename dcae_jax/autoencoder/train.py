@@ -496,6 +496,7 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict
         num_workers=config.data.num_workers,
         crop_scale=tuple(config.data.crop_scale) if config.data.get("crop_scale") else None,
         channel_shuffle=bool(config.data.get("channel_shuffle", False)),
+        decoded_cache_mb=int(config.data.get("decoded_cache_mb", input_pipeline.DECODED_CACHE_MB)),
     )
     train_iter = iter(train_loader)
 

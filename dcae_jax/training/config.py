@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
             "num_workers": 0,
             "crop_scale": (),  # () = ADM random crop (short side 1-1.25x resolution); (lo, hi) = lo-hi x resolution
             "channel_shuffle": False,  # a random RGB order per training image (colour augmentation)
+            "decoded_cache_mb": 256,  # decoded training images kept in memory while all fit (0: off)
         }
     )
     c.optim = ml_collections.ConfigDict(

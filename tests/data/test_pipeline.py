@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -377,3 +378,46 @@ def test_tfds_source_on_gcs(gcs_dir, tmp_path):
     assert len(train) == 5
     ids = [i for b in _loader(train, global_batch_size=1, num_epochs=1) for i in _ids(b)]
     assert sorted(ids) == list(range(5))
+
+
+def test_decoded_cache_decodes_each_file_once_and_changes_no_batch(id_folder, monkeypatch):
+    """Decoded files stay in memory while the training set fits (DecodedCache): three epochs of 21 files decode 21
+    times instead of 63, and the batches are exactly those of the uncached pipeline."""
+    opened = []
+    read = ip.open_record
+    monkeypatch.setattr(ip, "open_record", lambda record: opened.append(str(record)) or read(record))
+    src = ip.make_source(f"folder:{id_folder}", "train")
+
+    def three_epochs(cache_mb):
+        opened.clear()
+        it = _loader(src, read_threads=1, decoded_cache_mb=cache_mb)
+        images = [np.asarray(next(it)["image"]) for _ in range(32)]  # 64 records: 3 epochs and a bit
+        it.close()
+        return images, list(opened)
+
+    cached, cached_reads = three_epochs(1)
+    plain, plain_reads = three_epochs(0)
+    assert len(plain_reads) >= 63 and len(set(plain_reads)) == 21
+    assert sorted(cached_reads) == sorted(set(plain_reads))  # each file once
+    assert all(np.array_equal(a, b) for a, b in zip(cached, plain, strict=True))
+
+
+def test_decoded_cache_switches_off_when_the_set_does_not_fit(id_folder):
+    paths = sorted(str(p) for p in id_folder.rglob("*.png"))
+    size = 24 * 20 * 3  # one decoded id image
+    cache = ip.DecodedCache(5 * size)
+    for p in paths[:5]:
+        cache.open(p)
+    assert len(cache) == 5 and cache.num_bytes == 5 * size and cache.open(paths[0]) is cache.open(paths[0])
+    sixth = cache.open(paths[5])  # over the budget: everything is dropped and nothing more is kept
+    assert np.array_equal(np.asarray(sixth), np.asarray(_id_image(int(pathlib.Path(paths[5]).stem))))
+    assert (len(cache), cache.num_bytes, cache.enabled) == (0, 0, False)
+    cache.open(paths[0])
+    assert len(cache) == 0
+    # dict records (tfds, arrayrecord) are decoded each time; a pickled cache (grain workers) starts empty
+    record = {"image": np.asarray(_id_image(3)), "file_name": "3.png"}
+    fresh = ip.DecodedCache(1 << 20)
+    assert fresh.open(record) is not fresh.open(record) and len(fresh) == 0
+    fresh.open(paths[0])
+    clone = pickle.loads(pickle.dumps(fresh))
+    assert (len(clone), clone.max_bytes, clone.enabled) == (0, 1 << 20, True)
