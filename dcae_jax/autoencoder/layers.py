@@ -135,11 +135,21 @@ def conv_kernel_grad_dots(x: Array, g: Array, k: int) -> Array:
     return jnp.stack(rows)
 
 
+def kernel_grad_as_dots(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
+    """Whether `conv_same` computes this kernel gradient as matmuls on the CPU: for kernels with at least 128
+    output channels that are wider than 128 x 128 or see at least 256² pixels. Measured on XLA:CPU (jax 0.10.2,
+    docs/performance.md, `python -m bench.conv --pass weight_grad`): its own weight-gradient conv is 1.4-4x slower
+    than the matmuls there, and 1.1-4x faster than them for narrower kernels and fewer pixels."""
+    pixels = x_shape[0] * x_shape[1] * x_shape[2]
+    c_in, c_out = kernel_shape[2], kernel_shape[3]
+    return c_out >= 128 and (c_in * c_out > 128 * 128 or pixels >= 256 * 256)
+
+
 @jax.custom_vjp
 def conv_same(x: Array, kernel: Array) -> Array:
-    """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. Its kernel gradient runs as matmuls on
-    the CPU (`conv_kernel_grad_dots`: XLA:CPU's weight-gradient conv is 3-5x slower than oneDNN's, the dots about
-    twice as fast as it; docs/performance.md) and as the conv's own transpose on every other platform."""
+    """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. On the CPU, wide kernels get their kernel
+    gradient as matmuls (`conv_kernel_grad_dots`, chosen by `kernel_grad_as_dots`); narrow ones, and every other
+    platform, the conv's own transpose."""
     return _conv(x, kernel)
 
 
@@ -150,11 +160,17 @@ def _conv_same_fwd(x: Array, kernel: Array):
 def _conv_same_bwd(res, g):
     x, kernel = res
     dx = jax.vjp(lambda x_: _conv(x_, kernel), x)[1](g)[0]  # the input gradient: XLA's own (at torch's speed)
+
+    def transpose(x, g):
+        return jax.vjp(lambda k_: _conv(x, k_), kernel)[1](g)[0]
+
+    if not kernel_grad_as_dots(x.shape, kernel.shape):
+        return dx, transpose(x, g)
     dk = jax.lax.platform_dependent(
         x,
         g,
         cpu=lambda x, g: conv_kernel_grad_dots(x, g, kernel.shape[0]).astype(kernel.dtype),
-        default=lambda x, g: jax.vjp(lambda k_: _conv(x, k_), kernel)[1](g)[0],
+        default=transpose,
     )
     return dx, dk
 

@@ -60,13 +60,14 @@ def test_conv_uses_torch_padding(stride, kernel, hw):
 
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_conv_gradients_equal_torch_and_run_as_dots_on_cpu(k, dtype):
-    """`conv_same`'s custom backward (kernel gradient as k matmuls on the CPU) gives torch's input and kernel
-    gradients, jitted; on the CPU its kernel gradient is no convolution.
-    """
+@pytest.mark.parametrize("channels", [(6, 4), (136, 128)], ids=["narrow", "wide"])
+def test_conv_gradients_equal_torch_on_both_kernel_gradient_paths(k, dtype, channels):
+    """`conv_same`'s custom backward gives torch's input and kernel gradients, jitted, on both of its CPU paths:
+    the conv's own transpose (narrow kernels) and k matmuls (wide ones: no kernel-gradient convolution)."""
+    c_in, c_out = channels
     rng = np.random.RandomState(2)
-    x, g = rng.randn(2, 9, 11, 6).astype(np.float32), rng.randn(2, 9, 11, 4).astype(np.float32)
-    w = (0.3 * rng.randn(k, k, 6, 4)).astype(np.float32)
+    x, g = rng.randn(2, 9, 11, c_in).astype(np.float32), rng.randn(2, 9, 11, c_out).astype(np.float32)
+    w = (0.3 * rng.randn(k, k, c_in, c_out) / np.sqrt(c_in)).astype(np.float32)
 
     def loss(x, w):
         return jnp.sum(layers.conv_same(x.astype(dtype), w.astype(dtype)).astype(jnp.float32) * g)
@@ -79,12 +80,32 @@ def test_conv_gradients_equal_torch_and_run_as_dots_on_cpu(k, dtype):
     for got, ref in ((dx, _nhwc(xt.grad)), (dw, wt.grad.numpy().transpose(2, 3, 1, 0))):
         assert got.dtype == jnp.float32 and got.shape == ref.shape
         np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=tol * np.abs(ref).max())
+    wide = c_in * c_out > 128 * 128
+    assert layers.kernel_grad_as_dots(x.shape, w.shape) == wide
+    assert _lowered_convs(layers.conv_same, x.shape, w.shape) == (1 if wide else 2)
 
-    def convs(conv):
-        f = jax.grad(lambda x, w: jnp.sum(conv(x, w) * g), argnums=(0, 1))
-        return jax.jit(f).lower(jnp.asarray(x), jnp.asarray(w)).as_text().count("stablehlo.convolution")
 
-    assert (convs(layers.conv_same), convs(layers._conv)) == (1, 2)  # input gradient only / input and kernel
+def _lowered_convs(conv, x_shape, w_shape) -> int:
+    """Convolutions in the lowered input + kernel gradient of `conv` (abstract shapes: nothing runs)."""
+    f = jax.grad(lambda x, w: jnp.sum(conv(x, w)), argnums=(0, 1))
+    args = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(w_shape, jnp.float32))
+    return jax.jit(f).lower(*args).as_text().count("stablehlo.convolution")
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "dots"),
+    [
+        ((8, 64, 64, 16), (3, 3, 16, 16), False),  # the quickstart's 64² stage: XLA's conv is ~4x faster
+        ((8, 8, 8, 128), (3, 3, 128, 128), False),  # 128 x 128 on few pixels
+        ((1, 256, 256, 128), (3, 3, 128, 128), True),  # 128 x 128 on 256² pixels: the matmuls ~1.8x faster
+        ((1, 256, 256, 128), (3, 3, 128, 3), False),  # a decoder's head conv (3 outputs)
+        ((1, 64, 64, 256), (3, 3, 256, 256), True),  # released models' wide stages: the matmuls 1.5-4x faster
+    ],
+)
+def test_kernel_gradient_path_follows_the_measured_rule(x_shape, w_shape, dots):
+    assert layers.kernel_grad_as_dots(x_shape, w_shape) == dots
+    assert _lowered_convs(layers.conv_same, x_shape, w_shape) == (1 if dots else 2)
+    assert _lowered_convs(layers._conv, x_shape, w_shape) == 2  # the plain conv: input and kernel gradient
 
 
 @pytest.mark.parametrize("k", [3, 5])
