@@ -162,6 +162,26 @@ def test_gradient_through_dead_features():
     assert np.all(np.isfinite(g))
 
 
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_a_loss_against_fixed_targets_runs_no_backward_pass_for_the_targets(net):
+    """The two inputs go through the trunk separately, so the gradient w.r.t. x0 alone (a training loss) costs the
+    two forward passes plus x0's backward pass, not a backward pass of both batches (XLA's FLOP count, nothing run).
+    """
+    model = LPIPS(net=net)
+    x = jax.ShapeDtypeStruct((4, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, x)
+
+    def flops(fn):
+        cost = jax.jit(fn).lower(variables, x, x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+    forward = flops(lambda v, a, b: model.apply(v, a, b).sum())
+    grad = flops(jax.grad(lambda v, a, b: model.apply(v, a, b).sum(), argnums=1))
+    # One pass's forward is half of `forward`; an input gradient costs about one more forward of x0 (two with the
+    # targets' backward too, as a single pass of both batches did: grad / forward = 2).
+    assert 1.3 < grad / forward < 1.75, grad / forward
+
+
 def test_unit_normalize_finite_gradient_at_zero():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 8)), jnp.float32).at[0, 0, 0].set(0.0)
     y = unit_normalize(x)
