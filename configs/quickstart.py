@@ -84,7 +84,7 @@ def phase_config(
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, steps1=1200, steps2=60, steps3=150, lpips_steps1=100)
+    a = common.parse_arg(arg, steps1=1500, steps2=60, steps3=150, lpips_steps1=100)
     c = ml_collections.ConfigDict()
     c.chain = ["phase1", "phase2", "phase3"]
     c.phase1 = phase_config(1, a.steps1, resolution=64, batch=8, lpips_steps=a.lpips_steps1)
