@@ -204,6 +204,8 @@ def cpuinfo() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     """Processor model and vector extensions (every result carries them: XLA's CPU speed depends on both)."""
+    from dcae_jax.runtime import compute
+
     info = cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
     flags = set(info.get("flags", "").split())
@@ -219,6 +221,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,
         "accelerator": None,  # filled in from the child's jax device kind
+        # How our CPU conv kernel gradients ran (compute.conv_kernel_grad: by vendor, or $DCAE_JAX_CONV_KERNEL_GRAD).
+        "conv_kernel_grad": compute.conv_kernel_grad(),
     }
 
 
@@ -467,7 +471,8 @@ def markdown(result: dict) -> str:
         f"Machine: {m['processor']}"
         + (f" [{m['processor_id']}]" if m.get("processor_id") else "")
         + f" ({', '.join(m['vector_extensions']) or 'no vector extensions listed'}), "
-        f"{m['cores']} cores, {m['memory_gb']} GiB; accelerator: {m['accelerator'] or 'none'}. "
+        f"{m['cores']} cores, {m['memory_gb']} GiB; accelerator: {m['accelerator'] or 'none'}; "
+        f"CPU conv kernel gradients: {m.get('conv_kernel_grad') or 'not recorded'}. "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         "",
         f"Command: `{shlex.join(result['command'])}`",

@@ -4,6 +4,7 @@ against XLA's conv before timing, so a wrong kernel-gradient path fails here). N
 import pytest
 
 from bench import conv
+from dcae_jax.runtime import compute
 
 
 def test_shapes_parse_and_bad_ones_name_the_item():
@@ -15,7 +16,8 @@ def test_shapes_parse_and_bad_ones_name_the_item():
 
 
 @pytest.mark.parametrize("which", conv.PASSES)
-def test_every_pass_runs_on_both_kernel_gradient_paths(which, capsys):
+def test_every_pass_runs_on_both_kernel_gradient_paths(which, capsys, monkeypatch):
+    monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "dots")  # the default picks by processor vendor
     # 4 -> 4 channels: XLA's own kernel-gradient conv; 136 -> 128: the matmuls (layers.kernel_grad_as_dots).
     conv.main(["--pass", which, "--repeats", "1", "--shapes", "2x6x4x4x3,1x5x136x128x3,1x4x8x8x1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]

@@ -136,10 +136,14 @@ def conv_kernel_grad_dots(x: Array, g: Array, k: int) -> Array:
 
 
 def kernel_grad_as_dots(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
-    """Whether `conv_same` computes this kernel gradient as matmuls on the CPU: for kernels with at least 128
-    output channels that are wider than 128 x 128 or see at least 256² pixels. Measured on XLA:CPU (jax 0.10.2,
-    docs/performance.md, `python -m bench.conv --pass weight_grad`): its own weight-gradient conv is 1.4-4x slower
-    than the matmuls there, and 1.1-4x faster than them for narrower kernels and fewer pixels."""
+    """Whether `conv_same` computes this kernel gradient as matmuls on the CPU: when `compute.conv_kernel_grad()`
+    says "dots" (by default on Intel CPUs), for kernels with at least 128 output channels that are wider than
+    128 x 128 or see at least 256² pixels. Measured on XLA:CPU (jax 0.10.2, docs/performance.md,
+    `python -m bench.conv --pass weight_grad`): on an Intel Xeon its own weight-gradient conv is 1.4-4x slower than
+    the matmuls there, and 1.1-4x faster than them for narrower kernels and fewer pixels; on an AMD EPYC (Zen 4)
+    the whole 256² train step is faster without the matmuls."""
+    if compute.conv_kernel_grad() == "xla":
+        return False
     pixels = x_shape[0] * x_shape[1] * x_shape[2]
     c_in, c_out = kernel_shape[2], kernel_shape[3]
     return c_out >= 128 and (c_in * c_out > 128 * 128 or pixels >= 256 * 256)
@@ -147,9 +151,9 @@ def kernel_grad_as_dots(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...])
 
 @jax.custom_vjp
 def conv_same(x: Array, kernel: Array) -> Array:
-    """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. On the CPU, wide kernels get their kernel
-    gradient as matmuls (`conv_kernel_grad_dots`, chosen by `kernel_grad_as_dots`); narrow ones, and every other
-    platform, the conv's own transpose."""
+    """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. On the CPU, wide kernels may get their
+    kernel gradient as matmuls (`conv_kernel_grad_dots`, chosen by `kernel_grad_as_dots`); narrow ones, and every
+    other platform, the conv's own transpose."""
     return _conv(x, kernel)
 
 

@@ -12,11 +12,20 @@ in the config (`config.model.dtype`, `config.model.remat`, `config.model.attenti
 * `attention_implementation(name, dtype, head_dim)`: the kernel of `jax.nn.dot_product_attention` in UViT and
   DiT. "auto" picks cuDNN's fused attention on a GPU where cuDNN supports the call (bf16/fp16, head_dim a
   multiple of 8 up to 128) and XLA's otherwise (CPU, TPU, float32); "xla" and "cudnn" force one.
+* `conv_kernel_grad()`: how a 3x3 conv's kernel gradient runs on the CPU, from `$DCAE_JAX_CONV_KERNEL_GRAD`:
+  "dots" computes wide kernels' gradients as matmuls (`layers.kernel_grad_as_dots`), "xla" keeps XLA's own
+  transposed conv for all of them, "auto" (the default) picks "dots" on Intel CPUs and "xla" on every other
+  (measured, docs/performance.md: on an Intel Xeon the matmuls made the 256² phase-1 step 1.5x faster; on an AMD
+  EPYC (Zen 4) they made it 1.16x slower and used 4.8 GiB more). Read when a step is traced; GPUs and TPUs always
+  use XLA's conv.
 * `GPU_XLA_FLAGS`: the XLA flags worth knowing for GPU throughput, each with what it changes (docs/performance.md
   lists them; a test checks that this XLA still knows every one). None is set for you.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +38,8 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION = ("auto", "xla", "cudnn")
+CONV_KERNEL_GRAD_ENV = "DCAE_JAX_CONV_KERNEL_GRAD"
+CONV_KERNEL_GRAD = ("auto", "dots", "xla")
 # Set through the environment before jax starts: XLA_FLAGS="--flag=value --flag=value". Unmeasured here (no GPU).
 GPU_XLA_FLAGS = {
     "--xla_gpu_enable_latency_hiding_scheduler=true": "schedules the asynchronous collectives (data-parallel "
@@ -103,3 +114,26 @@ def attention_implementation(
             )
         return "cudnn"
     return "cudnn" if backend == "gpu" and fits else "xla"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The host CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"); "" where it has none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def conv_kernel_grad() -> str:
+    """ "dots" or "xla": how wide conv kernels get their gradient on the CPU (module docstring)."""
+    mode = os.environ.get(CONV_KERNEL_GRAD_ENV, "auto")
+    if mode not in CONV_KERNEL_GRAD:
+        raise ValueError(f"${CONV_KERNEL_GRAD_ENV}={mode!r}: use one of {', '.join(CONV_KERNEL_GRAD)}")
+    if mode == "auto":
+        return "dots" if cpu_vendor() == "GenuineIntel" else "xla"
+    return mode

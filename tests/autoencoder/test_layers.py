@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dcae_jax.autoencoder import layers
+from dcae_jax.runtime import compute
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
@@ -61,9 +64,10 @@ def test_conv_uses_torch_padding(stride, kernel, hw):
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("channels", [(6, 4), (136, 128)], ids=["narrow", "wide"])
-def test_conv_gradients_equal_torch_on_both_kernel_gradient_paths(k, dtype, channels):
+def test_conv_gradients_equal_torch_on_both_kernel_gradient_paths(k, dtype, channels, monkeypatch):
     """`conv_same`'s custom backward gives torch's input and kernel gradients, jitted, on both of its CPU paths:
     the conv's own transpose (narrow kernels) and k matmuls (wide ones: no kernel-gradient convolution)."""
+    monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "dots")  # the default picks by processor vendor
     c_in, c_out = channels
     rng = np.random.RandomState(2)
     x, g = rng.randn(2, 9, 11, c_in).astype(np.float32), rng.randn(2, 9, 11, c_out).astype(np.float32)
@@ -102,10 +106,49 @@ def _lowered_convs(conv, x_shape, w_shape) -> int:
         ((1, 64, 64, 256), (3, 3, 256, 256), True),  # released models' wide stages: the matmuls 1.5-4x faster
     ],
 )
-def test_kernel_gradient_path_follows_the_measured_rule(x_shape, w_shape, dots):
+def test_kernel_gradient_path_follows_the_measured_rule(x_shape, w_shape, dots, monkeypatch):
+    monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "dots")
     assert layers.kernel_grad_as_dots(x_shape, w_shape) == dots
     assert _lowered_convs(layers.conv_same, x_shape, w_shape) == (1 if dots else 2)
     assert _lowered_convs(layers._conv, x_shape, w_shape) == 2  # the plain conv: input and kernel gradient
+
+
+@pytest.mark.parametrize(
+    ("setting", "vendor", "dots"),
+    [
+        (None, "GenuineIntel", True),  # measured: the matmuls 1.5x faster for the 256² phase-1 step
+        (None, "AuthenticAMD", False),  # measured: XLA's conv faster and 4.8 GiB less (docs/performance.md)
+        (None, "", False),  # no vendor id (an ARM host, macOS): XLA's conv, the unmeasured default
+        ("auto", "AuthenticAMD", False),
+        ("dots", "AuthenticAMD", True),
+        ("xla", "GenuineIntel", False),
+    ],
+)
+def test_kernel_gradient_path_follows_the_setting_and_the_processor(setting, vendor, dots, monkeypatch):
+    wide = ((1, 64, 64, 256), (3, 3, 256, 256))
+    monkeypatch.setattr(compute, "cpu_vendor", lambda: vendor)
+    if setting is None:
+        monkeypatch.delenv(compute.CONV_KERNEL_GRAD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, setting)
+    assert layers.kernel_grad_as_dots(*wide) == dots
+    assert _lowered_convs(layers.conv_same, *wide) == (1 if dots else 2)
+
+
+def test_a_bad_kernel_gradient_setting_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "matmul")
+    with pytest.raises(ValueError, match=r"DCAE_JAX_CONV_KERNEL_GRAD='matmul': use one of auto, dots, xla"):
+        layers.kernel_grad_as_dots((1, 64, 64, 256), (3, 3, 256, 256))
+
+
+def test_the_processor_vendor_is_read_from_cpuinfo():
+    vendor = compute.cpu_vendor()
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        assert vendor == ""
+    else:
+        assert (vendor and f": {vendor}" in text) or ("vendor_id" not in text and vendor == "")
 
 
 @pytest.mark.parametrize("k", [3, 5])
