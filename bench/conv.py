@@ -51,7 +51,7 @@ PASSES = ("forward", "input_grad", "weight_grad")
 
 
 def processor() -> str:
-    from bench.suite import cpuinfo
+    from dcae_jax.runtime.compute import cpuinfo
 
     info = cpuinfo()
     isa = sorted(f for f in info.get("flags", "").split() if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"))

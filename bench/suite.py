@@ -189,24 +189,11 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
 # Machine description.
 
 
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo ("model name", "flags", "cpu family", ...); {} elsewhere."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
-
-
 def machine() -> dict[str, Any]:
     """Processor model and vector extensions (every result carries them: XLA's CPU speed depends on both)."""
     from dcae_jax.runtime import compute
 
-    info = cpuinfo()
+    info = compute.cpuinfo()
     name = info.get("model name") or platform.processor() or platform.machine() or "unknown"
     flags = set(info.get("flags", "").split())
     mem_gb = None

@@ -117,16 +117,22 @@ def attention_implementation(
 
 
 @functools.cache
-def cpu_vendor() -> str:
-    """The host CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"); "" where it has none."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("vendor_id", "model name", "flags", ...); {} elsewhere."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ""
+    return info
+
+
+def cpu_vendor() -> str:
+    """The host CPU's vendor id ("GenuineIntel", "AuthenticAMD"); "" where it has none."""
+    return cpuinfo().get("vendor_id", "")
 
 
 def conv_kernel_grad() -> str:
