@@ -62,7 +62,7 @@ def processor() -> str:
 def main(argv=None) -> None:
     from dcae_jax.runtime import cli
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    cli.prepare_process(argv)  # before jax starts: no probe for an absent TPU; the host allocator policy
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pass", dest="which", default="forward", choices=PASSES)

@@ -53,7 +53,7 @@ def timed(fn) -> float:
 def main(argv=None) -> None:
     from dcae_jax.runtime import cli
 
-    cli.skip_absent_tpu()
+    cli.prepare_process(argv)  # before jax starts: no probe for an absent TPU; the host allocator policy
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", required=True, help="A folder of photos (searched recursively).")
     p.add_argument("--copies", type=int, default=10)

@@ -124,7 +124,7 @@ def measure(model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = 
 def main(argv=None) -> None:
     from dcae_jax.runtime import cli
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    cli.prepare_process(argv)  # before jax starts: no probe for an absent TPU; the host allocator policy
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b | uvit-tiny")
     p.add_argument("--batch", type=int, default=4)

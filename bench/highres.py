@@ -180,7 +180,7 @@ def measure(
 def main(argv=None) -> None:
     from dcae_jax.runtime import cli
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    cli.prepare_process(argv)  # before jax starts: no probe for an absent TPU; the host allocator policy
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="dc-ae-f32c32-sana-1.0", help='a released variant, or "tiny"')
     p.add_argument("--height", type=int, default=2048)

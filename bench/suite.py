@@ -374,9 +374,9 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
 
 def child(specs_json: str, repeats: int, warmup: int = 1) -> None:
     """Entry point of a child process: measure each spec, print one marked JSON line per row."""
-    from dcae_jax.runtime import cli
+    from dcae_jax.runtime import cli, compute
 
-    cli.skip_absent_tpu()  # libtpu (a test requirement) would probe for a TPU and log errors first
+    cli.prepare_process()  # before jax starts: no probe for an absent TPU; the host allocator policy
     for d in json.loads(specs_json):
         spec = Spec(**d)
         t0 = time.perf_counter()
@@ -386,6 +386,7 @@ def child(specs_json: str, repeats: int, warmup: int = 1) -> None:
             rows = [_error_row(spec, "error", f"{type(err).__name__}: {err}"[:500])]
         for row in rows:
             row["spec"], row["row_wall_s"] = spec.name, time.perf_counter() - t0
+            row["host_malloc"] = compute.host_malloc()  # both frameworks ran under it (one process)
             print(ROW_MARK + json.dumps(row), flush=True)
 
 
@@ -459,7 +460,8 @@ def markdown(result: dict) -> str:
         + (f" [{m['processor_id']}]" if m.get("processor_id") else "")
         + f" ({', '.join(m['vector_extensions']) or 'no vector extensions listed'}), "
         f"{m['cores']} cores, {m['memory_gb']} GiB; accelerator: {m['accelerator'] or 'none'}; "
-        f"CPU conv kernel gradients: {m.get('conv_kernel_grad') or 'not recorded'}. "
+        f"CPU conv kernel gradients: {m.get('conv_kernel_grad') or 'not recorded'}; "
+        f"host allocator: {m.get('host_malloc') or 'not recorded'}. "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         "",
         f"Command: `{shlex.join(result['command'])}`",
@@ -631,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mach = machine()
     mach["accelerator"] = next((r["device"] for r in rows if r.get("device") and r["device"] != "cpu"), None)
+    mach["host_malloc"] = next((r["host_malloc"] for r in rows if r.get("host_malloc")), None)
     result = {
         "schema_version": SCHEMA_VERSION,
         "command": [os.path.basename(sys.executable), "-m", "bench.suite", *argv],

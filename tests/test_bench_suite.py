@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -66,6 +67,12 @@ def test_results_json_schema(smoke):
     assert isinstance(m["cores"], int) and m["cores"] >= 1
     assert m["memory_gb"] is None or m["memory_gb"] > 0
     assert "accelerator" in m and m["conv_kernel_grad"] in ("dots", "xla")
+    # The children own their processes: the allocator policy applies to them (on a CPU, "reuse" unless the
+    # environment set glibc's malloc tunables or DCAE_JAX_HOST_MALLOC).
+    expected = "reuse" if platform.libc_ver()[0] == "glibc" else "system"
+    if os.environ.get("DCAE_JAX_HOST_MALLOC") == "system" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        expected = "system"
+    assert m["host_malloc"] == expected
     for pkg in ("python", "jax", "jaxlib", "flax", "torch", "diffusers", "numpy"):
         assert isinstance(result["versions"][pkg], str) and result["versions"][pkg], pkg
 

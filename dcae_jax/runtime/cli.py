@@ -136,19 +136,41 @@ def values(flags: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 _ABSL_FLAGS = ("flagfile", "undefok")
 
 
+def _accelerator_possible() -> bool:
+    """Whether JAX may find a GPU or TPU here: JAX_PLATFORMS names one, or (unset) a TPU device or a GPU plugin
+    exists."""
+    import glob
+    import importlib.util
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs (v4/v5p: accel, v5e/v6e: vfio)
+        return True
+    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"))
+
+
+def prepare_process(argv: list[str] | None = None) -> None:
+    """Process-wide settings for a command, before JAX starts a backend: no probe for an absent TPU
+    (`skip_absent_tpu`) and, when the command was started from the command line (`argv` None: it owns its
+    process), the host allocator policy (`compute.set_host_malloc`: freed XLA:CPU buffers kept for the next step
+    instead of page-faulted in again). A command called with `argv` inside another program (a test) leaves that
+    process's allocator alone: the setting is permanent. `run` calls it; the benchmarks call it first."""
+    skip_absent_tpu()
+    if argv is None:
+        from dcae_jax.runtime import compute
+
+        compute.set_host_malloc(cpu=not _accelerator_possible())
+
+
 def skip_absent_tpu() -> bool:
     """Keeps JAX from probing for a TPU that is not there: with libtpu installed (the test requirements bring it, for
     `aot`) and no TPU device on this machine, JAX's TPU plugin asks the cloud metadata server for a TPU and logs
     alarming lines before falling back to the CPU. When JAX_PLATFORMS is unset, no TPU device exists and no GPU
     plugin is installed, the platforms become "cpu". Returns whether it changed anything."""
-    import glob
     import importlib.util
 
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-        return False
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs (v4/v5p: accel, v5e/v6e: vfio)
-        return False
-    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or _accelerator_possible():
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"  # for processes this one starts
     if "jax" in sys.modules:
@@ -179,7 +201,8 @@ def run(
     """
     from absl import flags, logging
 
-    skip_absent_tpu()
+    if code := guard(name, prepare_process, argv):
+        return code
     argv = snake_case_flags(argv, name)
     values = flags.FlagValues()
     define_flags(Flags(values))

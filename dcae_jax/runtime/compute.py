@@ -18,6 +18,16 @@ in the config (`config.model.dtype`, `config.model.remat`, `config.model.attenti
   (measured, docs/performance.md: on an Intel Xeon the matmuls made the 256² phase-1 step 1.5x faster; on an AMD
   EPYC (Zen 4) they made it 1.16x slower and used 4.8 GiB more). Read when a step is traced; GPUs and TPUs always
   use XLA's conv.
+* `set_host_malloc(cpu)`: the host allocator policy of a command's process, from `$DCAE_JAX_HOST_MALLOC`. XLA:CPU
+  allocates every executable's temporary buffer (MiBs for the quickstart's step, GiBs for a 256² DC-AE step) with
+  the C library's malloc and frees it after the call; glibc serves such sizes with fresh `mmap`s, so every step
+  page-faults its whole working set again (1.2 M faults per 40 quickstart steps, ~20% of the step in the kernel).
+  "reuse" makes glibc keep freed memory for the next call: one arena for all threads (thread arenas cannot hold
+  blocks over 32 MiB), no `mmap` for large blocks, no trimming of the heap (`mallopt`), so the process keeps its
+  peak heap until it exits. "system" leaves glibc as it is; "auto" (the default) picks "reuse" when the command
+  computes on the CPU and nothing else set glibc's malloc tunables (`$GLIBC_TUNABLES`), "system" otherwise
+  (accelerators compute in device memory; their hosts' data loaders keep per-thread arenas). It only works
+  before other threads allocate, so commands call it first (`cli.prepare_process`), never a library.
 * `GPU_XLA_FLAGS`: the XLA flags worth knowing for GPU throughput, each with what it changes (docs/performance.md
   lists them; a test checks that this XLA still knows every one). None is set for you.
 """
@@ -40,6 +50,10 @@ REMAT_POLICIES = {
 ATTENTION = ("auto", "xla", "cudnn")
 CONV_KERNEL_GRAD_ENV = "DCAE_JAX_CONV_KERNEL_GRAD"
 CONV_KERNEL_GRAD = ("auto", "dots", "xla")
+HOST_MALLOC_ENV = "DCAE_JAX_HOST_MALLOC"
+HOST_MALLOC = ("auto", "reuse", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+_host_malloc = "system"  # what set_host_malloc applied to this process
 # Set through the environment before jax starts: XLA_FLAGS="--flag=value --flag=value". Unmeasured here (no GPU).
 GPU_XLA_FLAGS = {
     "--xla_gpu_enable_latency_hiding_scheduler=true": "schedules the asynchronous collectives (data-parallel "
@@ -143,3 +157,29 @@ def conv_kernel_grad() -> str:
     if mode == "auto":
         return "dots" if cpu_vendor() == "GenuineIntel" else "xla"
     return mode
+
+
+def set_host_malloc(cpu: bool) -> str:
+    """Applies `$DCAE_JAX_HOST_MALLOC` (module docstring) to this process; `cpu`: whether it computes on the CPU.
+    Returns the policy in force, "reuse" or "system" (also where the C library is not glibc)."""
+    global _host_malloc
+    mode = os.environ.get(HOST_MALLOC_ENV, "auto")
+    if mode not in HOST_MALLOC:
+        raise ValueError(f"${HOST_MALLOC_ENV}={mode!r}: use one of {', '.join(HOST_MALLOC)}")
+    if mode == "auto":
+        mode = "reuse" if cpu and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "") else "system"
+    if mode == "reuse" and _host_malloc != "reuse":
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] != "glibc":
+            return _host_malloc
+        mallopt = ctypes.CDLL(None).mallopt
+        ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)
+        _host_malloc = "reuse" if ok else _host_malloc
+    return _host_malloc
+
+
+def host_malloc() -> str:
+    """The host allocator policy `set_host_malloc` put in force in this process ("system" if it never ran)."""
+    return _host_malloc

@@ -194,3 +194,48 @@ def test_no_tpu_probe_on_a_machine_without_one():
     if proc.stdout.startswith("False"):  # a TPU VM or a GPU plugin: nothing to skip
         pytest.skip(f"this machine has an accelerator or its plugin: {proc.stdout.strip()}")
     assert "CpuDevice" in proc.stdout and "libtpu" not in proc.stderr and "TPU" not in proc.stderr, proc.stderr
+
+
+_POLICY = (
+    "from dcae_jax.runtime import cli, compute\n"
+    "def body(flags):\n"
+    "    print(compute.host_malloc())\n"
+    "cli.exit_with(cli.run('probe', 'A probe.', lambda f: None, body, {argv}))\n"
+)
+
+
+@pytest.mark.parametrize(("argv", "want"), [("None", "reuse"), ("[]", "system")])
+def test_a_command_owning_its_process_sets_the_host_allocator(argv, want):
+    """Started from the command line (argv None) a command applies the allocator policy before JAX starts;
+    called as `main(argv)` inside another program (a test) it leaves that process's allocator alone."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the policy needs glibc's mallopt")
+    env = {k: v for k, v in os.environ.items() if k not in ("DCAE_JAX_HOST_MALLOC", "GLIBC_TUNABLES")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _POLICY.format(argv=argv)],
+        cwd=REPO,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [want]
+
+
+def test_a_bad_host_allocator_setting_is_one_line_and_exit_2():
+    code = _POLICY.format(argv="None")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "DCAE_JAX_HOST_MALLOC": "jemalloc"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "probe: error: $DCAE_JAX_HOST_MALLOC='jemalloc': use one of auto, reuse, system"
+    ]
