@@ -1,4 +1,4 @@
-"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU, ~12 min; docs/training.md).
+"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU, ~11 min on 2 cores; docs/training.md).
 
     python -m dcae_jax.main --config=configs/quickstart.py --workdir=/tmp/dcae_quickstart
 
@@ -84,7 +84,7 @@ def phase_config(
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, steps1=1500, steps2=60, steps3=150, lpips_steps1=100)
+    a = common.parse_arg(arg, steps1=2500, steps2=60, steps3=150, lpips_steps1=100)
     c = ml_collections.ConfigDict()
     c.chain = ["phase1", "phase2", "phase3"]
     c.phase1 = phase_config(1, a.steps1, resolution=64, batch=8, lpips_steps=a.lpips_steps1)
