@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -153,39 +152,6 @@ def test_augmentation_crops_and_flips():
         x = next(_loader(path_source, global_batch_size=1, seed=seed))["image"][0, :, :, 0]
         dirs.add(bool(x[:, -1].mean() > x[:, 0].mean()))
     assert dirs == {True, False}  # both flipped and unflipped
-
-
-def _adm_crop_whole_image(img, size, rng, scale):
-    """guided-diffusion's order, as the specification: halve with a box filter, resize the whole image (bicubic),
-    then cut the window."""
-    lo, hi = math.ceil(scale[0] * size), math.ceil(scale[1] * size)
-    short = int(rng.integers(lo, hi + 1))
-    while min(*img.size) >= 2 * short:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    s = short / min(*img.size)
-    img = img.resize(tuple(max(round(x * s), short) for x in img.size), resample=Image.BICUBIC)
-    top, left = int(rng.integers(img.height - size + 1)), int(rng.integers(img.width - size + 1))
-    return img.crop((left, top, left + size, top + size))
-
-
-def test_random_crop_resamples_only_the_window_of_the_adm_crop():
-    """Same draws, same window as resizing the whole image first, on a smooth colour ramp: mean differences under
-    0.05/255 where the image is upscaled and 0.6/255 where it is downscaled (measured 0.004 and 0.43: box halvings
-    of the window instead of the image); the window moved by one pixel differs by 1.16-2.1/255. The rng is left in
-    the same state either way."""
-    yy, xx = np.mgrid[0:300, 0:420]
-    smooth = np.stack([xx * 255 / 419, yy * 255 / 299, (xx + yy) * 255 / 718], -1).astype(np.uint8)
-    for shape, scale, bound in (((110, 120), (1.5, 3.0), 0.05), (None, (1.1, 1.4), 0.6), (None, (1.5, 3.0), 0.6)):
-        img = Image.fromarray(smooth)
-        if shape:
-            img = img.resize(shape[::-1], Image.BICUBIC)
-        for seed in range(6):
-            r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
-            a = np.asarray(ip.random_crop_adm(img, 64, r1, scale), np.float32)
-            b = np.asarray(_adm_crop_whole_image(img, 64, r2, scale), np.float32)
-            assert a.shape == b.shape == (64, 64, 3)
-            assert np.abs(a - b).mean() < bound, (shape, scale, seed, np.abs(a - b).mean())
-            assert r1.integers(1 << 30) == r2.integers(1 << 30)
 
 
 def test_global_batches_do_not_depend_on_the_process_count(id_folder):
