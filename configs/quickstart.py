@@ -1,4 +1,4 @@
-"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU, ~11 min on 2 cores; docs/training.md).
+"""Quickstart: a small residual DC-AE through phases 1 -> 2 -> 3 on the bundled real photos (CPU, ~12 min on 2 cores; docs/training.md).
 
     python -m dcae_jax.main --config=configs/quickstart.py --workdir=/tmp/dcae_quickstart
 
