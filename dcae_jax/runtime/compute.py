@@ -149,11 +149,17 @@ def cpu_vendor() -> str:
     return cpuinfo().get("vendor_id", "")
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """`$name` (default: the first choice), checked against `choices`; a bad value names the variable."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"${name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
 def conv_kernel_grad() -> str:
     """ "dots" or "xla": how wide conv kernels get their gradient on the CPU (module docstring)."""
-    mode = os.environ.get(CONV_KERNEL_GRAD_ENV, "auto")
-    if mode not in CONV_KERNEL_GRAD:
-        raise ValueError(f"${CONV_KERNEL_GRAD_ENV}={mode!r}: use one of {', '.join(CONV_KERNEL_GRAD)}")
+    mode = _env_choice(CONV_KERNEL_GRAD_ENV, CONV_KERNEL_GRAD)
     if mode == "auto":
         return "dots" if cpu_vendor() == "GenuineIntel" else "xla"
     return mode
@@ -163,9 +169,7 @@ def set_host_malloc(cpu: bool) -> str:
     """Applies `$DCAE_JAX_HOST_MALLOC` (module docstring) to this process; `cpu`: whether it computes on the CPU.
     Returns the policy in force, "reuse" or "system" (also where the C library is not glibc)."""
     global _host_malloc
-    mode = os.environ.get(HOST_MALLOC_ENV, "auto")
-    if mode not in HOST_MALLOC:
-        raise ValueError(f"${HOST_MALLOC_ENV}={mode!r}: use one of {', '.join(HOST_MALLOC)}")
+    mode = _env_choice(HOST_MALLOC_ENV, HOST_MALLOC)
     if mode == "auto":
         mode = "reuse" if cpu and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "") else "system"
     if mode == "reuse" and _host_malloc != "reuse":
