@@ -8,13 +8,13 @@ import json
 import math
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from bench import suite
+from dcae_jax.runtime import compute
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW_KEYS = {
@@ -69,9 +69,7 @@ def test_results_json_schema(smoke):
     assert "accelerator" in m and m["conv_kernel_grad"] in ("dots", "xla")
     # The children own their processes: the allocator policy applies to them (on a CPU, "reuse" unless the
     # environment set glibc's malloc tunables or DCAE_JAX_HOST_MALLOC).
-    expected = "reuse" if platform.libc_ver()[0] == "glibc" else "system"
-    if os.environ.get("DCAE_JAX_HOST_MALLOC") == "system" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        expected = "system"
+    expected = compute.host_malloc_choice(cpu=True)
     assert m["host_malloc"] == expected
     for pkg in ("python", "jax", "jaxlib", "flax", "torch", "diffusers", "numpy"):
         assert isinstance(result["versions"][pkg], str) and result["versions"][pkg], pkg

@@ -165,19 +165,23 @@ def conv_kernel_grad() -> str:
     return mode
 
 
-def set_host_malloc(cpu: bool) -> str:
-    """Applies `$DCAE_JAX_HOST_MALLOC` (module docstring) to this process; `cpu`: whether it computes on the CPU.
-    Returns the policy in force, "reuse" or "system" (also where the C library is not glibc)."""
-    global _host_malloc
+def host_malloc_choice(cpu: bool) -> str:
+    """The policy `$DCAE_JAX_HOST_MALLOC` (module docstring) asks for in a process that computes on the CPU (`cpu`)
+    or not: "reuse" or "system" ("system" also where the C library is not glibc: the policy is glibc's mallopt)."""
+    import platform
+
     mode = _env_choice(HOST_MALLOC_ENV, HOST_MALLOC)
     if mode == "auto":
         mode = "reuse" if cpu and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", "") else "system"
-    if mode == "reuse" and _host_malloc != "reuse":
-        import ctypes
-        import platform
+    return "system" if mode == "reuse" and platform.libc_ver()[0] != "glibc" else mode
 
-        if platform.libc_ver()[0] != "glibc":
-            return _host_malloc
+
+def set_host_malloc(cpu: bool) -> str:
+    """Applies `host_malloc_choice(cpu)` to this process; returns the policy in force, "reuse" or "system"."""
+    global _host_malloc
+    if host_malloc_choice(cpu) == "reuse" and _host_malloc != "reuse":
+        import ctypes
+
         mallopt = ctypes.CDLL(None).mallopt
         ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)
         _host_malloc = "reuse" if ok else _host_malloc
