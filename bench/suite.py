@@ -210,6 +210,8 @@ def machine() -> dict[str, Any]:
         "accelerator": None,  # filled in from the child's jax device kind
         # How our CPU conv kernel gradients ran (compute.conv_kernel_grad: by vendor, or $DCAE_JAX_CONV_KERNEL_GRAD).
         "conv_kernel_grad": compute.conv_kernel_grad(),
+        # How our wide float32 3x3 convs ran on the CPU (compute.conv3x3: $DCAE_JAX_CONV3X3, Winograd by default).
+        "conv3x3": compute.conv3x3(),
     }
 
 
@@ -460,6 +462,7 @@ def markdown(result: dict) -> str:
         + (f" [{m['processor_id']}]" if m.get("processor_id") else "")
         + f" ({', '.join(m['vector_extensions']) or 'no vector extensions listed'}), "
         f"{m['cores']} cores, {m['memory_gb']} GiB; accelerator: {m['accelerator'] or 'none'}; "
+        f"CPU 3x3 convs: {m.get('conv3x3') or 'not recorded'}; "
         f"CPU conv kernel gradients: {m.get('conv_kernel_grad') or 'not recorded'}; "
         f"host allocator: {m.get('host_malloc') or 'not recorded'}. "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val),

@@ -67,6 +67,7 @@ def test_results_json_schema(smoke):
     assert isinstance(m["cores"], int) and m["cores"] >= 1
     assert m["memory_gb"] is None or m["memory_gb"] > 0
     assert "accelerator" in m and m["conv_kernel_grad"] in ("dots", "xla")
+    assert m["conv3x3"] == compute.conv3x3()
     # The children own their processes: the allocator policy applies to them (on a CPU, "reuse" unless the
     # environment set glibc's malloc tunables or DCAE_JAX_HOST_MALLOC).
     expected = compute.host_malloc_choice(cpu=True)

@@ -18,6 +18,11 @@ in the config (`config.model.dtype`, `config.model.remat`, `config.model.attenti
   (measured, docs/performance.md: on an Intel Xeon the matmuls made the 256² phase-1 step 1.5x faster; on an AMD
   EPYC (Zen 4) they made it 1.16x slower and used 4.8 GiB more). Read when a step is traced; GPUs and TPUs always
   use XLA's conv.
+* `conv3x3()`: how wide float32 3x3 convs and their input gradients run on the CPU, from `$DCAE_JAX_CONV3X3`:
+  "winograd" (the default) as Winograd F(2x2, 3x3) (`layers.conv3x3_winograd`: 2.25x fewer multiplies, matmuls
+  over the tiles) where `layers.winograd_fits` says it is faster, "xla" always XLA's conv. XLA:CPU runs its convs
+  near the processor's peak FLOP rate, as torch's oneDNN does, so fewer FLOPs is what makes ours faster there.
+  Read when a step is traced; GPUs and TPUs always use XLA's conv.
 * `set_host_malloc(cpu)`: the host allocator policy of a command's process, from `$DCAE_JAX_HOST_MALLOC`. XLA:CPU
   allocates every executable's temporary buffer (MiBs for the quickstart's step, GiBs for a 256² DC-AE step) with
   the C library's malloc and frees it after the call; glibc serves such sizes with fresh `mmap`s, so every step
@@ -50,6 +55,8 @@ REMAT_POLICIES = {
 ATTENTION = ("auto", "xla", "cudnn")
 CONV_KERNEL_GRAD_ENV = "DCAE_JAX_CONV_KERNEL_GRAD"
 CONV_KERNEL_GRAD = ("auto", "dots", "xla")
+CONV3X3_ENV = "DCAE_JAX_CONV3X3"
+CONV3X3 = ("winograd", "xla")
 HOST_MALLOC_ENV = "DCAE_JAX_HOST_MALLOC"
 HOST_MALLOC = ("auto", "reuse", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
@@ -163,6 +170,11 @@ def conv_kernel_grad() -> str:
     if mode == "auto":
         return "dots" if cpu_vendor() == "GenuineIntel" else "xla"
     return mode
+
+
+def conv3x3() -> str:
+    """ "winograd" or "xla": how wide float32 3x3 convs run on the CPU (module docstring)."""
+    return _env_choice(CONV3X3_ENV, CONV3X3)
 
 
 def host_malloc_choice(cpu: bool) -> str:

@@ -108,6 +108,7 @@ def _lowered_convs(conv, x_shape, w_shape) -> int:
 )
 def test_kernel_gradient_path_follows_the_measured_rule(x_shape, w_shape, dots, monkeypatch):
     monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "dots")
+    monkeypatch.setenv(compute.CONV3X3_ENV, "xla")  # counts the kernel-gradient path's convs alone
     assert layers.kernel_grad_as_dots(x_shape, w_shape) == dots
     assert _lowered_convs(layers.conv_same, x_shape, w_shape) == (1 if dots else 2)
     assert _lowered_convs(layers._conv, x_shape, w_shape) == 2  # the plain conv: input and kernel gradient
@@ -127,6 +128,7 @@ def test_kernel_gradient_path_follows_the_measured_rule(x_shape, w_shape, dots, 
 def test_kernel_gradient_path_follows_the_setting_and_the_processor(setting, vendor, dots, monkeypatch):
     wide = ((1, 64, 64, 256), (3, 3, 256, 256))
     monkeypatch.setattr(compute, "cpu_vendor", lambda: vendor)
+    monkeypatch.setenv(compute.CONV3X3_ENV, "xla")  # counts the kernel-gradient path's convs alone
     if setting is None:
         monkeypatch.delenv(compute.CONV_KERNEL_GRAD_ENV, raising=False)
     else:
@@ -139,6 +141,74 @@ def test_a_bad_kernel_gradient_setting_names_the_variable_and_the_choices(monkey
     monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, "matmul")
     with pytest.raises(ValueError, match=r"DCAE_JAX_CONV_KERNEL_GRAD='matmul': use one of auto, dots, xla"):
         layers.kernel_grad_as_dots((1, 64, 64, 256), (3, 3, 256, 256))
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 11, 5, 6), (1, 1, 1, 3, 4), (1, 8, 12, 7, 3), (3, 2, 5, 4, 2)])
+def test_winograd_conv_equals_torch(shape):
+    """F(2x2, 3x3) on odd and even sizes, a 1x1 image and batches: torch's conv to float32 rounding, jitted."""
+    b, h, w, c_in, c_out = shape
+    rng = np.random.RandomState(3)
+    x = rng.randn(b, h, w, c_in).astype(np.float32)
+    k = (rng.randn(3, 3, c_in, c_out) / np.sqrt(9 * c_in)).astype(np.float32)
+    out = jax.jit(layers.conv3x3_winograd)(jnp.asarray(x), jnp.asarray(k))
+    ref = _nhwc(F.conv2d(_nchw(x), torch.from_numpy(k.transpose(3, 2, 0, 1).copy()), padding=1))
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kernel_grad", ["xla", "dots"])
+def test_winograd_conv_same_forward_and_gradients_equal_torch(kernel_grad, monkeypatch):
+    """At a shape the rule sends to Winograd (256 -> 256 channels on 64x64 pixels): forward, input gradient and
+    kernel gradient (both kernel-gradient paths) equal torch's, jitted, and no XLA conv is left but the kernel
+    gradient's own on the "xla" path."""
+    monkeypatch.setenv(compute.CONV_KERNEL_GRAD_ENV, kernel_grad)
+    monkeypatch.delenv(compute.CONV3X3_ENV, raising=False)  # the default: Winograd
+    rng = np.random.RandomState(4)
+    x, g = rng.randn(1, 64, 64, 256).astype(np.float32), rng.randn(1, 64, 64, 256).astype(np.float32)
+    w = (rng.randn(3, 3, 256, 256) / np.sqrt(9 * 256)).astype(np.float32)
+    assert layers.winograd_fits(x.shape, w.shape, jnp.float32)
+    y, vjp = jax.jit(lambda x, w: jax.vjp(layers.conv_same, x, w))(jnp.asarray(x), jnp.asarray(w))
+    dx, dw = jax.jit(vjp)(jnp.asarray(g))
+    xt, wt = _nchw(x).requires_grad_(), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    yt = F.conv2d(xt, wt, padding=1)
+    (yt * _nchw(g)).sum().backward()
+    # The kernel gradient sums 4096 pixels' products in either path: float32 rounding is larger there.
+    refs = ((y, _nhwc(yt), 2e-6), (dx, _nhwc(xt.grad), 2e-6), (dw, wt.grad.numpy().transpose(2, 3, 1, 0), 2e-5))
+    for got, ref, tol in refs:
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=tol * np.abs(ref).max())
+    forward = jax.jit(layers.conv_same).lower(jnp.asarray(x), jnp.asarray(w)).as_text()
+    assert forward.count("stablehlo.convolution") == 0
+    assert _lowered_convs(layers.conv_same, x.shape, w.shape) == (1 if kernel_grad == "xla" else 0)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "dtype", "winograd"),
+    [
+        ((1, 64, 64, 256), (3, 3, 256, 256), jnp.float32, True),  # released models' ResBlock stages: 1.1-1.4x faster
+        ((2, 256, 256, 512), (3, 3, 512, 512), jnp.float32, True),
+        ((1, 64, 64, 256), (3, 3, 256, 256), jnp.bfloat16, False),  # bf16: the transforms would round in bf16
+        ((1, 32, 32, 1024), (3, 3, 1024, 1024), jnp.float32, False),  # few pixels: the kernel transform dominates
+        ((1, 256, 256, 128), (3, 3, 128, 128), jnp.float32, False),  # 128 channels: XLA's conv is faster
+        ((1, 256, 256, 256), (3, 3, 256, 12), jnp.float32, False),  # a head conv
+        ((1, 256, 256, 3), (3, 3, 3, 256), jnp.float32, False),  # a stem conv
+        ((1, 64, 64, 256), (5, 5, 256, 256), jnp.float32, False),  # F(2x2, 3x3) is for 3x3 kernels only
+    ],
+)
+def test_winograd_follows_the_measured_rule(x_shape, w_shape, dtype, winograd, monkeypatch):
+    monkeypatch.delenv(compute.CONV3X3_ENV, raising=False)
+    assert layers.winograd_fits(x_shape, w_shape, dtype) == winograd
+    forward = jax.jit(layers.conv_same).lower(
+        jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype)
+    )
+    assert forward.as_text().count("stablehlo.convolution") == (0 if winograd else 1)
+    monkeypatch.setenv(compute.CONV3X3_ENV, "xla")
+    assert not layers.winograd_fits(x_shape, w_shape, dtype)
+
+
+def test_a_bad_conv3x3_setting_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv(compute.CONV3X3_ENV, "fft")
+    with pytest.raises(ValueError, match=r"DCAE_JAX_CONV3X3='fft': use one of winograd, xla"):
+        layers.winograd_fits((1, 64, 64, 256), (3, 3, 256, 256), jnp.float32)
 
 
 def test_the_processor_vendor_is_read_from_cpuinfo():
