@@ -12,9 +12,9 @@ The 3x3 convolutions of the ResBlock stages hold most of an f32c32 encode+decode
 LiteMLA's and GLUMBConv's projections. Batch 1, fp32, compile and warm-up excluded, median of the repeats.
 `--pass`: the forward convolution, or a train step's two backward ones (gradient w.r.t. the input, and w.r.t.
 the kernel: XLA's from `jax.vjp`, torch's `torch.nn.grad.conv2d_input/conv2d_weight`). The dcae_jax column
-is what our `Conv2d` runs: a matmul for 1x1, else `layers.conv_same`, whose kernel gradient is k matmuls on the
-CPU for wide kernels (`layers.kernel_grad_as_dots`: there XLA's weight-gradient conv is the slow one) and XLA's
-own conv for narrow ones.
+is what our `Conv2d` runs: a matmul for 1x1, else `layers.conv_same`, which on the CPU runs wide float32 3x3
+convs as Winograd F(2x2, 3x3) (`layers.winograd_fits`; `DCAE_JAX_CONV3X3=xla` turns it off), else XLA's conv,
+with kernel gradients as k matmuls on Intel CPUs for other wide kernels (`layers.kernel_grad_as_dots`).
 Prints the processor (lscpu model name and vector extensions) beside the numbers.
 """
 
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     }[args.which]
     from dcae_jax.autoencoder import layers
 
-    def ours(x, w):  # what our Conv2d runs: a matmul for 1x1, else conv_same (kernel gradient as dots on CPU)
+    def ours(x, w):  # what our Conv2d runs: a matmul for 1x1, else conv_same (Winograd / dots on the CPU)
         return jnp.einsum("bhwi,io->bhwo", x, w[0, 0]) if w.shape[0] == 1 else layers.conv_same(x, w)
 
     dcae = {
