@@ -121,17 +121,19 @@ def _conv(x: Array, kernel: Array, stride: int = 1) -> Array:
     )
 
 
-def _winograd_tiles(x: Array, n_rows: int, n_cols: int) -> list[Array]:
-    """The 16 transformed 4x4 input tiles of Winograd F(2x2, 3x3) (Lavin & Gray 2016), each (B, n_rows, n_cols, C):
-    B^T d B for the tile of the padded input at (2r, 2c), computed with adds only (B has entries 0, +-1)."""
-    xb = x.reshape(x.shape[0], n_rows + 1, 2, x.shape[2], x.shape[3])  # rows in pairs: tile r = pairs r, r+1
-    d0, d1, d2, d3 = xb[:, :-1, 0], xb[:, :-1, 1], xb[:, 1:, 0], xb[:, 1:, 1]
-    tiles = []
-    for r in (d0 - d2, d1 + d2, d2 - d1, d1 - d3):
-        rb = r.reshape(r.shape[0], n_rows, n_cols + 1, 2, r.shape[3])
-        e0, e1, e2, e3 = rb[:, :, :-1, 0], rb[:, :, :-1, 1], rb[:, :, 1:, 0], rb[:, :, 1:, 1]
-        tiles += [e0 - e2, e1 + e2, e2 - e1, e1 - e3]
-    return tiles
+def _winograd_in(x: Array, axis: int, n: int) -> list[Array]:
+    """B^T of Winograd F(2x2, 3x3) along `axis` (Lavin & Gray 2016): the padded axis (2n + 2 long) in pairs, tile i
+    = pairs i and i + 1 (d0..d3), transformed with adds only (B^T's entries are 0 and +-1): 4 arrays, n long."""
+    pairs = x.reshape(*x.shape[:axis], n + 1, 2, *x.shape[axis + 1 :])
+    even, odd = (jax.lax.index_in_dim(pairs, j, axis + 1, keepdims=False) for j in (0, 1))
+    d0, d1 = (jax.lax.slice_in_dim(a, 0, n, axis=axis) for a in (even, odd))
+    d2, d3 = (jax.lax.slice_in_dim(a, 1, n + 1, axis=axis) for a in (even, odd))
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _winograd_out(m0: Array, m1: Array, m2: Array, m3: Array) -> list[Array]:
+    """A^T of Winograd F(2x2, 3x3) along one tile axis: 4 transformed values -> the 2 outputs."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
 
 
 def conv3x3_winograd(x: Array, kernel: Array) -> Array:
@@ -144,13 +146,11 @@ def conv3x3_winograd(x: Array, kernel: Array) -> Array:
     xp = jnp.pad(x, ((0, 0), (1, 2 * n_rows + 1 - h), (1, 2 * n_cols + 1 - w), (0, 0)))
     g = jnp.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], kernel.dtype)
     u = jnp.einsum("ik,jl,klco->ijco", g, g, kernel)  # G g G^T per channel pair
-    tiles = _winograd_tiles(xp, n_rows, n_cols)
+    tiles = [v for r in _winograd_in(xp, 1, n_rows) for v in _winograd_in(r, 2, n_cols)]  # tile (i, j): 4 i + j
     m = [jnp.einsum("brcx,xo->brco", v, u[s // 4, s % 4]) for s, v in enumerate(tiles)]
-    out_rows = []
-    for p in range(2):  # A^T m A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
-        col = [m[0 + j] + m[4 + j] + m[8 + j] if p == 0 else m[4 + j] - m[8 + j] - m[12 + j] for j in range(4)]
-        out_rows.append(jnp.stack([col[0] + col[1] + col[2], col[1] - col[2] - col[3]], axis=3))
-    y = jnp.stack(out_rows, axis=2)  # (B, n_rows, 2, n_cols, 2, C_out)
+    cols = [_winograd_out(*m[4 * i : 4 * i + 4]) for i in range(4)]  # cols[i][q]: output column q of tile row i
+    y = [[_winograd_out(*(cols[i][q] for i in range(4)))[p] for q in range(2)] for p in range(2)]
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # (B, n_rows, 2, n_cols, 2, C_out)
     return y.reshape(b, 2 * n_rows, 2 * n_cols, -1)[:, :h, :w]
 
 
@@ -185,8 +185,9 @@ def kernel_grad_as_dots(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...])
 def winograd_fits(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype) -> bool:
     """Whether `conv_same` runs this stride-1 conv as `conv3x3_winograd` on the CPU: when `compute.conv3x3()` says
     "winograd" (the default), for float32 3x3 kernels of at least 256 -> 256 channels on at least 64² pixels.
-    Measured on XLA:CPU (jax 0.10.2, AMD EPYC Zen 4, `python -m bench.conv`): 1.2-1.4x faster than XLA's conv
-    there, and slower on fewer pixels (the kernel transform and small matmuls dominate) or narrower kernels."""
+    Measured on XLA:CPU (jax 0.10.2, AMD EPYC Zen 4, `python -m bench.conv`, docs/performance.md): 1.35-1.7x
+    faster than XLA's conv there, and slower on fewer pixels (the kernel transform and small matmuls dominate) or
+    narrower kernels."""
     if compute.conv3x3() != "winograd" or jnp.dtype(dtype) != jnp.float32 or kernel_shape[:2] != (3, 3):
         return False
     return min(kernel_shape[2:]) >= 256 and x_shape[1] * x_shape[2] >= 64 * 64
