@@ -154,55 +154,62 @@ def test_documented_gpu_xla_flags_are_known_to_this_xla(tmp_path):
 
 # The host allocator policy is process-wide and permanent: what applies it runs in a child process.
 _FAULTS = """
-import os, resource, sys
+import resource, sys
 from dcae_jax.runtime import compute
 print(compute.set_host_malloc(cpu=sys.argv[1] == "cpu"), flush=True)
 import jax, jax.numpy as jnp, numpy as np
 double = jax.jit(lambda x: x * 2.0)  # a fresh 64 MiB result per call, freed when dropped
 x = jnp.asarray(np.ones((4096, 4096), np.float32))
-for _ in range(24):  # glibc's heap settles: early frees may come after the next call's allocation
+faults = []
+for _ in range(int(sys.argv[2])):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = double(x).block_until_ready()
     del y
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
-    y = double(x).block_until_ready()
-    del y
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults(platform_arg: str, **env: str) -> tuple[str, int]:
+def _faults(platform_arg: str, calls: int = 8, **env: str) -> tuple[str, list[int]]:
+    """Runs `calls` calls in a child process under the policy `platform_arg` and `env` ask for; returns the policy
+    in force and the page faults of each call."""
     import os
     import subprocess
     import sys
 
     base = {k: v for k, v in os.environ.items() if k not in (compute.HOST_MALLOC_ENV, "GLIBC_TUNABLES")}
     proc = subprocess.run(
-        [sys.executable, "-c", _FAULTS, platform_arg],
+        [sys.executable, "-c", _FAULTS, platform_arg, str(calls)],
         env={**base, "JAX_PLATFORMS": "cpu", **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    policy, faults = proc.stdout.split()
-    return policy, int(faults)
+    policy, *faults = proc.stdout.split()
+    return policy, [int(f) for f in faults]
+
+
+def _quietest_8(faults: list[int]) -> int:
+    """The fewest page faults of 8 consecutive calls, past the first 8."""
+    return min(sum(faults[i : i + 8]) for i in range(8, len(faults) - 7))
 
 
 def test_reused_host_memory_stops_the_page_faults_of_each_call():
-    """A jitted op with a 64 MiB result, called 24 times, then 8 counted: glibc's own policy maps fresh pages for
-    each result (16384 faults of 4 KiB per call); "reuse" serves them from memory earlier results freed (measured:
-    no faults after the heap settled within ~15 calls; before that, a free that lands after the next allocation
-    grows the heap)."""
+    """A jitted op with a 64 MiB result, called 64 times: glibc's own policy maps fresh pages for each result (16384
+    faults of 4 KiB per call, every call); "reuse" serves them from memory earlier results freed. Its heap settles
+    within ~15 calls on an idle machine (a free that lands after the next allocation grows it); on a loaded one
+    (CI's 2 cores under two pytest workers) fresh pages still come now and then past call 24 (measured: 1-5 of 8
+    calls), so the claim checked is that 8 consecutive calls run without fresh pages, which "system" never does."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the policy needs glibc's mallopt")
     pages = 4096 * 4096 * 4 // 4096
-    policy, faults = _faults("cpu", **{compute.HOST_MALLOC_ENV: "system"})
-    assert policy == "system" and faults >= 8 * pages * 0.9, faults
-    policy, reused = _faults("cpu")  # "auto" on the CPU
-    assert policy == "reuse" and reused < 2 * pages, reused
+    policy, faults = _faults("cpu", 64, **{compute.HOST_MALLOC_ENV: "system"})
+    assert policy == "system" and _quietest_8(faults) >= 8 * pages * 0.9, faults
+    policy, reused = _faults("cpu", 64)  # "auto" on the CPU
+    assert policy == "reuse" and _quietest_8(reused) < pages, reused
     assert _faults("gpu")[0] == "system"  # "auto" leaves an accelerator host's allocator alone
     assert _faults("cpu", GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] == "system"  # nor a user's own tunables
     assert _faults("gpu", **{compute.HOST_MALLOC_ENV: "reuse"})[0] == "reuse"  # forced
