@@ -169,9 +169,12 @@ def test_winograd_conv_same_forward_and_gradients_equal_torch(kernel_grad, monke
     assert layers.winograd_fits(x.shape, w.shape, jnp.float32)
     y, vjp = jax.jit(lambda x, w: jax.vjp(layers.conv_same, x, w))(jnp.asarray(x), jnp.asarray(w))
     dx, dw = jax.jit(vjp)(jnp.asarray(g))
-    xt, wt = _nchw(x).requires_grad_(), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    # The reference runs in float64: torch's own float32 conv is itself up to 1.9e-6 of the max off the exact
+    # result on an AVX2 EPYC (ours 6.7e-7 there), so a float32 reference would leave no room for our rounding.
+    xt = _nchw(x).double().requires_grad_()
+    wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).double().requires_grad_()
     yt = F.conv2d(xt, wt, padding=1)
-    (yt * _nchw(g)).sum().backward()
+    (yt * _nchw(g).double()).sum().backward()
     # The kernel gradient sums 4096 pixels' products in either path: float32 rounding is larger there.
     refs = ((y, _nhwc(yt), 2e-6), (dx, _nhwc(xt.grad), 2e-6), (dw, wt.grad.numpy().transpose(2, 3, 1, 0), 2e-5))
     for got, ref, tol in refs:
