@@ -401,11 +401,34 @@ class _TrainDecode(grain.transforms.RandomMap):
         return None if x is None else {"image": x}
 
 
+class _Gap:
+    """A padding slot between segments (`make_eval_loader(segments=...)`): masked out, not an unreadable record."""
+
+
+class _SegmentLayout:
+    """`source` laid out so each segment starts a new batch: slot k holds record slots[k], or a _Gap where -1."""
+
+    def __init__(self, source, slots: np.ndarray):
+        self._source, self._slots = source, slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __getitem__(self, k: int):
+        r = int(self._slots[k])
+        return _Gap() if r < 0 else self._source[r]
+
+    def __repr__(self) -> str:
+        return f"_SegmentLayout({self._source!r}, {len(self._slots)} slots)"
+
+
 class _EvalDecode(grain.transforms.Map):
     def __init__(self, resolution: int, min_side: int, label_fn: Callable[[Any], int] | None = None):
         self.resolution, self.min_side, self.label_fn = resolution, min_side, label_fn
 
     def map(self, record):
+        if isinstance(record, _Gap):
+            return _Padding(self.resolution, self.label_fn is not None).map(None)
         x = _decode(record, self.resolution, self.min_side, lambda img: center_crop_adm(img, self.resolution))
         if x is None:  # dropped: keeps its slot, masked out
             x, mask, skipped = np.zeros((self.resolution, self.resolution, 3), np.float32), 0.0, 1
@@ -621,26 +644,43 @@ def make_eval_loader(
     min_side: int | None = None,
     read_threads: int = 16,
     label_fn: Callable[[Any], int] | None = None,
+    segments: Sequence[int] | None = None,
 ) -> EvalLoader:
     """ADM-center-cropped evaluation batches {"image", "mask", "skipped"}; process p gets records p, p + n, ...
 
     All processes yield ceil(ceil(N / n) / batch_size) batches: the tail is padded with mask=0 entries.
     With `label_fn` (record -> int class id), batches also hold "label" (B,) int32: -1 where mask is 0.
+    `segments` (one process): lengths of consecutive runs of `source` that each start a new batch, the batch before
+    padded with mask=0 entries. A record's place in its batch then depends only on its place in its segment, which
+    XLA's CPU kernels need for the same bits: on an AVX2 CPU an image's encoding moves by float32 ulps with its row
+    in the batch (a resumed latents shard is encoded alone and must equal the one it replaces).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     min_side = math.ceil(resolution / 4) if min_side is None else min_side
     n = len(source)
-    num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
-    shard = grain.MapDataset.source(_SafeSource(source))[process_index::process_count]
-    ds = shard.map(_EvalDecode(resolution, min_side, label_fn))
-    pad = num_batches * batch_size - len(shard)
-    if pad:
-        padding = grain.MapDataset.range(pad).map(_Padding(resolution, with_label=label_fn is not None))
-        ds = grain.MapDataset.concatenate([ds, padding])
+    decode = _EvalDecode(resolution, min_side, label_fn)
+    if segments is None:
+        num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
+        shard = grain.MapDataset.source(_SafeSource(source))[process_index::process_count]
+        ds, num_examples = shard.map(decode), len(shard)
+        pad = num_batches * batch_size - len(shard)
+        if pad:
+            padding = grain.MapDataset.range(pad).map(_Padding(resolution, with_label=label_fn is not None))
+            ds = grain.MapDataset.concatenate([ds, padding])
+    else:
+        if process_count != 1:
+            raise ValueError(f"segments are for one process, got process_count={process_count}")
+        if any(s < 0 for s in segments) or sum(segments) != n:
+            raise ValueError(f"segments must be >= 0 and sum to the {n} records, got {list(segments)}")
+        ends = np.cumsum(segments, dtype=np.int64)
+        slots = [np.r_[np.arange(b - s, b), np.full(-s % batch_size, -1)] for s, b in zip(segments, ends, strict=True)]
+        layout = _SegmentLayout(_SafeSource(source), np.concatenate([np.zeros(0, np.int64), *slots]).astype(np.int64))
+        ds, num_examples = grain.MapDataset.source(layout).map(decode), n
+        num_batches = len(layout) // batch_size
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, read_threads))
     ds = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
-    return EvalLoader(ds, num_batches, len(shard))
+    return EvalLoader(ds, num_batches, num_examples)
 
 
 __all__ = [

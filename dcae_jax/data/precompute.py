@@ -188,15 +188,23 @@ class Encoder:
         variables = jax.device_put(ae.variables, rep)
         self.step = lambda images: step(variables, images)
 
-    def run(self, source, resolution: int, consume, desc: str, label_fn=None, read_threads: int = 16) -> None:
-        """consume(z (B, h, w, c) float32 unscaled, batch {"mask", "label"?, ...}) for every batch, in order."""
+    def run(
+        self, source, resolution: int, consume, desc: str, label_fn=None, read_threads: int = 16, segments=None
+    ) -> None:
+        """consume(z (B, h, w, c) float32 unscaled, batch {"mask", "label"?, ...}) for every batch, in order;
+        `segments`: runs of records that each start a new batch (`make_eval_loader`)."""
         from dcae_jax.data.batches import run_batches
         from dcae_jax.data.pipeline import make_eval_loader
 
         if len(source) == 0:
             return
         loader = make_eval_loader(
-            source, resolution=resolution, batch_size=self.batch_size, read_threads=read_threads, label_fn=label_fn
+            source,
+            resolution=resolution,
+            batch_size=self.batch_size,
+            read_threads=read_threads,
+            label_fn=label_fn,
+            segments=segments,
         )
         run_batches(loader, self.step, consume, self.sharding, len(loader), desc)
 
@@ -222,19 +230,28 @@ def measure_rms(encoder: Encoder, source, resolution: int, num: int, read_thread
 
 
 class _ShardAssembler:
-    """Collects encoded batches (in record order) and writes each shard as soon as all its records are in."""
+    """Collects encoded batches (in record order) and writes each shard as soon as all its records are in.
 
-    def __init__(self, out, shards, indices, scale: float, run_id: str, num_shards: int, on_written):
-        self.out, self.pending, self.indices = out, list(shards), indices
+    Every shard starts a new batch (the loader's segments), so a record's place in its batch, and with it the
+    float32 rounding of its latent, is the same whichever shards a run encodes: a resumed shard is byte-identical.
+    """
+
+    def __init__(self, out, shards, batch_size: int, scale: float, run_id: str, num_shards: int, on_written):
+        self.out, self.pending = out, list(shards)
         self.scale, self.run_id, self.num_shards, self.on_written = np.float32(scale), run_id, num_shards, on_written
+        # Per batch slot: a record (True) or the padding that ends a shard's last batch (False).
+        sizes = [stop - start for _, start, stop in shards]
+        self.real = np.concatenate(
+            [np.zeros(0, bool)] + [np.r_[np.ones(k, bool), np.zeros(-k % batch_size, bool)] for k in sizes]
+        )
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.have = self.pos = 0
 
     def __call__(self, z: np.ndarray, batch: dict[str, np.ndarray]) -> None:
-        n = min(z.shape[0], len(self.indices) - self.pos)  # the tail of the last batch is padding
-        self.parts.append((np.asarray(z[:n]), np.asarray(batch["mask"][:n]), np.asarray(batch["label"][:n])))
-        self.pos += n
-        self.have += n
+        real = self.real[self.pos : self.pos + z.shape[0]]
+        self.pos += z.shape[0]
+        self.parts.append(tuple(np.asarray(a)[real] for a in (z, batch["mask"], batch["label"])))
+        self.have += int(real.sum())
         while self.pending and self.have >= self.pending[0][2] - self.pending[0][1]:
             self._write(*self.pending.pop(0))
 
@@ -434,8 +451,9 @@ def precompute(
         done(i, info)
         counts[0] += 1
 
-    assembler = _ShardAssembler(out, todo, indices, scale, rid, num_shards, written)
-    encoder.run(_Subset(source, indices), resolution, assembler, "encode", label_fn, read_threads)
+    assembler = _ShardAssembler(out, todo, encoder.batch_size, scale, rid, num_shards, written)
+    segments = [stop - start for _, start, stop in todo]
+    encoder.run(_Subset(source, indices), resolution, assembler, "encode", label_fn, read_threads, segments)
     if assembler.pending:
         raise RuntimeError(f"process {p}: shards {[s[0] for s in assembler.pending]} got no data (loader ended early)")
 
