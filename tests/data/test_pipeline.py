@@ -250,6 +250,27 @@ def test_eval_loader_pads_and_masks(tmp_path):
     assert sorted(seen) == [0, 1, 2, 4, 5, 6] and skipped == 1
 
 
+def test_eval_loader_segments_start_new_batches(id_folder):
+    """Segments 3 / 0 / 5 / 2 / 11 in batches of 2: each starts a batch; the gaps are padding (mask 0, not skipped)."""
+    source = ip.make_source(f"folder:{id_folder}", "train")
+    labels = [int(pathlib.Path(p).stem) for p in source.paths]  # the id drawn into each image
+    loader = ip.make_eval_loader(source, resolution=R, batch_size=2, read_threads=2, segments=[3, 0, 5, 2, 11])
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2 + 3 + 1 + 6 and loader.num_examples == 21
+    mask = np.concatenate([b["mask"] for b in batches])
+    ids = [i for b in batches for i in _ids(b)]
+    slots = [0, 1, 2, None, 3, 4, 5, 6, 7, None, 8, 9, *range(10, 21), None]
+    assert mask.tolist() == [0.0 if r is None else 1.0 for r in slots]
+    assert [i for i, r in zip(ids, slots, strict=True) if r is not None] == labels
+    assert sum(int(b["skipped"].sum()) for b in batches) == 0
+    padding = np.concatenate([b["image"] for b in batches])[mask == 0]
+    assert len(padding) == 3 and not padding.any()
+    with pytest.raises(ValueError, match="sum to the 21 records"):
+        ip.make_eval_loader(source, resolution=R, batch_size=2, segments=[3, 5])
+    with pytest.raises(ValueError, match="for one process"):
+        ip.make_eval_loader(source, resolution=R, batch_size=2, process_count=2, segments=[21])
+
+
 def test_tfds_source(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     try:
