@@ -14,7 +14,7 @@ LiteMLA's and GLUMBConv's projections. Batch 1, fp32, compile and warm-up exclud
 the kernel: XLA's from `jax.vjp`, torch's `torch.nn.grad.conv2d_input/conv2d_weight`). The dcae_jax column
 is what our `Conv2d` runs: a matmul for 1x1, else `layers.conv_same`, which on the CPU runs wide float32 3x3
 convs as Winograd F(2x2, 3x3) (`layers.winograd_fits`; `DCAE_JAX_CONV3X3=xla` turns it off), else XLA's conv,
-with kernel gradients as k matmuls on Intel CPUs for other wide kernels (`layers.kernel_grad_as_dots`).
+with kernel gradients as k*k matmuls on x86 CPUs for kernels with 64+ inputs (`layers.kernel_grad_as_dots`).
 Prints the processor (lscpu model name and vector extensions) beside the numbers.
 """
 

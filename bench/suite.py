@@ -208,7 +208,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,
         "accelerator": None,  # filled in from the child's jax device kind
-        # How our CPU conv kernel gradients ran (compute.conv_kernel_grad: by vendor, or $DCAE_JAX_CONV_KERNEL_GRAD).
+        # How our CPU conv kernel gradients ran (compute.conv_kernel_grad: x86 or not, or $DCAE_JAX_CONV_KERNEL_GRAD).
         "conv_kernel_grad": compute.conv_kernel_grad(),
         # How our wide float32 3x3 convs ran on the CPU (compute.conv3x3: $DCAE_JAX_CONV3X3, Winograd by default).
         "conv3x3": compute.conv3x3(),

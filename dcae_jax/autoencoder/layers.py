@@ -156,30 +156,30 @@ def conv3x3_winograd(x: Array, kernel: Array) -> Array:
 
 def conv_kernel_grad_dots(x: Array, g: Array, k: int) -> Array:
     """(B, H, W, C_in), (B, H, W, C_out) -> (k, k, C_in, C_out): the kernel gradient of a stride-1 'same' conv
-    as k matmuls: for kernel row i, the k column-shifted windows of the padded input side by side
-    (B*H*W, k*C_in), contracted with g over the pixels. Equal to the conv's own (`jax.vjp`) kernel gradient."""
+    as k*k matmuls, equal to the conv's own (`jax.vjp`) kernel gradient: dk[i, j] = x^T @ g_ij over the pixels,
+    where g_ij is g shifted by (p - i, p - j) (p = k // 2) with zeros shifted in. The shifted copies are of g, not
+    of x, so XLA can only build them in the backward pass, when g exists (copies of x, which exists from the
+    forward pass on, were scheduled early and all kept: +650 MiB per 256² x 256 layer)."""
     p = k // 2
-    _, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    rows = []
-    for i in range(k):
-        windows = jnp.concatenate([xp[:, i : i + h, j : j + w, :] for j in range(k)], axis=-1)
-        rows.append(jnp.einsum("bhwc,bhwo->co", windows, g).reshape(k, c, g.shape[-1]))
-    return jnp.stack(rows)
+    b, h, w, c = x.shape
+    gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+    xf = x.reshape(b * h * w, c)
+
+    def tap(i: int, j: int) -> Array:
+        return xf.T @ gp[:, 2 * p - i : 2 * p - i + h, 2 * p - j : 2 * p - j + w, :].reshape(b * h * w, -1)
+
+    return jnp.stack([jnp.stack([tap(i, j) for j in range(k)]) for i in range(k)])
 
 
 def kernel_grad_as_dots(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
-    """Whether `conv_same` computes this kernel gradient as matmuls on the CPU: when `compute.conv_kernel_grad()`
-    says "dots" (by default on Intel CPUs), for kernels with at least 128 output channels that are wider than
-    128 x 128 or see at least 256² pixels. Measured on XLA:CPU (jax 0.10.2, docs/performance.md,
-    `python -m bench.conv --pass weight_grad`): on an Intel Xeon its own weight-gradient conv is 1.4-4x slower than
-    the matmuls there, and 1.1-4x faster than them for narrower kernels and fewer pixels; on an AMD EPYC (Zen 4)
-    the whole 256² train step is faster without the matmuls."""
+    """Whether `conv_same` computes this kernel gradient as matmuls (`conv_kernel_grad_dots`) on the CPU: when
+    `compute.conv_kernel_grad()` says "dots" (by default on x86 CPUs), for kernels with at least 64 input
+    channels. Measured on XLA:CPU (jax 0.10.2, AMD EPYC Zen 3, docs/performance.md): XLA's own weight-gradient
+    conv is 1.2-5.4x slower than the matmuls there (3.6x for a decoder head's 128 -> 3), and 1.0-3.5x faster
+    with 3-32 input channels (a 3 -> 128 input conv, the quickstart's 16- and 32-channel stages)."""
     if compute.conv_kernel_grad() == "xla":
         return False
-    pixels = x_shape[0] * x_shape[1] * x_shape[2]
-    c_in, c_out = kernel_shape[2], kernel_shape[3]
-    return c_out >= 128 and (c_in * c_out > 128 * 128 or pixels >= 256 * 256)
+    return kernel_shape[2] >= 64
 
 
 def winograd_fits(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype) -> bool:
@@ -202,8 +202,8 @@ def _conv_same_forward(x: Array, kernel: Array) -> Array:
 @jax.custom_vjp
 def conv_same(x: Array, kernel: Array) -> Array:
     """Stride-1 conv with torch's 'same' padding (k // 2), NHWC x HWIO. On the CPU, wide float32 3x3 convs and
-    their input gradients run as Winograd F(2x2, 3x3) (`winograd_fits`), and wide kernels may get their kernel
-    gradient as matmuls (`conv_kernel_grad_dots`, chosen by `kernel_grad_as_dots`); everything else, and every
+    their input gradients run as Winograd F(2x2, 3x3) (`winograd_fits`), and kernels with 64+ inputs get their
+    kernel gradient as matmuls (`conv_kernel_grad_dots`, chosen by `kernel_grad_as_dots`); everything else, and every
     other platform, runs XLA's conv and its own transposes."""
     return _conv_same_forward(x, kernel)
 

@@ -13,11 +13,12 @@ in the config (`config.model.dtype`, `config.model.remat`, `config.model.attenti
   DiT. "auto" picks cuDNN's fused attention on a GPU where cuDNN supports the call (bf16/fp16, head_dim a
   multiple of 8 up to 128) and XLA's otherwise (CPU, TPU, float32); "xla" and "cudnn" force one.
 * `conv_kernel_grad()`: how a 3x3 conv's kernel gradient runs on the CPU, from `$DCAE_JAX_CONV_KERNEL_GRAD`:
-  "dots" computes wide kernels' gradients as matmuls (`layers.kernel_grad_as_dots`), "xla" keeps XLA's own
-  transposed conv for all of them, "auto" (the default) picks "dots" on Intel CPUs and "xla" on every other
-  (measured, docs/performance.md: on an Intel Xeon the matmuls made the 256² phase-1 step 1.5x faster; on an AMD
-  EPYC (Zen 4) they made it 1.16x slower and used 4.8 GiB more). Read when a step is traced; GPUs and TPUs always
-  use XLA's conv.
+  "dots" computes the gradients of kernels with 64+ input channels as matmuls (`layers.kernel_grad_as_dots`),
+  "xla" keeps XLA's own transposed conv for all of them, "auto" (the default) picks "dots" on x86 CPUs (Intel and
+  AMD) and "xla" on every other (unmeasured there). Measured (docs/performance.md): XLA's own kernel-gradient conv
+  is 3-5x slower than the matmuls at the released models' widths; the 256² phase-1 step went from 34.5 to 23.1 s
+  with them on an Intel Xeon and from 44.9 to 26.2 s on an AMD EPYC (Zen 3, AVX2). Read when a step is traced;
+  GPUs and TPUs always use XLA's conv.
 * `conv3x3()`: how wide float32 3x3 convs and their input gradients run on the CPU, from `$DCAE_JAX_CONV3X3`:
   "winograd" (the default) as Winograd F(2x2, 3x3) (`layers.conv3x3_winograd`: 2.25x fewer multiplies, matmuls
   over the tiles) where `layers.winograd_fits` says it is faster, "xla" always XLA's conv. XLA:CPU runs its convs
@@ -168,7 +169,7 @@ def conv_kernel_grad() -> str:
     """ "dots" or "xla": how wide conv kernels get their gradient on the CPU (module docstring)."""
     mode = _env_choice(CONV_KERNEL_GRAD_ENV, CONV_KERNEL_GRAD)
     if mode == "auto":
-        return "dots" if cpu_vendor() == "GenuineIntel" else "xla"
+        return "dots" if cpu_vendor() in ("GenuineIntel", "AuthenticAMD") else "xla"
     return mode
 
 
