@@ -26,7 +26,12 @@ def define_flags(f: cli.Flags) -> None:
     f.string("out", None, "Output folder (created; rerun with the same settings to resume).", required=True)
     f.string("split", "train", "Dataset split.")
     f.integer("batch_size", 32, "Images per process and step (rounded up to the local device count).", lower_bound=1)
-    f.integer("shard_size", 1024, "Source records per shard.", lower_bound=1)
+    f.integer(
+        "shard_size",
+        1024,
+        "Source records per shard; each starts a new batch, so a multiple of --batch_size pads none.",
+        lower_bound=1,
+    )
     f.integer("max_images", None, "Only the first N records of the split.")
     f.string("scaling_factor", None, "A number, or 'auto' (1/RMS); default: the model's, else auto.")
     f.integer("auto_scale_examples", 2048, "Records (spread over the split) that 'auto' measures.", lower_bound=1)
