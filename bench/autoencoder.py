@@ -4,7 +4,7 @@
 
 Both models get identical random weights (diffusers init, converted). Compile and warm-up are
 excluded; each repeat times torch then JAX back to back (interleaved) and the median is reported.
-FLOPs come from XLA's cost analysis of the compiled encode and decode. `--stages` adds a
+FLOPs come from XLA's cost analysis of the lowered encode and decode (bench.cost). `--stages` adds a
 per-stage timing of our model (what each encoder/decoder stage costs), to explain the ratio.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import jax
@@ -20,18 +19,26 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan")))
-
-
 def _dcae_config(model: str):
     """The DCAEConfig for a released name, or the test-sized "tiny" one (smoke runs of `bench.suite`)."""
     from dcae_jax.autoencoder.model import get_config, tiny_config
 
     return tiny_config() if model == "tiny" else get_config(model)
+
+
+def twin_models(cfg, device: str):
+    """diffusers `AutoencoderDC` with its random init (seed 0), built on `device`, and its weights converted to our
+    float32 variables in memory (no checkpoint round trip: a save and reload of f128c512's 1.1 B parameters took
+    ~40 s on 2 CPU cores, most of an accelerator row's time limit)."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    from dcae_jax.autoencoder import convert
+
+    torch.manual_seed(0)
+    with torch.device(device):  # a GPU draws the initial weights itself instead of copying them over
+        tmodel = AutoencoderDC(**cfg.to_diffusers())
+    return tmodel, convert.convert_state_dict(tmodel.state_dict(), cfg, "diffusers")
 
 
 def measure(
@@ -48,20 +55,18 @@ def measure(
 
     Shared by this script's command line and `bench.suite` (which runs it in a child process per row)."""
     import torch
-    from diffusers import AutoencoderDC
 
+    from bench import cost
     from dcae_jax import DCAE
     from dcae_jax.autoencoder.model import DCAEModel
 
     cfg = _dcae_config(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    torch.manual_seed(0)
-    tmodel = AutoencoderDC(**cfg.to_diffusers()).eval()
-    with tempfile.TemporaryDirectory() as d:
-        tmodel.save_pretrained(d)
-        ae = DCAE.from_pretrained(d, variant=None if model == "tiny" else model, dtype=jnp.dtype(dtype))
-    tmodel = tmodel.to(device=device, dtype=tdtype)
+    tmodel, variables = twin_models(cfg, device)
+    ae = DCAE(cfg, variables, jnp.dtype(dtype))
+    del variables
+    tmodel = tmodel.eval().to(dtype=tdtype)
 
     x = np.random.RandomState(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device=device, dtype=tdtype)
@@ -77,10 +82,12 @@ def measure(
     def run_jax():
         return ae.decode(ae.encode(xj)).block_until_ready()
 
-    enc_c = ae._encode_fn.lower(ae.variables, xj).compile()
+    enc = ae._encode_fn.lower(ae.variables, xj)
     z = ae.encode(xj)
-    dec_c = ae._decode_fn.lower(ae.variables, z).compile()
-    flops = _flops(enc_c) + _flops(dec_c)
+    dec = ae._decode_fn.lower(ae.variables, z)
+    flops = cost.flops(enc) + cost.flops(dec)
+    sizes = [cost.footprint(lowered.compile()) for lowered in (enc, dec)]  # the two run one after the other
+    footprint = None if None in sizes else max(sizes)
 
     runners = {"diffusers eager": lambda: run_torch(tmodel), "dcae_jax": run_jax}
     if torch_compile:
@@ -100,6 +107,7 @@ def measure(
     return {
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "flops": flops,
+        "memory_bytes": {"dcae_jax": footprint},
         "device": f"{jax.devices()[0].device_kind}/{device}",
     }
 

@@ -7,7 +7,7 @@ At 512x512, UViT sees DC-AE-f64 latents (8x8x128, patch 1: 64 tokens), DC-AE-f32
 label and time tokens. For each we time (median of interleaved repeats, compile excluded) the real
 sharded training step (`dcae_jax.diffusion.train.train_step`: epsilon objective, AdamW, EMA) and one
 sampling step (one guided model evaluation: conditional + unconditional batch, as DPM-Solver++ does
-30 times per image), count their FLOPs with XLA's cost analysis, and print throughput ratios against
+30 times per image), count their FLOPs with XLA's cost analysis (bench.cost), and print throughput ratios against
 SD-VAE-f8 p2 next to the paper's (UViT-H, H100, fp16: 17.9x training, 19.1x inference for f64).
 fp32 on CPU; per-step compute, not the autoencoder, is what the latent choice changes.
 """
@@ -42,14 +42,9 @@ def _timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0))
-
-
 def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str = "float32"):
     """Compiled train step and guided sampling step for one latent space, with their inputs."""
+    from bench import cost
     from dcae_jax.diffusion import train as dtrain
     from dcae_jax.diffusion.samplers import classifier_free_guidance
     from dcae_jax.runtime import sharding
@@ -69,22 +64,37 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
         "latent": jax.device_put(rng.normal(size=(batch, *latent)).astype(np.float32), data),
         "label": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), data),
     }
-    step = jax.jit(
-        functools.partial(dtrain.train_step, trainer=trainer),
-        in_shardings=(shardings, data),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
-    train_compiled = step.lower(state, batch_arrays).compile()
 
-    def guided_eval(params, x, t, y):
-        def apply_fn(x, t, y):
-            return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
+    def programs(trainer):
+        step = jax.jit(
+            functools.partial(dtrain.train_step, trainer=trainer),
+            in_shardings=(shardings, data),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
 
-        return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
+        def guided_eval(params, x, t, y):
+            def apply_fn(x, t, y):
+                return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
 
+            return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
+
+        x, t = batch_arrays["latent"], jnp.asarray(500.0)
+        return step.lower(state, batch_arrays), jax.jit(guided_eval).lower(state.params, x, t, batch_arrays["label"])
+
+    train_lowered, sample_lowered = programs(trainer)
+    train_compiled, sample_compiled = train_lowered.compile(), sample_lowered.compile()
+    # FLOPs of the same step with XLA's attention: cuDNN's fused attention (chosen on a GPU) is a custom call that
+    # XLA's cost analysis does not count (bench.cost).
+    config.model.attention = "xla"
+    counted = programs(dtrain.build_trainer(config, cfg))
     x, t = batch_arrays["latent"], jnp.asarray(500.0)
-    sample_compiled = jax.jit(guided_eval).lower(state.params, x, t, batch_arrays["label"]).compile()
+    cost_of = {
+        "train_flops": cost.flops(counted[0]),
+        "sample_flops": cost.flops(counted[1]),
+        "train_bytes": cost.footprint(train_compiled),
+        "sample_bytes": cost.footprint(sample_compiled),
+    }
     holder = {"state": state}
 
     def run_train():
@@ -94,7 +104,7 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
     def run_sample():
         return sample_compiled(holder["state"].params, x, t, batch_arrays["label"])
 
-    return cfg, train_compiled, sample_compiled, run_train, run_sample
+    return cfg, cost_of, run_train, run_sample
 
 
 def measure(model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = "float32") -> dict[str, dict]:
@@ -104,16 +114,10 @@ def measure(model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = 
     rows = {}
     runners = {}
     for name, latent, patch in latents:
-        cfg, train_c, sample_c, run_train, run_sample = build(model, latent, patch, batch, dtype)
+        cfg, cost_of, run_train, run_sample = build(model, latent, patch, batch, dtype)
         run_train(), run_sample()  # warm-up
         runners[name] = (run_train, run_sample)
-        rows[name] = {
-            "tokens": cfg.seq_len,
-            "train_flops": _flops(train_c),
-            "sample_flops": _flops(sample_c),
-            "train_s": [],
-            "sample_s": [],
-        }
+        rows[name] = {"tokens": cfg.seq_len, **cost_of, "train_s": [], "sample_s": []}
     for _ in range(repeats):  # interleaved, so machine load drifts hit every row alike
         for name, (run_train, run_sample) in runners.items():
             rows[name]["train_s"] += _timed(run_train, 1)

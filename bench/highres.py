@@ -21,25 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 METHODS = ("diffusers tiled", "dcae_jax tiled", "dcae_jax sharded", "dcae_jax untiled")
-
-
-def _footprint(compiled) -> int | None:
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-
-
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", float("nan")))
 
 
 def _errors(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -72,9 +58,9 @@ def measure(
     import jax
     import jax.numpy as jnp
     import torch
-    from diffusers import AutoencoderDC
 
-    from bench.autoencoder import _dcae_config
+    from bench import cost
+    from bench.autoencoder import _dcae_config, twin_models
     from dcae_jax import DCAE
     from dcae_jax.autoencoder import inference
 
@@ -83,12 +69,10 @@ def measure(
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    torch.manual_seed(0)
-    tmodel = AutoencoderDC(**cfg.to_diffusers()).eval()
-    with tempfile.TemporaryDirectory() as d:
-        tmodel.save_pretrained(d)
-        ae = DCAE.from_pretrained(d, variant=None if model == "tiny" else model, dtype=jnp.dtype(dtype))
-    tmodel = tmodel.to(device=device, dtype=tdtype)
+    tmodel, variables = twin_models(cfg, device)
+    ae = DCAE(cfg, variables, jnp.dtype(dtype))
+    del variables
+    tmodel = tmodel.eval().to(dtype=tdtype)
     stride = tile - overlap
     tmodel.enable_tiling(tile, tile, stride, stride)
 
@@ -143,19 +127,19 @@ def measure(
     # Our footprints from XLA's memory analysis (per device, per tile), and XLA's FLOP counts. The untiled decode
     # is compiled even when it is not run: its footprint is what decoding without tiling or sharding would need.
     zl = jnp.asarray(z, ae.dtype)
-    whole = ae._decode_fn.lower(ae.variables, zl).compile()
-    memory["dcae_jax untiled"] = _footprint(whole)
+    whole = ae._decode_fn.lower(ae.variables, zl)
+    memory["dcae_jax untiled"] = cost.footprint(whole.compile())
     t = min(tile // f, h), min(tile // f, w)
-    one_tile = ae._decode_fn.lower(ae.variables, zl[:, : t[0], : t[1]]).compile()
+    one_tile = ae._decode_fn.lower(ae.variables, zl[:, : t[0], : t[1]])
     tiles = len(inference._tile_starts(h, t[0], overlap // f)) * len(inference._tile_starts(w, t[1], overlap // f))
-    flops = {"dcae_jax tiled": _flops(one_tile) * tiles, "dcae_jax sharded": _flops(whole)}
+    flops = {"dcae_jax tiled": cost.flops(one_tile) * tiles, "dcae_jax sharded": cost.flops(whole)}
     flops["dcae_jax untiled"] = flops["dcae_jax sharded"]
     if "dcae_jax tiled" in runners:
-        memory["dcae_jax tiled"] = _footprint(one_tile)
+        memory["dcae_jax tiled"] = cost.footprint(one_tile.compile())
     if "dcae_jax sharded" in runners:
         fn = inference._sharded_fn(ae, mesh, "space", "decode")
         zs = jax.device_put(zl, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "space")))
-        memory["dcae_jax sharded"] = _footprint(fn.lower(inference._replicated_variables(ae, mesh), zs).compile())
+        memory["dcae_jax sharded"] = cost.footprint(fn.lower(inference._replicated_variables(ae, mesh), zs).compile())
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(repeats):

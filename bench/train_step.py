@@ -11,14 +11,13 @@ PatchGAN (the architecture of `dcae_jax.autoencoder.discriminator`, GroupNorm, A
 adaptive GAN weight from the gradients of both losses at the head conv, as taming-transformers computes it.
 JAX side: our jitted `train_step`, built exactly as the trainer builds it, with donation. Compile and warm-up
 are excluded; repeats are interleaved and the median is reported. FLOPs come from XLA's cost analysis of the
-compiled step. LPIPS is off on both sides.
+lowered step (bench.cost). LPIPS is off on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import jax
@@ -131,10 +130,10 @@ def measure(
     `lr`: phase 1's learning rate (default: the phase's own). Shared by this script's command line and
     `bench.suite` (which runs it in a child process per row)."""
     import torch
-    from diffusers import AutoencoderDC
 
+    from bench import cost
+    from bench.autoencoder import twin_models
     from dcae_jax.autoencoder import train
-    from dcae_jax.autoencoder.pretrained import DCAE
     from dcae_jax.runtime import sharding
     from dcae_jax.training import config as common
 
@@ -148,12 +147,8 @@ def measure(
     c.resolution, c.global_batch_size = resolution, batch
     if lr is not None:
         c.optim.learning_rate = lr
-    torch.manual_seed(0)
-    tmodel = AutoencoderDC(**mcfg.to_diffusers())
-    with tempfile.TemporaryDirectory() as d:
-        tmodel.save_pretrained(d)
-        variant = None if model == "tiny" else model
-        variables = jax.tree_util.tree_map(np.asarray, DCAE.from_pretrained(d, variant=variant).variables)
+    tmodel, variables = twin_models(mcfg, device)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
     x = np.random.RandomState(0).uniform(-1, 1, (batch, resolution, resolution, 3)).astype(np.float32)
     runners = {REFERENCE: torch_step_fn(tmodel.to(device), x, phase, c, device)}
 
@@ -164,8 +159,7 @@ def measure(
     state, _ = train.create_train_state(c, trainer, cfg, mesh, variables)
     lowered = train.lower_train_step(c)
     compiled = lowered.compile()
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list | tuple) else cost).get("flops", float("nan")))
+    flops = cost.flops(lowered)
     jbatch = sharding.global_batch({"image": x}, sharding.batch_sharding(mesh))
     aux: dict = {}
     holder = {"state": state}
@@ -187,6 +181,7 @@ def measure(
     return {
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "flops": flops,
+        "memory_bytes": {"dcae_jax": cost.footprint(compiled)},
         "device": f"{jax.devices()[0].device_kind}/{device}",
     }
 

@@ -57,7 +57,7 @@ def test_results_json_schema(smoke):
     out, _ = smoke
     result = json.loads((out / "results.json").read_text())
     assert result["schema_version"] == 1
-    assert result["scale"] == "smoke"
+    assert result["scale"] == "smoke" and result["complete"] is True
     assert isinstance(result["command"], list) and "bench.suite" in result["command"]
     assert "--scale" in result["command"] and "smoke" in result["command"]
     assert result["date"].endswith("Z") and result["date"][:4].isdigit()
@@ -95,6 +95,10 @@ def test_results_json_schema(smoke):
         assert row["flops"] > 0 and row["flops_per_s"] == pytest.approx(row["flops"] / ours, rel=1e-9)
         assert row["fraction_of_peak"] is None  # no known peak for a CPU
         assert row["memory_bytes"]["process_peak_rss"] > 0
+        assert row["memory_bytes"]["dcae_jax"] > 0, row["name"]  # XLA's compiled footprint of our program
+        if row["kind"].startswith("uvit"):  # the reference is the same UViT on SD-VAE latents: more tokens
+            assert row["memory_bytes"]["reference"] > row["memory_bytes"]["dcae_jax"], row["name"]
+            assert row["reference_flops"] > row["flops"], row["name"]
 
     ok_kinds = {r["kind"] for r in rows if r["status"] == "ok"}
     assert "autoencoder encode+decode" in ok_kinds
@@ -164,7 +168,12 @@ def test_the_accelerator_plan_covers_the_whole_grid_in_priority_order():
         (2048, 2048),
         (4096, 4096),
     }
-    assert [r.name for r in rows][:2] == ["ae f32c32 512 bfloat16", "ae f64c128 512 bfloat16"]  # the drop order
+    # The drop order: issue 17's targets first (bf16 encode+decode vs diffusers eager and vs torch.compile).
+    assert [r.name for r in rows][:3] == [
+        "ae f32c32 512 bfloat16",
+        "ae f32c32 512 bfloat16+torch.compile",
+        "ae f64c128 512 bfloat16",
+    ]
     assert not [r for r in suite.plan("accelerator", gpu=False) if r.extra.get("torch_compile")]
 
 
@@ -196,3 +205,123 @@ def test_machine_tag_names_the_processor_or_the_accelerator():
     if mach["processor_id"]:
         assert mach["processor_id"] in tag
     assert suite.machine_tag({**mach, "accelerator": "NVIDIA H200"}) == "NVIDIA H200"
+
+
+def test_a_run_cut_short_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """results.json and results.md are rewritten after each row, marked incomplete until the end: a lease that
+    ends or a killed job keeps what was measured."""
+    calls = []
+
+    def fake_child(specs, repeats, timeout, warmup=1):
+        if calls:
+            raise KeyboardInterrupt  # the job is killed during the second row
+        calls.append(specs[0].name)
+        row = suite._error_row(specs[0], "error", "measured nothing: a stand-in child")
+        row["row_wall_s"] = 1.0
+        return [row], ""
+
+    monkeypatch.setattr(suite, "run_child", fake_child)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--scale", "cpu", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["complete"] is False and [r["name"] for r in result["rows"]] == calls
+    assert "(incomplete" in (tmp_path / "results.md").read_text().splitlines()[0]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_count_flops_matches_the_measured_rows(smoke):
+    """bench.count_flops (abstract inputs, lowered for a platform, no device) counts what the suite's measuring
+    functions count on that platform: here the smoke rows on the CPU, each row's own program."""
+    from bench import count_flops
+
+    out, _ = smoke
+    measured = {r["name"]: r["flops"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    counted = {}
+    for spec in suite.plan("smoke", gpu=False):
+        counted.update(count_flops.count(spec, "cpu"))
+    assert set(counted) == set(measured)
+    for name, flops in counted.items():
+        assert flops == pytest.approx(measured[name], rel=1e-6), name
+
+
+def test_count_flops_command_lowers_for_another_platform(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.count_flops",
+            "--scale",
+            "smoke",
+            "--platform",
+            "cuda",
+            "--only",
+            "ae tiny",
+            "--out",
+            str(tmp_path / "f.json"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert result["platform"] == "cuda" and list(result["flops"]) == ["ae tiny 32 float32"]
+    assert result["flops"]["ae tiny 32 float32"] > 0
+    assert "wrote" in proc.stdout.strip().splitlines()[-1]
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.count_flops", "--platform", "metal"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "--platform" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_count_flops_utilisation_table_of_a_run(smoke, capsys, tmp_path):
+    """`--results`: a markdown row per measured row, with our FLOPs (the count above) and both sides' TFLOP/s."""
+    from bench import count_flops
+
+    out, _ = smoke
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["status"] == "ok"]
+    assert count_flops.main(["--platform", "cpu", "--results", str(out / "results.json")]) == 0
+    table = capsys.readouterr().out
+    for r in rows:
+        line = next(x for x in table.splitlines() if x.startswith(f"| {r['name']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[3]) == pytest.approx(r["flops"] / 1e9, abs=0.6), r["name"]
+        assert float(cells[4]) == pytest.approx(r["flops"] / r["seconds"]["dcae_jax"] / 1e12, abs=0.06)
+    bad = tmp_path / "notes.json"
+    bad.write_text("[1, 2]")
+    assert count_flops.main(["--results", str(bad)]) == 2
+    assert "not a bench.suite results.json" in capsys.readouterr().err
+
+
+def test_accelerator_script_runs_its_preflight_and_the_suite(tmp_path):
+    """bench/accelerator.sh (the one call on a lent GPU) on this CPU: machine record, the tiny preflight row, then the
+    accelerator scale with a budget too small for any row (each recorded as skipped), every file where it says."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "bench/accelerator.sh", str(out), "", "--budget", "1"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    env = (out / "environment.txt").read_text()
+    assert "cores:" in env and "used: jax" in env
+    preflight = json.loads((out / "preflight" / "results.json").read_text())
+    assert [r["status"] for r in preflight["rows"]] == ["ok"]
+    result = json.loads((out / "accelerator" / "results.json").read_text())
+    assert result["complete"] and result["scale"] == "accelerator" and "--budget" in result["command"]
+    assert {r["status"] for r in result["rows"]} == {"skipped"}
+    assert f"wrote {out}" in proc.stdout.strip().splitlines()[-1]
+    shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"
+    if shellcheck.exists():
+        lint = subprocess.run([str(shellcheck), "bench/accelerator.sh"], cwd=REPO, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout

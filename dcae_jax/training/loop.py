@@ -48,7 +48,8 @@ class CompiledStep:
     """A jitted step that is compiled on its first call, before anything runs: then every process waits for the
     others (`distributed.barrier`), so that no process starts the step's collectives while another is still
     compiling (on CPU, gloo gives up on a peer 30 s late; a cache miss on one host easily costs more).
-    `lower(*args)` is the jitted function's, for ahead-of-time compilation."""
+    `lower(*args)` and `trace(*args)` are the jitted function's, for ahead-of-time compilation and analysis
+    (`trace(...).lower(lowering_platforms=...)` lowers for another platform)."""
 
     def __init__(self, jitted: Callable):
         self._jitted = jitted
@@ -56,6 +57,9 @@ class CompiledStep:
 
     def lower(self, *args):
         return self._jitted.lower(*args)
+
+    def trace(self, *args):
+        return self._jitted.trace(*args)
 
     def __call__(self, *args):
         if self._compiled is None:
