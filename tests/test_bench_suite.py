@@ -31,9 +31,9 @@ ROW_KEYS = {
 NULLABLE_NUMBERS = ("ratio", "flops", "flops_per_s", "fraction_of_peak")
 
 
-def _run(*args: str, timeout: int = 480) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 480, module: str = "bench.suite") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bench.suite", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
@@ -245,39 +245,14 @@ def test_count_flops_matches_the_measured_rows(smoke):
 
 
 def test_count_flops_command_lowers_for_another_platform(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.count_flops",
-            "--scale",
-            "smoke",
-            "--platform",
-            "cuda",
-            "--only",
-            "ae tiny",
-            "--out",
-            str(tmp_path / "f.json"),
-        ],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = str(tmp_path / "f.json")
+    proc = _run("--platform", "cuda", "--only", "ae tiny", "--scale", "smoke", "--out", out, module="bench.count_flops")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "f.json").read_text())
     assert result["platform"] == "cuda" and list(result["flops"]) == ["ae tiny 32 float32"]
     assert result["flops"]["ae tiny 32 float32"] > 0
     assert "wrote" in proc.stdout.strip().splitlines()[-1]
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.count_flops", "--platform", "metal"],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = _run("--platform", "metal", module="bench.count_flops")
     assert bad.returncode == 2 and "--platform" in bad.stderr and "Traceback" not in bad.stderr
 
 
