@@ -204,7 +204,9 @@ def _utilisation(paths: list[str], platform: str, out: str) -> int:
                 counts.update(count(spec, platform))
             ours_s, ref_s = row["seconds"]["dcae_jax"], row["seconds"]["reference"]
             ours = counts[row["name"]]
-            if row["kind"].startswith("uvit"):  # the reference is the SD-VAE program: its own count
+            if ref_s is None:  # a row without a reference (a UViT utilisation row)
+                ref = None
+            elif row["kind"].startswith("uvit"):  # the reference is the SD-VAE program: its own count
                 ref = _uvit_reference(spec, row["name"], platform, counts)
             elif row["kind"] in ("autoencoder encode+decode", "train step"):
                 ref = ours  # the same network and step on both sides
@@ -212,9 +214,10 @@ def _utilisation(paths: list[str], platform: str, out: str) -> int:
                 ref = None  # high-res: diffusers' tiling is its own amount of work
             peak = next((v for k, v in suite.PEAK_FLOPS.items() if k in (row["device"] or "").lower()), {})
             peak = peak.get(row["dtype"])
-            cells = [row["name"], f"{ours_s * 1e3:.1f}", f"{ref_s * 1e3:.1f}", f"{ours / 1e9:.0f}"]
+            ref_ms = "–" if ref_s is None else f"{ref_s * 1e3:.1f}"
+            cells = [row["name"], f"{ours_s * 1e3:.1f}", ref_ms, f"{ours / 1e9:.0f}"]
             for flops, secs in ((ours, ours_s), (ref, ref_s)):
-                rate = flops / secs if flops else None
+                rate = flops / secs if flops and secs else None
                 cells += [
                     "–" if rate is None else f"{rate / 1e12:.1f}",
                     "–" if not (rate and peak) else f"{rate / peak:.1%}",
