@@ -48,14 +48,8 @@ def autoencoder_flops(model: str, resolution: int, dtype: str, batch: int, platf
 
 def train_step_flops(model: str, resolution: int, batch: int, phase: int, dtype: str, platform: str) -> float:
     """Our step of `phase` as bench.train_step builds it (LPIPS off), lowered from abstract state."""
-    import jax
-    import jax.numpy as jnp
-
     from bench import cost
     from dcae_jax.autoencoder import train
-    from dcae_jax.autoencoder.model import DCAEModel
-    from dcae_jax.runtime import sharding
-    from dcae_jax.training import checkpoints, loop
     from dcae_jax.training import config as common
 
     c = common.base_config()
@@ -64,22 +58,7 @@ def train_step_flops(model: str, resolution: int, batch: int, phase: int, dtype:
     c.loss.lpips_weight = 0.0
     c.model.dtype = dtype
     c.resolution, c.global_batch_size = resolution, batch
-    cfg = train.model_config(c)
-    mesh = sharding.mesh_from_config(c)
-    abstract_vars = jax.eval_shape(
-        DCAEModel(cfg).init, jax.random.key(0), jnp.zeros((1, resolution, resolution, cfg.in_channels))
-    )
-    trainer = train.build_trainer(c, cfg, abstract_vars["params"])
-    rng = jax.random.key_data(jax.random.key(0))
-    abstract = jax.eval_shape(train._init_state_fn(trainer, cfg, resolution), rng, None, None)
-    shardings = sharding.config_shardings(abstract, mesh, c)
-    data = sharding.batch_sharding(mesh)
-    shape = (batch, resolution, resolution, cfg.in_channels)
-    images = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=data)}
-    aux = jax.eval_shape(lambda: train._lpips_aux(c))
-    step = loop.jit_step(functools.partial(train.train_step, trainer=trainer), shardings, data, 1, donate=True)
-    state = checkpoints.abstract_with_shardings(abstract, shardings)
-    return cost.flops(_lower(step, state, images, aux, platform=platform))
+    return cost.flops(train.lower_train_step(c, platforms=(platform,)))
 
 
 def uvit_flops(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str, platform: str):
@@ -87,9 +66,8 @@ def uvit_flops(model: str, latent: tuple[int, int, int], patch: int, batch: int,
     import jax
     import jax.numpy as jnp
 
-    from bench import cost
+    from bench import cost, diffusion
     from dcae_jax.diffusion import train as dtrain
-    from dcae_jax.diffusion.samplers import classifier_free_guidance
     from dcae_jax.runtime import sharding
     from dcae_jax.training import checkpoints
     from dcae_jax.training import config as common
@@ -113,15 +91,11 @@ def uvit_flops(model: str, latent: tuple[int, int, int], patch: int, batch: int,
     )
     state = checkpoints.abstract_with_shardings(abstract, shardings)
 
-    def guided_eval(params, x, t, y):
-        def apply_fn(x, t, y):
-            return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
-
-        return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
-
     t = jax.ShapeDtypeStruct((), jnp.float32)
     train_flops = cost.flops(_lower(step, state, {"latent": x, "label": y}, platform=platform))
-    sample_flops = cost.flops(_lower(jax.jit(guided_eval), abstract.params, x, t, y, platform=platform))
+    sample_flops = cost.flops(
+        _lower(jax.jit(diffusion.guided_eval_fn(trainer, cfg)), abstract.params, x, t, y, platform=platform)
+    )
     return train_flops, sample_flops
 
 

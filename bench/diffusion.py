@@ -42,11 +42,24 @@ def _timed(fn, repeats: int) -> list[float]:
     return times
 
 
+def guided_eval_fn(trainer, cfg):
+    """One guided model evaluation (params, x, t, y) -> output: the conditional and unconditional batch with
+    classifier-free guidance scale 1.5, what each of DPM-Solver++'s steps evaluates."""
+    from dcae_jax.diffusion.samplers import classifier_free_guidance
+
+    def guided_eval(params, x, t, y):
+        def apply_fn(x, t, y):
+            return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
+
+        return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
+
+    return guided_eval
+
+
 def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str = "float32"):
     """Compiled train step and guided sampling step for one latent space, with their inputs."""
     from bench import cost
     from dcae_jax.diffusion import train as dtrain
-    from dcae_jax.diffusion.samplers import classifier_free_guidance
     from dcae_jax.runtime import sharding
     from dcae_jax.training import config as common
 
@@ -73,14 +86,9 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
             donate_argnums=(0,),
         )
 
-        def guided_eval(params, x, t, y):
-            def apply_fn(x, t, y):
-                return trainer.model.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), y)
-
-            return classifier_free_guidance(apply_fn, y, null_class=cfg.null_class, scale=1.5)(x, t)
-
         x, t = batch_arrays["latent"], jnp.asarray(500.0)
-        return step.lower(state, batch_arrays), jax.jit(guided_eval).lower(state.params, x, t, batch_arrays["label"])
+        sample = jax.jit(guided_eval_fn(trainer, cfg))
+        return step.lower(state, batch_arrays), sample.lower(state.params, x, t, batch_arrays["label"])
 
     train_lowered, sample_lowered = programs(trainer)
     train_compiled, sample_compiled = train_lowered.compile(), sample_lowered.compile()

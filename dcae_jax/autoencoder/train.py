@@ -652,10 +652,12 @@ def check_config(config, cfg: DCAEConfig, mesh) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(p.strip() for p in problems))
 
 
-def lower_train_step(config: ml_collections.ConfigDict, devices=None):
+def lower_train_step(config: ml_collections.ConfigDict, devices=None, platforms: tuple[str, ...] | None = None):
     """The train step lowered for abstract inputs (no data, no weights): for memory/FLOP analysis and AOT.
 
     `devices` (default: this host's) may be compile-only TPU devices from `jax.experimental.topologies`.
+    `platforms` lowers for other platforms than the devices' (e.g. ("cuda",) on a CPU host, to count a GPU
+    step's FLOPs; such a lowering cannot be compiled here).
     """
     mesh = sharding.mesh_from_config(config, devices)
     cfg = model_config(config)
@@ -679,7 +681,10 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None):
         1,
         donate=config.get("donate_state", True),
     )
-    return step_fn.lower(checkpoints.abstract_with_shardings(abstract, shardings), batch, aux)
+    args = (checkpoints.abstract_with_shardings(abstract, shardings), batch, aux)
+    if platforms:
+        return step_fn.trace(*args).lower(lowering_platforms=platforms)
+    return step_fn.lower(*args)
 
 
 def learning_rate_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
