@@ -4,12 +4,13 @@
 
 At 512x512, UViT sees DC-AE-f64 latents (8x8x128, patch 1: 64 tokens), DC-AE-f32 latents
 (16x16x32, patch 1: 256 tokens) or SD-VAE-f8 latents (64x64x4, patch 2: 1024 tokens), plus the
-label and time tokens. For each we time (median of interleaved repeats, compile excluded) the real
+label and time tokens. For each we time (median of interleaved repeats, compile excluded; short steps timed back to
+back, up to --steps of them, as a loop runs them) the real
 sharded training step (`dcae_jax.diffusion.train.train_step`: epsilon objective, AdamW, EMA) and one
 sampling step (one guided model evaluation: conditional + unconditional batch, as DPM-Solver++ does
 30 times per image), count their FLOPs with XLA's cost analysis (bench.cost), and print throughput ratios against
 SD-VAE-f8 p2 next to the paper's (UViT-H, H100, fp16: 17.9x training, 19.1x inference for f64).
-fp32 on CPU; per-step compute, not the autoencoder, is what the latent choice changes.
+fp32 unless --dtype bfloat16; per-step compute, not the autoencoder, is what the latent choice changes.
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ LATENTS = (
 )
 # Paper Table 3 (UViT-H, 512x512): images/s on H100, SD-VAE-f8p2 -> DC-AE-f64p1.
 PAPER = {"DC-AE-f64 p1": {"train": 984 / 55, "sample": 111.77 / 5.85}}
+BACK_TO_BACK_S = 0.25  # measure(): steps timed back to back fill about this long, up to its `steps`
 
 
-def _timed(fn, repeats: int) -> list[float]:
+def _timed(fn, repeats: int, steps: int = 1) -> list[float]:
+    """Seconds per call: each repeat runs `steps` calls back to back and waits once, at the end, as a training or
+    sampling loop does (the host dispatches step k+1 while the device runs step k); steps=1 is one call's latency."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / steps)
     return times
 
 
@@ -115,21 +121,29 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
     return cfg, cost_of, run_train, run_sample
 
 
-def measure(model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = "float32") -> dict[str, dict]:
-    """Per latent space: tokens, FLOPs and the interleaved train / sample step times (lists of seconds).
+def measure(
+    model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = "float32", steps: int = 1
+) -> dict[str, dict]:
+    """Per latent space: tokens, FLOPs and the interleaved train / sample step times (lists of seconds per step).
 
+    Each repeat times up to `steps` steps back to back (`_timed`): as many as fit in `BACK_TO_BACK_S` by the
+    warm-up call's time, at least one, so a short step is timed as a loop runs it (its host dispatch overlapped
+    with the device) and a long one costs no extra time. The counts used are in the result ("steps").
     Shared by this script's command line and `bench.suite` (which runs it in a child process per row)."""
     rows = {}
     runners = {}
     for name, latent, patch in latents:
         cfg, cost_of, run_train, run_sample = build(model, latent, patch, batch, dtype)
-        run_train(), run_sample()  # warm-up
-        runners[name] = (run_train, run_sample)
-        rows[name] = {"tokens": cfg.seq_len, **cost_of, "train_s": [], "sample_s": []}
+        n = {}
+        for step, fn in (("train", run_train), ("sample", run_sample)):
+            warm = _timed(fn, 1)[0]  # the first call: waited for, so no repeat below pays for it
+            n[step] = max(1, min(steps, int(BACK_TO_BACK_S / warm)))
+        runners[name] = (run_train, run_sample, n)
+        rows[name] = {"tokens": cfg.seq_len, **cost_of, "train_s": [], "sample_s": [], "steps": n}
     for _ in range(repeats):  # interleaved, so machine load drifts hit every row alike
-        for name, (run_train, run_sample) in runners.items():
-            rows[name]["train_s"] += _timed(run_train, 1)
-            rows[name]["sample_s"] += _timed(run_sample, 1)
+        for name, (run_train, run_sample, n) in runners.items():
+            rows[name]["train_s"] += _timed(run_train, 1, n["train"])
+            rows[name]["sample_s"] += _timed(run_sample, 1, n["sample"])
     return rows
 
 
@@ -141,11 +155,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="uvit-s", help="uvit-s | uvit-h | uvit-2b | uvit-tiny")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=1, help="at most this many steps timed back to back per repeat")
     args = p.parse_args(argv)
 
-    rows = measure(args.model, args.batch, args.repeats)
+    rows = measure(args.model, args.batch, args.repeats, dtype=args.dtype, steps=args.steps)
     base = rows[LATENTS[0][0]]
-    print(f"{args.model}, batch {args.batch}, fp32, {jax.devices()[0].platform}, median of {args.repeats}")
+    print(f"{args.model}, batch {args.batch}, {args.dtype}, {jax.devices()[0].platform}, median of {args.repeats}")
     print(
         "| latents | tokens | train GFLOP/img | train img/s | train speed-up (FLOP ratio) | sample-step GFLOP/img | "
         "sample img/s | sample speed-up (FLOP ratio) | paper (UViT-H, H100) train / sample |"

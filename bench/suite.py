@@ -101,13 +101,16 @@ def _train(model: str, res: int, batch: int, phase: int, budget: float, dtype: s
     )
 
 
-def _uvit(model: str, batch: int, dtype: str, budget: float, resolution: int = 512, reference: bool = True) -> Spec:
+def _uvit(
+    model: str, batch: int, dtype: str, budget: float, resolution: int = 512, reference: bool = True, steps: int = 1
+) -> Spec:
     # One child measures train and sample steps; it yields two rows ("... train", "... sample"). The latents are
     # those of `resolution`² images (smoke: 128², 64 instead of 1024 SD-VAE tokens). `reference=False` measures
     # DC-AE-f64 latents only (a batch the SD-VAE step would not fit or take too long at): a utilisation row.
+    # `steps`: steps timed back to back per repeat (bench.diffusion._timed), the rate a training loop sees.
     res = "" if resolution == 512 else f" {resolution}"
     name = f"uvit {model}{res} {dtype}" + ("" if reference else f" b{batch} f64 only")
-    return Spec(name, "uvit", "uvit", model, resolution, dtype, batch, budget, {"reference": reference})
+    return Spec(name, "uvit", "uvit", model, resolution, dtype, batch, budget, {"reference": reference, "steps": steps})
 
 
 def _hires(
@@ -136,7 +139,7 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
             _train("tiny", 32, 2, 1, 30),
             _train("tiny", 32, 2, 3, 30, "bfloat16"),
             _uvit("uvit-tiny", 2, "float32", 30, resolution=128),
-            _uvit("uvit-tiny", 4, "float32", 30, resolution=128, reference=False),
+            _uvit("uvit-tiny", 4, "float32", 30, resolution=128, reference=False, steps=3),
             _hires("tiny", 96, 136, "float32", 30, tile=64, overlap=16),
         ]
     if scale == "cpu":  # one call of the 512² encode+decode is ~26 s on 2 cores: 1 warm-up + 3 repeats per side
@@ -159,11 +162,11 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
         _ae("dc-ae-f64c128-in-1.0", 512, "bfloat16", 120),
         _ae("dc-ae-f128c512-in-1.0", 512, "bfloat16", 150),
         _train("dc-ae-f32c32-in-1.0", 512, 8, 1, 180, "bfloat16"),
-        _uvit("uvit-h", 32, "bfloat16", 180),
+        _uvit("uvit-h", 32, "bfloat16", 180, steps=10),
         _hires("dc-ae-f32c32-sana-1.0", 2160, 3840, "bfloat16", 150),
         # Issue 17's UViT-H utilisation target at a batch that fills the GPU: 2112 tokens a step (batch 32 above)
         # ran at 18% of the H200's peak.
-        _uvit("uvit-h", 256, "bfloat16", 180, reference=False),
+        _uvit("uvit-h", 256, "bfloat16", 180, reference=False, steps=5),
         _ae("dc-ae-f32c32-in-1.0", 1024, "bfloat16", 120),
         _ae("dc-ae-f32c32-in-1.0", 512, "float32", 120),
         _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 180, "bfloat16"),
@@ -338,7 +341,8 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
         ours, ref = "DC-AE-f64 p1", "SD-VAE-f8 p2"
         with_ref = spec.extra.get("reference", True)
         spaces = (lat[ref], lat[ours]) if with_ref else (lat[ours],)
-        r = diffusion.measure(spec.model, spec.batch, repeats, latents=spaces, dtype=spec.dtype)
+        steps = spec.extra.get("steps", 1)
+        r = diffusion.measure(spec.model, spec.batch, repeats, latents=spaces, dtype=spec.dtype, steps=steps)
         rows = []
         for step in ("train", "sample"):
             s = dataclasses.replace(spec, name=f"{spec.name} {step}")
@@ -353,6 +357,10 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
                     theirs.get(f"{step}_flops"),
                     memory={"dcae_jax": r[ours][f"{step}_bytes"], "reference": theirs.get(f"{step}_bytes")},
                     reference=f"same UViT on {ref} latents (ours: {ours})" if with_ref else None,
+                    steps_per_timing={
+                        "dcae_jax": r[ours]["steps"][step],
+                        "reference": theirs.get("steps", {}).get(step),
+                    },
                 )
             )
         return rows

@@ -93,6 +93,7 @@ def test_results_json_schema(smoke):
         if row["name"].endswith(("f64 only train", "f64 only sample")):  # a utilisation row: ours alone
             assert ref is None and row["ratio"] is None and row["reference_flops"] is None, row["name"]
             assert row["flops"] > 0 and row["memory_bytes"]["dcae_jax"] > 0
+            assert 1 <= row["steps_per_timing"]["dcae_jax"] <= 3, row  # back to back, up to the row's steps=3
             continue
         assert math.isfinite(ref) and ref > 0, row["name"]
         assert row["ratio"] == pytest.approx(ref / ours, rel=1e-9), row["name"]
@@ -101,6 +102,7 @@ def test_results_json_schema(smoke):
         assert row["memory_bytes"]["process_peak_rss"] > 0
         assert row["memory_bytes"]["dcae_jax"] > 0, row["name"]  # XLA's compiled footprint of our program
         if row["kind"].startswith("uvit"):  # the reference is the same UViT on SD-VAE latents: more tokens
+            assert row["steps_per_timing"] == {"dcae_jax": 1, "reference": 1}, row["name"]  # the row's steps=1
             assert row["memory_bytes"]["reference"] > row["memory_bytes"]["dcae_jax"], row["name"]
             assert row["reference_flops"] > row["flops"], row["name"]
 
@@ -307,3 +309,15 @@ def test_accelerator_script_runs_its_preflight_and_the_suite(tmp_path):
     if shellcheck.exists():
         lint = subprocess.run([str(shellcheck), "bench/accelerator.sh"], cwd=REPO, capture_output=True, text=True)
         assert lint.returncode == 0, lint.stdout
+
+
+def test_uvit_steps_are_timed_back_to_back_with_one_wait(monkeypatch):
+    """bench.diffusion._timed: `steps` calls per repeat, one wait at the end of each, seconds per call."""
+    import jax.numpy as jnp
+
+    from bench import diffusion
+
+    calls, waits = [], []
+    monkeypatch.setattr(diffusion.jax, "block_until_ready", lambda x: waits.append(len(calls)) or x)
+    times = diffusion._timed(lambda: calls.append(1) or jnp.zeros(()), 2, steps=4)
+    assert len(calls) == 8 and waits == [4, 8] and len(times) == 2 and all(t > 0 for t in times)
