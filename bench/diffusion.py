@@ -62,8 +62,11 @@ def guided_eval_fn(trainer, cfg):
     return guided_eval
 
 
-def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str = "float32"):
-    """Compiled train step and guided sampling step for one latent space, with their inputs."""
+def build(
+    model: str, latent: tuple[int, int, int], patch: int, batch: int, dtype: str = "float32", remat: str = "none"
+):
+    """Compiled train step and guided sampling step for one latent space, with their inputs. `remat`: the blocks'
+    recomputation policy (the training default is "full"); the FLOPs counted are the model's, without it."""
     from bench import cost
     from dcae_jax.diffusion import train as dtrain
     from dcae_jax.runtime import sharding
@@ -71,7 +74,7 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
 
     config = common.diffusion_config()
     config.model.preset, config.model.patch_size = model, patch
-    config.model.dtype, config.model.remat = dtype, "none"
+    config.model.dtype, config.model.remat = dtype, remat
     config.global_batch_size = batch
     cfg = dtrain.model_config(config, latent)
     trainer = dtrain.build_trainer(config, cfg)
@@ -99,12 +102,14 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
     train_lowered, sample_lowered = programs(trainer)
     train_compiled, sample_compiled = train_lowered.compile(), sample_lowered.compile()
     # FLOPs of the same step with XLA's attention: cuDNN's fused attention (chosen on a GPU) is a custom call that
-    # XLA's cost analysis does not count (bench.cost).
-    config.model.attention = "xla"
+    # XLA's cost analysis does not count (bench.cost). Without remat: model FLOPs, not the recomputed ones.
+    config.model.attention, config.model.remat = "xla", "none"
     counted = programs(dtrain.build_trainer(config, cfg))
     x, t = batch_arrays["latent"], jnp.asarray(500.0)
     cost_of = {
         "train_flops": cost.flops(counted[0]),
+        # the program timed: with its recomputation (and on a GPU without cuDNN attention, which is not counted)
+        "train_executed_flops": cost.flops(train_lowered),
         "sample_flops": cost.flops(counted[1]),
         "train_bytes": cost.footprint(train_compiled),
         "sample_bytes": cost.footprint(sample_compiled),
@@ -122,7 +127,13 @@ def build(model: str, latent: tuple[int, int, int], patch: int, batch: int, dtyp
 
 
 def measure(
-    model: str, batch: int, repeats: int, latents=LATENTS, dtype: str = "float32", steps: int = 1
+    model: str,
+    batch: int,
+    repeats: int,
+    latents=LATENTS,
+    dtype: str = "float32",
+    steps: int = 1,
+    remat: str = "none",
 ) -> dict[str, dict]:
     """Per latent space: tokens, FLOPs and the interleaved train / sample step times (lists of seconds per step).
 
@@ -133,7 +144,7 @@ def measure(
     rows = {}
     runners = {}
     for name, latent, patch in latents:
-        cfg, cost_of, run_train, run_sample = build(model, latent, patch, batch, dtype)
+        cfg, cost_of, run_train, run_sample = build(model, latent, patch, batch, dtype, remat)
         n = {}
         for step, fn in (("train", run_train), ("sample", run_sample)):
             warm = _timed(fn, 1)[0]  # the first call: waited for, so no repeat below pays for it
@@ -157,9 +168,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--steps", type=int, default=1, help="at most this many steps timed back to back per repeat")
+    p.add_argument("--remat", default="none", help="the blocks' recomputation policy (none | full | dots)")
     args = p.parse_args(argv)
 
-    rows = measure(args.model, args.batch, args.repeats, dtype=args.dtype, steps=args.steps)
+    rows = measure(args.model, args.batch, args.repeats, dtype=args.dtype, steps=args.steps, remat=args.remat)
     base = rows[LATENTS[0][0]]
     print(f"{args.model}, batch {args.batch}, {args.dtype}, {jax.devices()[0].platform}, median of {args.repeats}")
     print(

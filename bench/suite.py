@@ -102,15 +102,25 @@ def _train(model: str, res: int, batch: int, phase: int, budget: float, dtype: s
 
 
 def _uvit(
-    model: str, batch: int, dtype: str, budget: float, resolution: int = 512, reference: bool = True, steps: int = 1
+    model: str,
+    batch: int,
+    dtype: str,
+    budget: float,
+    resolution: int = 512,
+    reference: bool = True,
+    steps: int = 1,
+    remat: str = "none",
 ) -> Spec:
     # One child measures train and sample steps; it yields two rows ("... train", "... sample"). The latents are
     # those of `resolution`² images (smoke: 128², 64 instead of 1024 SD-VAE tokens). `reference=False` measures
     # DC-AE-f64 latents only (a batch the SD-VAE step would not fit or take too long at): a utilisation row.
-    # `steps`: steps timed back to back per repeat (bench.diffusion._timed), the rate a training loop sees.
+    # `steps`: steps timed back to back per repeat (bench.diffusion._timed), the rate a training loop sees. `remat`:
+    # the blocks' recomputation policy (FLOPs stay the model's, so the row's utilisation is model FLOP utilisation).
     res = "" if resolution == 512 else f" {resolution}"
     name = f"uvit {model}{res} {dtype}" + ("" if reference else f" b{batch} f64 only")
-    return Spec(name, "uvit", "uvit", model, resolution, dtype, batch, budget, {"reference": reference, "steps": steps})
+    name += "" if remat == "none" else f" remat {remat}"
+    extra = {"reference": reference, "steps": steps, "remat": remat}
+    return Spec(name, "uvit", "uvit", model, resolution, dtype, batch, budget, extra)
 
 
 def _hires(
@@ -139,7 +149,7 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
             _train("tiny", 32, 2, 1, 30),
             _train("tiny", 32, 2, 3, 30, "bfloat16"),
             _uvit("uvit-tiny", 2, "float32", 30, resolution=128),
-            _uvit("uvit-tiny", 4, "float32", 30, resolution=128, reference=False, steps=3),
+            _uvit("uvit-tiny", 4, "float32", 30, resolution=128, reference=False, steps=3, remat="full"),
             _hires("tiny", 96, 136, "float32", 30, tile=64, overlap=16),
         ]
     if scale == "cpu":  # one call of the 512² encode+decode is ~26 s on 2 cores: 1 warm-up + 3 repeats per side
@@ -167,6 +177,8 @@ def plan(scale: str, gpu: bool) -> list[Spec]:
         # Issue 17's UViT-H utilisation target at a batch that fills the GPU: 2112 tokens a step (batch 32 above)
         # ran at 18% of the H200's peak.
         _uvit("uvit-h", 256, "bfloat16", 180, reference=False, steps=5),
+        # The same with the trainer's default per-block remat (configs/uvit.py): what the recomputation costs.
+        _uvit("uvit-h", 256, "bfloat16", 180, reference=False, steps=5, remat="full"),
         _ae("dc-ae-f32c32-in-1.0", 1024, "bfloat16", 120),
         _ae("dc-ae-f32c32-in-1.0", 512, "float32", 120),
         _train("dc-ae-f64c128-in-1.0", 512, 8, 2, 180, "bfloat16"),
@@ -342,7 +354,8 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
         with_ref = spec.extra.get("reference", True)
         spaces = (lat[ref], lat[ours]) if with_ref else (lat[ours],)
         steps = spec.extra.get("steps", 1)
-        r = diffusion.measure(spec.model, spec.batch, repeats, latents=spaces, dtype=spec.dtype, steps=steps)
+        remat = spec.extra.get("remat", "none")
+        r = diffusion.measure(spec.model, spec.batch, repeats, spaces, spec.dtype, steps, remat)
         rows = []
         for step in ("train", "sample"):
             s = dataclasses.replace(spec, name=f"{spec.name} {step}")
@@ -361,6 +374,8 @@ def run_spec(spec: Spec, repeats: int, warmup: int = 1) -> list[dict]:
                         "dcae_jax": r[ours]["steps"][step],
                         "reference": theirs.get("steps", {}).get(step),
                     },
+                    remat=remat,
+                    executed_flops=r[ours].get(f"{step}_executed_flops"),
                 )
             )
         return rows
