@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -101,7 +102,8 @@ def snake_case_flags(argv: list[str] | None, name: str) -> list[str]:
     for arg in argv:
         key, eq, value = arg[2:].partition("=")
         if arg.startswith("--") and "-" in key:
-            new = key.replace("-", "_")
+            # absl negates a boolean as --noflag: --no-save-images -> --nosave_images
+            new = "no" + key[3:].replace("-", "_") if key.startswith("no-") else key.replace("-", "_")
             print(f"{name}: note: --{key} is deprecated, use --{new}", file=sys.stderr)
             arg = f"--{new}{eq}{value}"
         out.append(arg)
@@ -184,6 +186,32 @@ def _usage(name: str, doc: str, values: Any) -> str:
     return f"usage: python -m {module} [flags]\n\n{doc.strip()}\n\nflags:\n{flags_help}\n"
 
 
+def _flag_message(msg: str) -> str:
+    """A flag error's message without the traceback that ml_collections embeds when a config file's `get_config`
+    raised: `flag --config=...: ValueError: phase must be 1, 2 or 3, got 4`."""
+    head, sep, trace = msg.partition("Traceback (most recent call last):")
+    if not sep or os.environ.get(DEBUG_ENV):
+        return msg.strip()
+    last = [ln for ln in trace.strip().splitlines() if ln and not ln.startswith(" ")][-1]
+    return f"{head.replace('Error whilst parsing config file:', '').strip()} {last.strip()}"
+
+
+def _parse_error(err: BaseException, argv: list[str]) -> str:
+    """One line for an exception raised while the flags were parsed: a config override naming no field
+    (`--config.nosuchkey=1`: ml_collections raises AttributeError("'nosuchkey'") or a KeyError with a "Did you
+    mean" line), or a config file's own check (its message names the arg)."""
+    msg = str(err) if isinstance(err, AttributeError) else _message(err)
+    first, *more = msg.strip().splitlines() or [""]
+    if isinstance(err, (AttributeError, KeyError)) and re.fullmatch(r"""['"]+[^'"]+['"]+""", first.strip()):
+        field = first.strip().strip("\"'")
+        given = [a.split("=")[0] for a in argv if a.startswith("--") and field in a.split("=")[0].split(".")]
+        hint = " ".join(more).strip()
+        return f"{given[0] if given else 'a --config override'}: the config has no field {field!r}" + (
+            f" ({hint})" if hint else ""
+        )
+    return " ".join(msg.split())
+
+
 def run(
     name: str,
     doc: str | None,
@@ -214,7 +242,12 @@ def run(
         if len(rest) > 1:
             raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
     except flags.Error as err:
-        print(f"{name}: error: {err} (--help lists the flags)", file=sys.stderr)
+        print(f"{name}: error: {_flag_message(str(err))} (--help lists the flags)", file=sys.stderr)
+        return 2
+    except (*USER_ERRORS, AttributeError) as err:  # from a flag's parser: a config's get_config(arg), an override
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{name}: error: {_parse_error(err, argv)} (--help lists the flags)", file=sys.stderr)
         return 2
     if not flags.FLAGS.is_parsed():  # the commands use their own flags; absl's global ones are not parsed
         flags.FLAGS.mark_as_parsed()  # ... which would make absl logging warn "Logging before flag parsing"

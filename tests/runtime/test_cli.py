@@ -69,6 +69,25 @@ def test_user_mistakes_are_one_line(module, args, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config=configs/quickstart.py:stepz=3"], "unknown config arg 'stepz'; valid: ['lpips_steps1', "),
+        (["--config=configs/tiny_test.py:phase=4"], "tiny_test.py:phase=4: ValueError: phase must be 1, 2 or 3"),
+        (["--config=configs/dcae.py:variant=f99"], "variant='f99'; valid: ['f128c512', "),
+        (["--config=configs/tiny_test.py", "--config.nosuchkey=1"], "--config.nosuchkey: the config has no field"),
+        (["--config=configs/quickstart.py", "--config.phase1.nosuch=1"], "--config.phase1.nosuch: the config has no"),
+    ],
+)
+def test_a_config_mistake_is_one_line(args, message, tmp_path):
+    """Raised while the flags are parsed (a config's get_config(arg), an override naming no field): one line, exit
+    2, nothing written."""
+    proc = _run("dcae_jax.main", *args, f"--workdir={tmp_path}/w")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("main: error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and not (tmp_path / "w").exists()
+
+
 def test_debug_env_shows_the_traceback():
     proc = _run("dcae_jax.convert", "--src", "/no/such/ckpt.safetensors", "--out", "/tmp/x_never", DCAE_JAX_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
@@ -91,8 +110,9 @@ def test_main_help_lists_the_configs_and_their_args():
 def test_old_hyphenated_flag_spellings_still_work_with_a_note(capsys):
     from dcae_jax.runtime import cli
 
-    got = cli.snake_case_flags(["--batch-size", "8", "--max-images=3", "--data", "x-y", "-h", "--model=a-b"], "demo")
-    assert got == ["--batch_size", "8", "--max_images=3", "--data", "x-y", "-h", "--model=a-b"]
+    argv = ["--batch-size", "8", "--max-images=3", "--data", "x-y", "-h", "--model=a-b", "--no-save-images"]
+    got = cli.snake_case_flags(argv, "demo")
+    assert got == ["--batch_size", "8", "--max_images=3", "--data", "x-y", "-h", "--model=a-b", "--nosave_images"]
     err = capsys.readouterr().err
     assert "demo: note: --batch-size is deprecated, use --batch_size" in err and "--max-images is deprecated" in err
     assert "--model" not in err and "--data" not in err
