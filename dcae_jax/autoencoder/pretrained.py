@@ -227,7 +227,9 @@ class DCAE:
             for p in full[:-1]:
                 node = node.setdefault(p, {})
             node[full[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
-        with ocp.StandardCheckpointer() as ckptr:
+        from dcae_jax.training import checkpoints
+
+        with checkpoints.reading(f"{root}: the export's {EXPORT_VARIABLES}/"), ocp.StandardCheckpointer() as ckptr:
             variables = ckptr.restore(paths.path(root) / EXPORT_VARIABLES, target)
         _check_variables(variables, shapes, root)
         return cls(config, variables, dtype)

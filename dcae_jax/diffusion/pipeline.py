@@ -172,7 +172,9 @@ class DCAEDiffusion:
             raise ValueError(f"{cfg_path}: unknown {config_cls.__name__} fields {sorted(unknown)}")
         config = config_cls(**raw["model"])
         target = jax.eval_shape(lambda key: init_fn(config, key), jax.random.key(0))
-        with ocp.StandardCheckpointer() as ckptr:
+        from dcae_jax.training import checkpoints
+
+        with checkpoints.reading(f"{root}: the export's {PARAMS_DIR}/"), ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(root / PARAMS_DIR, target)
         return cls(
             config,

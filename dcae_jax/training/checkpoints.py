@@ -9,7 +9,11 @@ stops the run instead, after the checkpoint being written is on disk, naming the
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import flax
@@ -90,6 +94,61 @@ def _restore_items(mngr, step: int, abstract_state: Any, data_iter) -> Any:
     return flax.serialization.from_state_dict(abstract_state, restored["state"])
 
 
+_STORAGE_ERROR = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN): ")
+
+
+class _AbandonedReads(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for the other reads of a failed restore (the same storage
+    error, logged again when their tasks are collected)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else getattr(record, "args", None)
+        text = f"{record.getMessage()} {exc or ''}"
+        return not ("exception was never retrieved" in text and _STORAGE_ERROR.search(text))
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed orbax read, tensorstore finishes the other reads in flight and hands them to orbax's event
+    loop, which the failure already closed: dozens of "Event loop is closed" RuntimeErrors reach
+    `sys.unraisablehook` (and asyncio logs the other reads' errors once more), burying the one real error. These
+    filters drop that noise alone (installed once)."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReads())
+    previous = sys.unraisablehook
+    if getattr(previous, "_dcae_jax_closed_loop_filter", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._dcae_jax_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def reading(what: str, remedy: str = "") -> Iterator[None]:
+    """Around an orbax restore: a storage error (tensorstore's `OUT_OF_RANGE: Error reading ...` of a truncated
+    file, a missing chunk, ...; orbax may wrap it in a bare Exception) becomes one ValueError that starts with
+    `what` (the checkpoint or export), says it is damaged and ends with `remedy`; other errors pass unchanged. The
+    abandoned reads' noise is dropped (`_drop_closed_loop_noise`)."""
+    _drop_closed_loop_noise()
+    try:
+        yield
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None:
+            first = (str(cause).strip().splitlines() or [""])[0]
+            if _STORAGE_ERROR.search(first):
+                msg = f"{what} is damaged or incomplete (a truncated or interrupted write or copy?): {first}"
+                raise ValueError(msg + (f". {remedy}" if remedy else "")) from err
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 def saved_process_count(mngr, step: int) -> int | None:
     """How many processes wrote the step's iterator states (grain: `data_iter/process_<i>-of-<n>.json`)."""
     files = list((mngr.directory / str(step) / "data_iter").glob("process_*-of-*.json"))
@@ -100,9 +159,13 @@ def restore(mngr, step: int, abstract_state: Any, data_iter) -> Any:
     """Checkpoint `step` onto `abstract_state`'s shapes and shardings (any mesh); the data iterator continues
     exactly where it was when this job has the process count that wrote it, else at global batch `step`."""
     saved_by = saved_process_count(mngr, step)
-    if saved_by == jax.process_count():
-        return _restore_items(mngr, step, abstract_state, data_iter)
-    state = _restore_items(mngr, step, abstract_state, None)
+    older = [s for s in mngr.all_steps() if s < step]
+    folder = mngr.directory / str(step)
+    remedy = f"Delete {folder} to resume from checkpoint {max(older)}" if older else f"Delete {folder} to start over"
+    with reading(f"checkpoint {step} ({folder})", remedy):
+        if saved_by == jax.process_count():
+            return _restore_items(mngr, step, abstract_state, data_iter)
+        state = _restore_items(mngr, step, abstract_state, None)
     data_iter.restart_at(step)
     logging.warning(
         "checkpoint %d has data-iterator states of %s processes, this job has %d: the data restarts at global "

@@ -122,3 +122,13 @@ def test_original_format_export_loads_in_the_original_layout(tmp_path):
     back = DCAE.from_pretrained(out)
     assert back.config.scaling_factor == 0.5
     np.testing.assert_array_equal(np.asarray(back.encode(x)), np.asarray(ae.encode(x)))
+
+
+def test_a_damaged_export_is_one_message(tmp_path):
+    """A truncated data file of the export's orbax variables (an interrupted copy) is named as such."""
+    _randomized(tiny_config()).save_pretrained(tmp_path / "export")
+    chunks = [p for p in (tmp_path / "export" / "variables").rglob("*") if p.is_file() and p.parent.name == "d"]
+    biggest = max(chunks, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"export: the export's variables/ is damaged or incomplete .*OUT_OF_RANGE"):
+        DCAE.from_pretrained(tmp_path / "export")
