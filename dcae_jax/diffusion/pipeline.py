@@ -54,7 +54,18 @@ def sampler_settings(objective: str, overrides: dict[str, Any] | None = None) ->
     s = {**SAMPLER_DEFAULTS[objective], **{k: v for k, v in (overrides or {}).items() if v is not None}}
     valid = VALID_SAMPLERS[objective]
     if s["name"] not in valid:
-        raise KeyError(f"sampler {s['name']!r} does not fit a {objective} model; valid: {list(valid)}")
+        known = s["name"] in {n for names in VALID_SAMPLERS.values() for n in names}
+        what = f"does not fit the {objective!r} objective" if known else "is not a sampler"
+        raise KeyError(f"sampler {s['name']!r} {what}; valid for this model: {list(valid)}")
+    if isinstance(s["steps"], bool) or not (isinstance(s["steps"], int | np.integer) and s["steps"] >= 1):
+        raise ValueError(f"sampler steps must be an integer >= 1, got {s['steps']!r}")
+    if not np.isfinite(float(s["guidance_scale"])):
+        raise ValueError(f"guidance_scale must be a finite number, got {s['guidance_scale']!r}")
+    if "order" in s and s["order"] not in (1, 2, 3):
+        raise ValueError(f"sampler order must be 1, 2 or 3, got {s['order']!r}")
+    for tol in ("atol", "rtol"):
+        if tol in s and not float(s[tol]) > 0:
+            raise ValueError(f"sampler {tol} must be > 0, got {s[tol]!r}")
     return s
 
 

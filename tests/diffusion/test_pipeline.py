@@ -55,8 +55,19 @@ def test_bad_inputs_are_clear_errors(export, tmp_path):
     pipe = DCAEDiffusion.from_pretrained(export)
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 5\]"):
         pipe.generate_latents([6])
-    with pytest.raises(KeyError, match="valid"):
+    with pytest.raises(KeyError, match=r"'dopri5' does not fit the 'epsilon' objective; valid .*\['dpm_solver_pp'\]"):
         sampler_settings("epsilon", {"name": "dopri5"})
+    with pytest.raises(KeyError, match=r"'foo' is not a sampler; valid for this model: \['dpm_solver_pp'\]"):
+        sampler_settings("epsilon", {"name": "foo"})
+    for bad, message in (
+        ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+        ({"order": 4}, "order must be 1, 2 or 3, got 4"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sampler_settings("epsilon", bad)
+    with pytest.raises(ValueError, match="rtol must be > 0"):
+        sampler_settings("velocity", {"rtol": 0.0})
     with pytest.raises(ValueError, match=r"no diffusion_config\.json"):
         DCAEDiffusion.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="latent_channels=3: this model has no adaptive channels, it samples all 8"):
@@ -111,6 +122,10 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     fourth = _sample(args[0], "--latent_channels=3", f"--out={tmp_path / 'prefix'}")
     assert fourth.returncode == 2 and "no adaptive channels" in fourth.stderr and "Traceback" not in fourth.stderr
     assert not (tmp_path / "prefix").exists()
+    # A bad sampler setting is refused before anything is written (a run.json of it would refuse the fixed rerun).
+    fifth = _sample(args[0], "--steps=0", f"--out={tmp_path / 'steps'}")
+    assert fifth.returncode == 2 and "steps must be an integer >= 1, got 0" in fifth.stderr
+    assert not (tmp_path / "steps").exists()
 
 
 def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):
