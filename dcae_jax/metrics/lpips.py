@@ -336,7 +336,10 @@ def load_lpips(path: str | os.PathLike) -> tuple[LPIPS, dict[str, Any]]:
         )
     z = paths.load_npz(path)
     if "net" not in z:
-        raise ValueError(f"{path}: not an LPIPS weights file (no 'net' entry); files: {sorted(z)}")
+        kind = f" (it is a {str(z['kind'])!r} file)" if "kind" in z else ""
+        raise ValueError(
+            f"{path}: not an LPIPS weights file{kind}: no 'net' entry; {state_dict.listing('keys', set(z), 5)}"
+        )
     net = str(z["net"])
     flat = {tuple(k.split("/")): z[k] for k in z if k != "net"}
     get_backbone(net)

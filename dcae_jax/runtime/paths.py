@@ -171,11 +171,20 @@ def save_npz(p: PathLike, compressed: bool = False, **arrays) -> epath.Path:
 
 
 def load_npz(p: PathLike) -> dict:
-    """Every array of the .npz file `p` (local or gs://), read whole."""
+    """Every array of the .npz file `p` (local or gs://), read whole. A file that is not one (numpy would call it
+    pickled data), a truncated one, or one holding Python objects raises ValueError naming `p`."""
+    import zipfile
+
     import numpy as np
 
-    with np.load(io.BytesIO(path(p).read_bytes())) as f:
-        return {k: f[k] for k in f.files}
+    data = path(p).read_bytes()
+    if not data.startswith(b"PK"):
+        raise ValueError(f"{p}: not a .npz file ({len(data)} bytes, starting {data[:16]!r})")
+    try:
+        with np.load(io.BytesIO(data)) as f:
+            return {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{p}: unreadable .npz file (truncated or damaged?): {err}") from err
 
 
 def cache_dir() -> pathlib.Path:

@@ -132,6 +132,19 @@ def test_npz_roundtrip_and_errors(tmp_path):
     np.savez(tmp_path / "lpips_like.npz", net=np.array("alex"))
     with pytest.raises(ValueError, match="not a dcae_jax FID Inception weights file"):
         load_fid_inception(tmp_path / "lpips_like.npz")
+    # The other way round: the Inception file given as LPIPS weights is named in one short line.
+    from dcae_jax.metrics.lpips import load_lpips
+
+    with pytest.raises(ValueError, match=r"not an LPIPS weights file \(it is a 'fid_inception.*keys \(\d+\): ") as e:
+        load_lpips(path)
+    assert len(str(e.value)) < 400 and "more)" in str(e.value)
+    # Not an .npz at all (numpy would call it pickled data), and a truncated one: both name the file.
+    (tmp_path / "notes.npz").write_text("mu, sigma")
+    with pytest.raises(ValueError, match=r"notes\.npz: not a \.npz file \(9 bytes"):
+        load_stats(tmp_path / "notes.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cut\.npz: unreadable \.npz file"):
+        load_fid_inception(tmp_path / "cut.npz")
 
 
 def test_missing_file_message(tmp_path):
