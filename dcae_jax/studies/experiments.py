@@ -654,6 +654,11 @@ def run(
     seeds: int = 0,
 ) -> dict:
     """All three experiments; returns (and writes) the results. Runs already in `out` are reused."""
+    missing = [f"{split}/" for split in ("train", "val") if not (pathlib.Path(data) / split).is_dir()]
+    if missing:  # a flat folder would train and score on the same photos
+        raise FileNotFoundError(
+            f"{data}: the study trains on train/ and scores on held-out val/ image folders; missing {missing}"
+        )
     out = pathlib.Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     s = SCALES[scale]

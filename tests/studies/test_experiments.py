@@ -145,3 +145,16 @@ def test_rfid_uses_exact_statistics_of_every_view(tmp_path):
     np.testing.assert_allclose(stats.mean, direct.mean, rtol=1e-6)
     # The cached reference (with its covariance root) gives what recomputing it gives.
     assert p.rfid(ref, pred, p.features(ref)) == p.rfid(ref, pred)
+
+
+def test_a_folder_without_train_and_val_is_refused_before_anything_runs(photo_folder, tmp_path):
+    """A flat photo folder would train and score on the same images: one line, exit 2, nothing written."""
+    from dcae_jax.studies import reproduce
+
+    flat = tmp_path / "flat"
+    shutil.copytree(photo_folder / "train", flat)
+    out = tmp_path / "out"
+    assert reproduce.main([f"--data={flat}", f"--out={out}", "--scale=smoke"]) == 2
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match=r"flat: the study trains on train/ .* missing \['train/', 'val/'\]"):
+        experiments.run(str(flat), out, "smoke")
