@@ -1,7 +1,7 @@
 """Latent diffusion end to end on CPU: a small DC-AE, its latents, a small UViT, sample grids.
 
     python -m dcae_jax.main --config=configs/latent_diffusion_quickstart.py --workdir=/tmp/ldm_quickstart
-    python -m dcae_jax.sample --model=/tmp/ldm_quickstart/export --num_samples=16 --out=/tmp/ldm_quickstart/samples
+    python -m dcae_jax.sample --model=/tmp/ldm_quickstart/export --num_samples=16 --out=/tmp/ldm_quickstart/grid
 
 Chain: `autoencoder` trains the quickstart's f16c16 residual DC-AE (phase 1, 64x64 crops of the
 bundled real photos); `diffusion` encodes the bundled photos at 128x128 with it (8x8x16 latents, the

@@ -166,13 +166,37 @@ def bundled_photos(split: str) -> list[pathlib.Path]:
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None):
+    """A prepared TFDS dataset, read in place: nothing is downloaded or built here (every host of a pod would do it
+    at once); an unprepared or unknown dataset is one clear error naming where it was looked for."""
     import tensorflow_datasets as tfds
 
+    where = data_dir or "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    build = f"tfds build {name} --file_format=array_record --data_dir=DIR, then use tfds:{name}@DIR"
+    not_found = getattr(getattr(tfds.core, "registered", None), "DatasetNotFoundError", LookupError)
+
+    def open_source(**kw):
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kw)
+        except not_found:
+            raise ValueError(
+                f"tfds:{name}: no TFDS dataset of that name is registered or prepared in {where}"
+            ) from None
+        except (NotImplementedError, KeyError) as err:  # TFRecord files (no random access), or nothing prepared
+            if isinstance(err, KeyError) and "not been generated" not in str(err):
+                raise
+            if tfds.builder(name, data_dir=data_dir).is_prepared():
+                raise ValueError(f"tfds:{name} in {where} has no random-access files (array_record); {build}") from None
+            raise FileNotFoundError(
+                f"tfds:{name} is not prepared in {where}; {build} (ImageNet needs its manual download first)"
+            ) from None
+
     try:  # encoded bytes: decoded (and failures counted) by us, not inside tfds
-        return tfds.data_source(name, split=split, data_dir=data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+        return open_source(decoders={"image": tfds.decode.SkipDecoding()})
+    except (ValueError, OSError):
+        raise
     except Exception as err:  # older tfds or no SkipDecoding support: arrays then
         logging.info("tfds.data_source(%s) without SkipDecoding (%s)", name, err)
-        return tfds.data_source(name, split=split, data_dir=data_dir)
+        return open_source()
 
 
 def make_source(spec: str, split: str):

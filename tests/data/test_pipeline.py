@@ -376,6 +376,17 @@ def test_arrayrecord_source_trains_like_the_folder(id_folder, tmp_path):
         assert x["image"].shape == (3, R, R, 3) and not x["skipped"].any()
 
 
+def test_tfds_is_read_never_downloaded_or_built(tmp_path, monkeypatch):
+    """An unprepared or unknown dataset is one clear error naming where it looked; nothing is written anywhere."""
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match=rf"tfds:mnist is not prepared in {tmp_path}/tfds; tfds build mnist"):
+        ip.make_source(f"tfds:mnist@{tmp_path}/tfds", "test")
+    with pytest.raises(ValueError, match=r"tfds:no_such_dataset_xyz: no TFDS dataset of that name .* ~/tensorflow_"):
+        ip.make_source("tfds:no_such_dataset_xyz", "train")
+    assert not list(tmp_path.rglob("*"))
+
+
 @pytest.mark.gcs
 def test_tfds_source_on_gcs(gcs_dir, tmp_path):
     """tfds:NAME@gs://DATA_DIR: a prepared dataset copied to Cloud Storage is read in place."""
