@@ -446,18 +446,31 @@ def eval_nets(config) -> tuple[EvalNets, dict[str, Any]]:
     return EvalNets(**nets, rfid_crop=config.get("eval_rfid_crop", 0)), variables
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every field of a phase's config, without reading data or writing anything (a chain checks all its phases
+    before the first one starts)."""
+    check_config(config, model_config(config), sharding.mesh_from_config(config))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
     """Runs (or resumes) one training phase in `workdir`; returns the final evaluation summary.
 
     The config is checked before anything is written; the workdir is locked for the run (one trainer per workdir).
     """
-    check_config(config, model_config(config), sharding.mesh_from_config(config))
+    from dcae_jax.autoencoder.pretrained import load_config
+    from dcae_jax.data import pipeline as input_pipeline
+
+    check(config)
     workdir = paths.path(workdir, "workdir")
+    # The inputs too: the training data listed (a missing or empty folder refused) and the init model found.
+    train_source = input_pipeline.make_source(config.data.train, config.data.train_split)
+    if config.init_from:
+        load_config(config.init_from)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
-        return _train_phase(config, workdir)
+        return _train_phase(config, workdir, train_source)
 
 
-def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, Any]:
+def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path, train_source) -> dict[str, Any]:
     from dcae_jax.autoencoder.pretrained import DCAE
     from dcae_jax.data import pipeline as input_pipeline
 
@@ -485,7 +498,6 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict
     # Data.
     if config.global_batch_size % jax.process_count():
         raise ValueError(f"config.global_batch_size={config.global_batch_size} not divisible by processes")
-    train_source = input_pipeline.make_source(config.data.train, config.data.train_split)
     train_loader = input_pipeline.make_train_loader(
         train_source,
         resolution=res,

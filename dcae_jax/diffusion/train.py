@@ -238,13 +238,22 @@ def _latents_dir(config, workdir: paths.Path) -> paths.Path:
 # The loop.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
-    anything is written; the workdir is locked for the run (one trainer per workdir)."""
+def check(config: ml_collections.ConfigDict) -> None:
+    """The loop fields of the config, without reading data or writing anything (as `autoencoder.train.check`)."""
     from dcae_jax.autoencoder.train import check_loop_config
 
     check_loop_config(config, sharding.mesh_from_config(config))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
+    """Runs (or resumes) UViT training in `workdir`; returns the final summary. The loop fields are checked before
+    anything is written; the workdir is locked for the run (one trainer per workdir)."""
+    from dcae_jax.data.latents import LatentDataset
+
+    check(config)
     workdir = paths.path(workdir, "workdir")
+    if config.data.latents:  # found and readable before anything is written
+        LatentDataset(config.data.latents)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train(config, workdir)
 

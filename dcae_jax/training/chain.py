@@ -18,16 +18,34 @@ from absl import logging
 from dcae_jax.runtime import paths
 
 
-def _train_fn(config):
-    """The trainer a config names (`config.trainer`, default the autoencoder's)."""
+def _trainer(config):
+    """The trainer module a config names (`config.trainer`, default the autoencoder's): `train_and_evaluate(config,
+    workdir)` and `check(config)`."""
     from dcae_jax.autoencoder import train
     from dcae_jax.diffusion import train as diffusion_train
 
-    trainers = {"dcae": train.train_and_evaluate, "diffusion": diffusion_train.train_and_evaluate}
+    trainers = {"dcae": train, "diffusion": diffusion_train}
     name = config.get("trainer", "dcae")
     if name not in trainers:
         raise KeyError(f"config.trainer={name!r}; valid: {sorted(trainers)}")
     return trainers[name]
+
+
+def _check_phases(config, workdir: paths.Path) -> None:
+    """Every unfinished phase's config, before the first one starts (not after an hour of phase 1); the error
+    names the phase."""
+    for name in config.chain:
+        if _finished(workdir / name):
+            continue
+        try:
+            _trainer(config[name]).check(config[name])
+        except (ValueError, KeyError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise type(err)(f"config.{name}: {msg}") from None
+
+
+def _finished(phase_dir: paths.Path) -> bool:
+    return (phase_dir / "eval.json").exists() and (phase_dir / "export").exists()
 
 
 def _fmt_s(seconds: float) -> str:
@@ -52,10 +70,11 @@ def run(config, workdir: paths.PathLike) -> dict:
     t0 = time.time()
     workdir = paths.path(workdir, "workdir")
     if "chain" not in config:
-        result = _train_fn(config)(config, workdir)
+        result = _trainer(config).train_and_evaluate(config, workdir)
         if jax.process_index() == 0:
             _print_summary(config, workdir, [workdir], t0)
         return result
+    _check_phases(config, workdir)
     previous, result = None, {}
     costs = {name: _cost(config[name]) for name in config.chain}
     done_cost = 0.0
@@ -63,7 +82,7 @@ def run(config, workdir: paths.PathLike) -> dict:
         phase = config[name]
         phase_dir = workdir / name
         done = phase_dir / "eval.json"
-        if done.exists() and (phase_dir / "export").exists():
+        if _finished(phase_dir):
             logging.info("%s already finished, skipping", name)
             print(f"== {k}/{len(config.chain)} {name}: already finished, skipped", flush=True)
             result = json.loads(done.read_text())
@@ -77,7 +96,7 @@ def run(config, workdir: paths.PathLike) -> dict:
                 if not phase[field]:
                     with phase.unlocked():
                         phase[field] = str(previous / "export")
-            result = _train_fn(phase)(phase, phase_dir)
+            result = _trainer(phase).train_and_evaluate(phase, phase_dir)
             done_cost += costs[name]
         result = {**result, "phase": name}
         previous = phase_dir

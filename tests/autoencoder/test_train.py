@@ -314,6 +314,35 @@ def test_bad_config_values_fail_before_anything_is_written(overrides, message, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("data.train", "folder:/no/such/photos", "/no/such/photos"),
+        ("init_from", "/no/such/export", "/no/such/export: no such file or directory"),
+    ],
+)
+def test_missing_inputs_fail_before_anything_is_written(field, value, message, tmp_path):
+    """The training data and the init model are found (not read) before the workdir, its lock and logs exist."""
+    config = tiny_train_config(1)
+    node, _, key = field.rpartition(".")
+    (config[node] if node else config)[key] = value
+    with pytest.raises(OSError, match=re.escape(message)):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_chain_checks_every_phase_before_the_first_starts(tmp_path):
+    """A bad phase-3 field is reported at once, naming the phase, not after phases 1 and 2 have trained."""
+    from configs import quickstart
+    from dcae_jax.training import chain
+
+    config = quickstart.get_config()
+    config.phase3.num_steps = 0
+    with pytest.raises(train.ConfigError, match=r"^config\.phase3: invalid config:\n  config\.num_steps=0 must be"):
+        chain.run(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
 def test_batch_must_divide_the_mesh():
     class FakeMesh:  # a 2-device mesh's size and shape, without 2 devices
         size, shape = 2, {"data": 2, "fsdp": 1}

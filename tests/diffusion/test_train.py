@@ -149,6 +149,14 @@ def _params(workdir):
     return DCAEDiffusion.from_pretrained(workdir / "export").params
 
 
+def test_a_missing_latents_folder_fails_before_anything_is_written(tmp_path):
+    config = tiny_config()
+    config.data.latents = str(tmp_path / "no_latents")
+    with pytest.raises(OSError, match="no_latents"):
+        _run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_continues_exactly_and_exports(latents, tmp_path):
     kw = {"data.latents": str(latents / "latents"), "autoencoder": str(latents / "ae")}
     straight = tmp_path / "straight"
