@@ -25,7 +25,6 @@ The one step is `python -m dcae_jax.fetch_weights`; the trainer and the commands
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -42,6 +41,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from dcae_jax.runtime import paths
 
 WEIGHTS_DIR_ENV = "DCAE_JAX_WEIGHTS"
 
@@ -459,21 +460,6 @@ def _source_bytes(
 # Writing the project's files.
 
 
-@contextlib.contextmanager
-def _atomic_path(path: pathlib.Path):
-    """Yields a temporary path beside `path`; renamed onto it only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield pathlib.Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def convert_source_bytes(name: str, data: bytes, where: str) -> dict[str, Any]:
     """The raw package file of weights `name` -> the project's variables for it."""
     wf = get_file(name)
@@ -489,7 +475,8 @@ def _save(name: str, variables: Mapping[str, Any], path: pathlib.Path) -> None:
     from dcae_jax.metrics import fid as fid_lib
     from dcae_jax.metrics import lpips as lpips_lib
 
-    with _atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with paths.writing(path) as tmp:
         if name.startswith("lpips_"):
             lpips_lib.save_lpips_weights(variables, tmp, name.split("_", 1)[1])
         else:

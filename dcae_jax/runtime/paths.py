@@ -153,10 +153,17 @@ def writing(dst: PathLike) -> Iterator[str]:
     tmp = os.fspath(dst.with_name(f".{dst.name}.tmp{os.getpid()}"))
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() gives: some writers (safetensors) create files 0600
         os.replace(tmp, os.fspath(dst))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_npz(p: PathLike, compressed: bool = False, **arrays) -> epath.Path:

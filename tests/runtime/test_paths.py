@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import stat
 import subprocess
 import sys
 
@@ -124,3 +125,12 @@ def test_local_by_design_folders_refuse_urls(tmp_path, monkeypatch, capsys):
         capsys.readouterr().err
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_file_written_through_writing_gets_the_usual_mode(tmp_path):
+    """Some writers (safetensors) create their file 0600; the result has the mode open() would give it."""
+    with paths.writing(tmp_path / "w.safetensors") as tmp:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~mask
