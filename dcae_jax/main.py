@@ -59,6 +59,8 @@ def body(flags) -> None:
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
     workdir = paths.path(flags.workdir, "--workdir")
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir} is a file, not a folder")
     distributed.initialize_from_env()
     logging.info("JAX processes %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices())
     chain.run(flags.config, workdir)  # failures: dcae_jax.runtime.cli's policy (one line for user mistakes, exit 2)

@@ -57,7 +57,7 @@ from typing import Any
 import grain
 from array_record.python import array_record_module
 
-from dcae_jax.data.images import ImageReadError, as_path, decode_image_bytes, list_images
+from dcae_jax.data.images import IMAGE_EXTENSIONS, ImageReadError, as_path, decode_image_bytes, list_images
 from dcae_jax.data.pipeline import SPLIT_DIRS, split_folders
 from dcae_jax.runtime import paths
 
@@ -152,7 +152,7 @@ def plan_splits(src: str) -> tuple[list[SplitPlan], bool]:
         labels, class_names, how = folder_labels(rel, folder.name)
         plans.append(SplitPlan(name, [os.fspath(f) for f in files], rel, labels, class_names, how))
     if not any(p.files for p in plans):
-        raise ValueError(f"{src}: no image files (extensions: dcae_jax.data.images.IMAGE_EXTENSIONS)")
+        raise ValueError(f"{src}: no image files (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return plans, bool(names)
 
 

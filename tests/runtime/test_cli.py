@@ -88,6 +88,12 @@ def test_a_config_mistake_is_one_line(args, message, tmp_path):
     assert message in proc.stderr and not (tmp_path / "w").exists()
 
 
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "w").write_text("")
+    proc = _run("dcae_jax.main", "--config=configs/tiny_test.py", f"--workdir={tmp_path}/w")
+    assert proc.returncode == 2 and f"main: error: --workdir={tmp_path}/w is a file, not a folder" in proc.stderr
+
+
 def test_debug_env_shows_the_traceback():
     proc = _run("dcae_jax.convert", "--src", "/no/such/ckpt.safetensors", "--out", "/tmp/x_never", DCAE_JAX_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
