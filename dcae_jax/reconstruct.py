@@ -32,7 +32,7 @@ def define_flags(f: cli.Flags) -> None:
     f.enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 
 
-def body(flags) -> int:
+def body(flags) -> None:
     from dcae_jax.autoencoder import inference
     from dcae_jax.data.images import list_images
     from dcae_jax.runtime import paths
@@ -43,6 +43,8 @@ def body(flags) -> int:
         raise FileNotFoundError(f"no images found under {inp}")
     results, md = inference.reconstruct_files(flags.model, inp, out, files, flags.resolution, flags.dtype)
     images, failed = results["images"], results["failed"]
+    if not images:  # results.md / results.json under `out` list why
+        raise ValueError(f"none of the {len(files)} images under {inp} could be read: see {out / 'results.md'}")
     print(md)
     if failed:
         print(f"{len(failed)} of {len(files)} images could not be read: {[f['name'] for f in failed]}", file=sys.stderr)
@@ -50,7 +52,6 @@ def body(flags) -> int:
     print(
         f"score a whole dataset with python -m dcae_jax.evaluate --model={flags.model} --data=folder:DIR --resolution=R --output=r.json"
     )
-    return 0 if images else 1
 
 
 def main(argv: list[str] | None = None) -> int:

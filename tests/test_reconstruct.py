@@ -72,14 +72,19 @@ def test_reconstruct_single_file_with_resolution(tiny_model_dir, photo_dir, tmp_
     assert (r["width"], r["height"]) == (32, 32) and r["reconstruction"] == "reconstructions/astronaut.png"
 
 
-def test_reconstruct_errors(tiny_model_dir, tmp_path):
+def test_reconstruct_errors(tiny_model_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert reconstruct.main(["--model", str(tiny_model_dir), "--input", str(empty), "--output", str(tmp_path)]) == 2
     (empty / "bad.png").write_bytes(b"")
     out = tmp_path / "out"
-    assert reconstruct.main(["--model", str(tiny_model_dir), "--input", str(empty), "--output", str(out)]) == 1
+    capsys.readouterr()
+    # Nothing readable: one error line naming the report of why, exit 2, and no "wrote ..." summary.
+    assert reconstruct.main(["--model", str(tiny_model_dir), "--input", str(empty), "--output", str(out)]) == 2
     assert json.loads((out / "results.json").read_text())["failed"][0]["name"] == "bad.png"
+    captured = capsys.readouterr()
+    assert f"reconstruct: error: none of the 1 images under {empty} could be read: see {out}/results.md" in captured.err
+    assert "wrote" not in captured.out
 
 
 def test_output_names_never_collide(tmp_path):
