@@ -8,8 +8,8 @@ For every image under --input (a file, or a folder searched recursively) this wr
 `OUTPUT/results.md` and `OUTPUT/results.json` with per-image and mean PSNR / SSIM (computed on uint8-quantized
 images like the DC-AE reference evaluator, see `dcae_jax.metrics.image`). With --resolution the images are
 ADM-center-cropped to R x R (the DC-AE evaluation protocol); without it they are reconstructed at full size.
-Files that cannot be read are reported on stderr and under "failed" in the JSON; the rest go on (exit 1 when
-none could be read).
+Files that cannot be read are reported on stderr and under "failed" in the JSON; the rest go on (an error, exit 2,
+when none could be read).
 """
 
 from __future__ import annotations
