@@ -190,3 +190,37 @@ def test_two_processes_checkpoint_to_gcs_and_restore(gcs_dir, tmp_path):
     assert "resumed from step 2" in log and "the data restarts" not in log
     assert json.loads((paths.path(workdir) / "eval.json").read_text())["num_images"] == 3
     assert not (REPO / "gs:").exists()
+
+
+def test_sigterm_on_one_process_stops_every_process_at_one_checkpointed_step(tmp_path):
+    """A pod's preemption notice reaches one host: JAX's preemption sync point stops both processes after the same
+    step, with one checkpoint of it, each saying where (exit 143), instead of one dying mid-collective."""
+    import re
+
+    cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={CONFIG}", "--config.num_steps=100000"]
+    cmd += ["--config.checkpoint_every=100000", f"--workdir={tmp_path / 'w'}"]
+    env = job_env(1, 2)
+    logs = [tmp_path / f"log{i}.txt" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=log.open("w"), stderr=subprocess.STDOUT
+        )
+        for i, log in enumerate(logs)
+    ]
+    try:
+        history, deadline = tmp_path / "w" / "metrics.jsonl", time.monotonic() + JOB_TIMEOUT_S
+        while not (history.exists() and len(history.read_text().splitlines()) >= 2):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [143, 143], [log.read_text()[-2000:] for log in logs]
+    said = [
+        re.findall(r"main: stopped by SIGTERM after step (\d+): its checkpoint is", log.read_text()) for log in logs
+    ]
+    assert said[0] == said[1] and len(said[0]) == 1, said
+    assert sorted(p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()) == said[0]

@@ -76,7 +76,10 @@ def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     ends a multi-process run's process at once)."""
     try:
         code = fn(*args)
-    except SystemExit:
+    except SystemExit as err:
+        if getattr(err, "message", None):  # a deliberate stop with a word for the user (training.loop.Preempted)
+            print(f"{name}: {err.message}", file=sys.stderr)
+            return int(err.code)
         raise
     except USER_ERRORS as err:
         if os.environ.get(DEBUG_ENV):

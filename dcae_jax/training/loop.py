@@ -10,20 +10,26 @@ Cadence, for steps `start + 1 .. config.num_steps`:
 * every `config.checkpoint_every` steps and at the last step: a checkpoint (refused if the state is not
   finite); then `every` / `periodic` (evaluation, sample grids), except at the last step, which the trainer
   handles itself after the loop.
+* on SIGTERM (a preemptible VM's notice, a scheduler's cancel): the step in flight finishes, a checkpoint of it is
+  written, and the run stops with `Preempted` (exit status 143) naming it; the same command resumes there. Every
+  process of a multi-process job stops at the same step (JAX's preemption sync point).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 from absl import logging
 
 from dcae_jax.metrics import history
-from dcae_jax.runtime import distributed
+from dcae_jax.runtime import distributed, paths
 from dcae_jax.training import checkpoints
 
 
@@ -102,6 +108,41 @@ class Loop:
     unused: frozenset[str] = frozenset()
 
 
+class Preempted(SystemExit):
+    """The run stopped on SIGTERM after checkpointing its last step (exit status 143, 128 + SIGTERM)."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@contextlib.contextmanager
+def _preemption_notice() -> Iterator[Callable[[int], bool]]:
+    """`reached(step) -> bool`: whether to stop after `step`. Several processes: JAX's preemption sync point (its
+    coordination service notices SIGTERM on any process; all agree on the step). One process: a SIGTERM handler
+    for the life of the loop (only where Python can install one: the main thread, the default handler)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        yield multihost_utils.reached_preemption_sync_point
+        return
+    noticed = threading.Event()
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL,
+        None,
+    )
+    if own:
+        signal.signal(signal.SIGTERM, lambda signum, frame: noticed.set())
+    try:
+        yield lambda step: noticed.is_set()
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> tuple[Any, dict[str, float]]:
     """Trains from the state's step to `config.num_steps` (see the module docstring); returns (state, the last
     logged summary). Waits for the last checkpoint to be on disk before returning."""
@@ -111,32 +152,40 @@ def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> 
     report = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer)
     start = int(jax.device_get(state.step))
     logging.info("%s from step %d to %d", loop.name, start, config.num_steps)
-    metrics, last_summary = None, {}
-    t_log, n_seen, skipped = time.time(), 0, 0
-    for step in range(start + 1, config.num_steps + 1):
-        batch, n_skipped = loop.next_batch()
-        skipped += n_skipped
-        with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
-            state, step_metrics = loop.step(state, batch, step)
-        metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-        n_seen += config.global_batch_size
-        if is_main:
-            report(step)
-        is_last = step == config.num_steps
-        if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
-            summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
-            summary = {k: v for k, v in summary.items() if k not in loop.unused}
-            summary[f"{loop.unit}_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
-            summary[f"skipped_{loop.unit}"] = skipped
-            summary["learning_rate"] = logged_learning_rate(loop.schedule, step)
-            writer.write_scalars(step, summary)
+    with _preemption_notice() as preempted:  # on SIGTERM: checkpoint the step in flight, then stop
+        metrics, last_summary = None, {}
+        t_log, n_seen, skipped = time.time(), 0, 0
+        for step in range(start + 1, config.num_steps + 1):
+            batch, n_skipped = loop.next_batch()
+            skipped += n_skipped
+            with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
+                state, step_metrics = loop.step(state, batch, step)
+            metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
+            n_seen += config.global_batch_size
             if is_main:
-                history.append(workdir, step, summary)
-            last_summary = summary
-            metrics, t_log, n_seen = None, time.time(), 0
-        if step % config.checkpoint_every == 0 or is_last:
-            checkpoints.save_checked(mngr, step, state, data_iter, workdir)
-        if loop.periodic is not None and loop.every and step % loop.every == 0 and not is_last:
-            loop.periodic(step, state)
-    mngr.wait_until_finished()
-    return state, last_summary
+                report(step)
+            is_last = step == config.num_steps
+            if step % config.log_every == 0 or is_last or step % config.checkpoint_every == 0:
+                summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
+                summary = {k: v for k, v in summary.items() if k not in loop.unused}
+                summary[f"{loop.unit}_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
+                summary[f"skipped_{loop.unit}"] = skipped
+                summary["learning_rate"] = logged_learning_rate(loop.schedule, step)
+                writer.write_scalars(step, summary)
+                if is_main:
+                    history.append(workdir, step, summary)
+                last_summary = summary
+                metrics, t_log, n_seen = None, time.time(), 0
+            stop = not is_last and preempted(step)
+            if step % config.checkpoint_every == 0 or is_last or stop:
+                checkpoints.save_checked(mngr, step, state, data_iter, workdir)
+            if stop:
+                mngr.wait_until_finished()
+                where = paths.path(workdir) / "checkpoints" / str(step)
+                raise Preempted(
+                    f"stopped by SIGTERM after step {step}: its checkpoint is {where}; rerun the same command to resume"
+                )
+            if loop.periodic is not None and loop.every and step % loop.every == 0 and not is_last:
+                loop.periodic(step, state)
+        mngr.wait_until_finished()
+        return state, last_summary
