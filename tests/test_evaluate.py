@@ -117,6 +117,7 @@ def test_evaluate_every_metric(files, expected, frechet_spy, tmp_path, capsys):
 
     assert (r["num_records"], r["num_images"], r["num_skipped"]) == (4, 3, 1)  # broken.jpg counted, not fatal
     assert any("1 record(s) could not be read" in n for n in r["notes"])
+    assert any("rFID from 3 images (fewer than the 2048 feature dimensions" in n for n in r["notes"])
     assert r["config_name"] == "tiny" and r["model_label"] == "tiny-model" and r["resolution"] == RES
     assert r["batch_size"] == -(-2 // jax.device_count()) * jax.device_count()  # rounded up to the devices
     assert r["devices"] == jax.device_count() and r["processes"] == 1

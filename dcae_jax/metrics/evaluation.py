@@ -212,6 +212,11 @@ def evaluate_dataset(
                 rfid = fid_lib.frechet_distance(*rec_all.mu_sigma(), *(ref_stats or real_all.mu_sigma()))
             except ValueError as err:  # e.g. a complex sqrtm from too few images: keep the other metrics
                 notes.append(f"rFID not computed: {err}")
+            if rfid is not None and n < fid_lib.FEATURE_DIM:
+                notes.append(
+                    f"rFID from {n} images (fewer than the {fid_lib.FEATURE_DIM} feature dimensions: singular "
+                    "covariances) only compares runs on these same images; published rFIDs use 50,000"
+                )
     f = ae.config.spatial_compression_ratio
     zshape = (-(-resolution // f), -(-resolution // f), latent_channels or ae.config.latent_channels)
     zn = n * int(np.prod(zshape))
