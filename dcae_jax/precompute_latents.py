@@ -43,12 +43,16 @@ def define_flags(f: cli.Flags) -> None:
 
 
 def body(flags) -> None:
+    import jax
+
     from dcae_jax.data import precompute
     from dcae_jax.runtime import distributed, paths
 
     paths.path(flags.out, "--out")  # before joining a pod's other processes
     distributed.initialize_from_env()
     precompute.precompute(**cli.values(flags))
+    if jax.process_index() == 0:
+        print(f"next: python -m dcae_jax.main --config=configs/uvit.py:latents={flags.out} --workdir=RUNDIR")
 
 
 def main(argv: list[str] | None = None) -> int:

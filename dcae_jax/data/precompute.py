@@ -545,5 +545,4 @@ def report(r: dict[str, Any], out: paths.PathLike) -> str:
             "note: the factor used is more than 10% off 1/rms; for a newly trained autoencoder, rerun into a new "
             f"--out with --scaling_factor {implied:.4g} (or auto)"
         )
-    lines.append(f"next: python -m dcae_jax.main --config=configs/uvit.py:latents={out} --workdir=RUNDIR")
     return "\n".join(lines)

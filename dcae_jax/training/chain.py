@@ -156,9 +156,11 @@ def write_eval_table(config, workdir: paths.Path) -> None:
         )
     if any(config[n].get("eval_rfid_crop", 0) for n in config.chain):
         rows.append("\nrFID here is a patch rFID: aligned crops of the held-out images (config.eval_rfid_crop).")
+    if len(rows) == 2:  # no autoencoder phase in this chain (a diffusion chain on a given autoencoder)
+        rows = []
     if diffusion_rows:
         rows += [
-            "",
+            *([""] if rows else []),
             "| diffusion phase | model | steps | final train loss | last sample grid |",
             "|---|---|---:|---:|---|",
         ]

@@ -258,6 +258,8 @@ def test_latent_diffusion_quickstart_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== 1/1 diffusion" in proc.stdout and not (reuse / "autoencoder").exists()
+    assert "next: python -m dcae_jax.main --config=configs/uvit.py" not in proc.stdout  # precompute_latents' own hint
+    assert (reuse / "eval.md").read_text().startswith("| diffusion phase |")  # no empty autoencoder table
     assert DCAEDiffusion.from_pretrained(reuse / "export").classes == data.trained_classes
 
 
