@@ -47,6 +47,8 @@ def body(flags) -> int:
         phases = [int(p) for p in flags.phases]
     except ValueError:
         raise ValueError(f"--phases={','.join(flags.phases)}: expected phase numbers, e.g. 1,2,3") from None
+    if set(phases) - {1, 2, 3}:  # all of them before any compiles
+        raise ValueError(f"--phases={','.join(flags.phases)}: the phases are 1, 2 and 3")
     flag = flags["config"]
     configs = aot.phase_configs(
         flags.config, config_flags.get_config_filename(flag), config_flags.get_override_values(flag), phases

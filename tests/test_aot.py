@@ -64,6 +64,12 @@ def test_phases_from_a_per_phase_config_and_from_a_chain():
         aot.phase_configs(chain, "configs/quickstart.py", {}, [4])
 
 
+def test_a_bad_phase_is_refused_before_any_phase_compiles():
+    proc = _aot("--config=configs/tiny_test.py", "--topology=v5e-4", "--phases=1,4")
+    assert proc.returncode == 2 and "aot: error: --phases=1,4: the phases are 1, 2 and 3" in proc.stderr
+    assert "compiling" not in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "report.json"
