@@ -464,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
     workdir = paths.path(workdir, "workdir")
     # The inputs too: the training data listed (a missing or empty folder refused) and the init model found.
     train_source = input_pipeline.make_source(config.data.train, config.data.train_split)
-    if config.init_from:
+    if config.init_from:  # a resumed run reads it too (its export's scaling factor): found before training
         load_config(config.init_from)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train_phase(config, workdir, train_source)

@@ -161,9 +161,14 @@ def writing(dst: PathLike) -> Iterator[str]:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask, read without setting it (/proc on Linux; os.umask, which sets it, elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def save_npz(p: PathLike, compressed: bool = False, **arrays) -> epath.Path:

@@ -645,6 +645,22 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 # The whole study.
 
 
+def check_data_folder(data: str | pathlib.Path) -> None:
+    """The study trains on `train/` and scores on held-out `val/` (or `validation/`): a flat folder would train and
+    score on the same photos, so it is refused."""
+    from dcae_jax.data.pipeline import SPLIT_DIRS
+
+    missing = [
+        " or ".join(f"{d}/" for d in SPLIT_DIRS[split])
+        for split in ("train", "val")
+        if not any((pathlib.Path(data) / d).is_dir() for d in SPLIT_DIRS[split])
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{data}: the study trains on train/ and scores on held-out val/ image folders; missing {missing}"
+        )
+
+
 def run(
     data: str,
     out: str | pathlib.Path,
@@ -654,11 +670,7 @@ def run(
     seeds: int = 0,
 ) -> dict:
     """All three experiments; returns (and writes) the results. Runs already in `out` are reused."""
-    missing = [f"{split}/" for split in ("train", "val") if not (pathlib.Path(data) / split).is_dir()]
-    if missing:  # a flat folder would train and score on the same photos
-        raise FileNotFoundError(
-            f"{data}: the study trains on train/ and scores on held-out val/ image folders; missing {missing}"
-        )
+    check_data_folder(data)
     out = pathlib.Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     s = SCALES[scale]

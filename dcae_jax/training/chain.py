@@ -34,11 +34,15 @@ def _trainer(config):
 def _check_phases(config, workdir: paths.Path) -> None:
     """Every unfinished phase's config, before the first one starts (not after an hour of phase 1); the error
     names the phase."""
-    for name in config.chain:
+    for k, name in enumerate(config.chain):
+        phase = config[name]
         if _finished(workdir / name):
             continue
+        inherits = k > 0 and phase.get("trainer", "dcae") == "dcae" and not phase.get("init_from")
+        if inherits and not phase.model.get("variant"):  # its architecture is the previous export's: not yet known
+            continue  # (checked when it starts)
         try:
-            _trainer(config[name]).check(config[name])
+            _trainer(phase).check(phase)
         except (ValueError, KeyError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise type(err)(f"config.{name}: {msg}") from None

@@ -94,7 +94,8 @@ def _restore_items(mngr, step: int, abstract_state: Any, data_iter) -> Any:
     return flax.serialization.from_state_dict(abstract_state, restored["state"])
 
 
-_STORAGE_ERROR = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN): ")
+# tensorstore's codes for a truncated file, corrupt bytes and a missing chunk (not transient or other errors)
+_STORAGE_ERROR = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND): ")
 
 
 class _AbandonedReads(logging.Filter):

@@ -341,6 +341,11 @@ def test_a_chain_checks_every_phase_before_the_first_starts(tmp_path):
     with pytest.raises(train.ConfigError, match=r"^config\.phase3: invalid config:\n  config\.num_steps=0 must be"):
         chain.run(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
+    # A later phase that takes its architecture from the previous phase's export (no variant, no init_from yet)
+    # is checked when it starts: its model is not known before.
+    config.phase3.num_steps = 150
+    config.phase2.model.variant = ""
+    chain._check_phases(config, tmp_path / "w")
 
 
 def test_batch_must_divide_the_mesh():

@@ -376,15 +376,17 @@ def test_arrayrecord_source_trains_like_the_folder(id_folder, tmp_path):
         assert x["image"].shape == (3, R, R, 3) and not x["skipped"].any()
 
 
-def test_tfds_is_read_never_downloaded_or_built(tmp_path, monkeypatch):
+def test_tfds_is_read_never_downloaded_or_built(tmp_path):
     """An unprepared or unknown dataset is one clear error naming where it looked; nothing is written anywhere."""
-    pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tfds = pytest.importorskip("tensorflow_datasets")
+    default = pathlib.Path(tfds.core.constants.DATA_DIR).expanduser()  # fixed when tfds was imported
+    before = sorted(default.rglob("*")) if default.exists() else None
     with pytest.raises(FileNotFoundError, match=rf"tfds:mnist is not prepared in {tmp_path}/tfds; tfds build mnist"):
         ip.make_source(f"tfds:mnist@{tmp_path}/tfds", "test")
     with pytest.raises(ValueError, match=r"tfds:no_such_dataset_xyz: no TFDS dataset of that name .* ~/tensorflow_"):
         ip.make_source("tfds:no_such_dataset_xyz", "train")
-    assert not list(tmp_path.rglob("*"))
+    assert not list(tmp_path.rglob("*"))  # nothing in the data_dir given
+    assert (sorted(default.rglob("*")) if default.exists() else None) == before  # nor in tfds' default one
 
 
 @pytest.mark.gcs

@@ -156,5 +156,11 @@ def test_a_folder_without_train_and_val_is_refused_before_anything_runs(photo_fo
     out = tmp_path / "out"
     assert reproduce.main([f"--data={flat}", f"--out={out}", "--scale=smoke"]) == 2
     assert not out.exists()
-    with pytest.raises(FileNotFoundError, match=r"flat: the study trains on train/ .* missing \['train/', 'val/'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"flat: the study trains on train/ .* missing \['train/', 'val/ or validation/'\]"
+    ):
         experiments.run(str(flat), out, "smoke")
+    named = tmp_path / "named"  # validation/ is the other name of the held-out split (data.pipeline.SPLIT_DIRS)
+    for split in ("train", "validation"):
+        shutil.copytree(photo_folder / ("val" if split == "validation" else split), named / split)
+    experiments.check_data_folder(named)
