@@ -137,7 +137,7 @@ def test_npz_roundtrip_and_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"not an LPIPS weights file \(it is a 'fid_inception.*keys \(\d+\): ") as e:
         load_lpips(path)
-    assert len(str(e.value).replace(str(path), "")) < 300 and "more)" in str(e.value)  # a short line, whatever the path
+    assert len(str(e.value).replace(str(path), "")) < 400 and "more)" in str(e.value)  # one short line (was 25,000)
     # Not an .npz at all (numpy would call it pickled data), and a truncated one: both name the file.
     (tmp_path / "notes.npz").write_text("mu, sigma")
     with pytest.raises(ValueError, match=r"notes\.npz: not a \.npz file \(9 bytes"):
