@@ -41,6 +41,26 @@ def genuine_weights():
 
 
 @pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory):
+    """`ae/`: a tiny random DC-AE export; `latents/`: the bundled photos encoded by it at 32x32 (4x4x8 latents,
+    scaled to unit RMS), for the diffusion trainer's tests."""
+    import jax
+
+    from dcae_jax.autoencoder.model import init_variables, tiny_config
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.data import precompute
+
+    root = tmp_path_factory.mktemp("tiny_latents")
+    cfg = tiny_config()
+    ae_dir = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(root / "ae")
+    meta = precompute.precompute(
+        str(ae_dir), "bundled", 32, root / "latents", batch_size=4, scaling_factor="auto", verbose=False
+    )
+    assert tuple(meta["latent_shape"]) == (4, 4, 8)
+    return root
+
+
+@pytest.fixture(scope="session")
 def _gcs_emulator(tmp_path_factory):
     """fake-gcs-server for every client: gcsfs, tensorstore and array_record straight to it, TensorFlow's own GCS
     client (clu's TensorBoard writer) through the TLS front that /etc/hosts sends Google's host names to."""

@@ -31,8 +31,11 @@ CONFIG = "configs/tiny_test.py:fsdp=2,batch=8,checkpoint_every=2"
 JOB_TIMEOUT_S = 420
 
 
-def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], logdir=None) -> None:
-    """Runs one job of `processes` x `devices`; kills every process if one fails or the job times out.
+def run_job(
+    workdir, processes: int, devices: int, *flags: str, per_process=lambda i: [], logdir=None, config=CONFIG
+) -> None:
+    """Runs one job of `processes` x `devices` (`--config=config`); kills every process if one fails or the job
+    times out.
 
     The jobs keep the test run's persistent compilation cache (tests/conftest.py; a job with an earlier job's layout
     compiles nothing): CI time only. `logdir`: where the processes' logs go (default: the workdir).
@@ -40,7 +43,7 @@ def run_job(workdir, processes: int, devices: int, *flags: str, per_process=lamb
     logdir = pathlib.Path(logdir or workdir)
     logdir.mkdir(parents=True, exist_ok=True)
     env = job_env(devices, processes)
-    cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={CONFIG}", f"--workdir={workdir}", *flags]
+    cmd = [sys.executable, "-m", "dcae_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
     procs, logs = [], []
     try:
         for i in range(processes):
@@ -144,6 +147,29 @@ def test_two_processes_train_like_one(single, two_proc):
     ]
     result = json.loads((two_proc / "eval.json").read_text())
     assert result["num_images"] == 3  # every process's held-out images, not only process 0's
+
+
+def test_two_processes_train_a_diffusion_model_and_sample_it_together(tiny_latents, tmp_path):
+    """configs/uvit.py with a tiny UViT over 2 processes x 2 devices (data 2 x fsdp 2): both processes sample the
+    grids together from the sharded parameters (process 0 loads the autoencoder with the others, decodes and
+    writes), and the last grid is what one process samples from the export. (The run itself is not one process's:
+    a global batch's rows are ordered by process, and the objective's noise follows the row.)"""
+    from dcae_jax.data import images
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion, sample_grid
+
+    config = (
+        f"configs/uvit.py:model=uvit-tiny,latents={tiny_latents / 'latents'},autoencoder={tiny_latents / 'ae'},"
+        "batch=8,steps=4,fsdp=2"
+    )
+    flags = [
+        *("--config.sample.every=2", "--config.sample.steps=3", "--config.checkpoint_every=2"),
+        *("--config.model.dtype=float32", "--config.model.remat=none", "--config.sharding.min_size=1"),
+    ]
+    run_job(tmp_path / "two", 2, 2, *flags, config=config)
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step0000002.png", "step0000004.png"]
+    sample_grid(DCAEDiffusion.from_pretrained(tmp_path / "two" / "export"), tmp_path / "here.png")
+    a, b = (images.load_image(p) for p in (tmp_path / "two" / "samples" / "step0000004.png", tmp_path / "here.png"))
+    assert a.shape == (64, 256, 3) and float(np.max(np.abs(a - b))) * 127.5 <= 2.5
 
 
 def test_checkpoint_continues_in_a_new_two_process_job(single, two_proc, tmp_path):

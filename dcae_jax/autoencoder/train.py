@@ -496,8 +496,6 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path, train_s
         )
 
     # Data.
-    if config.global_batch_size % jax.process_count():
-        raise ValueError(f"config.global_batch_size={config.global_batch_size} not divisible by processes")
     train_loader = input_pipeline.make_train_loader(
         train_source,
         resolution=res,
@@ -590,38 +588,6 @@ def _train_phase(config: ml_collections.ConfigDict, workdir: paths.Path, train_s
     return final
 
 
-class ConfigError(ValueError):
-    """A config value a trainer cannot run with (a user mistake: reported in one message, no traceback)."""
-
-
-def check_loop_config(config, mesh) -> None:
-    """The loop fields both trainers share: one ValueError naming the field, before anything is written or compiled."""
-    problems = []
-    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
-        v = config.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            problems.append(f"config.{key}={v!r} must be a positive integer")
-    model = config.get("model") or {}
-    for key, names in (("dtype", compute.DTYPES), ("remat", compute.REMAT_POLICIES), ("attention", compute.ATTENTION)):
-        v = model.get(key)
-        if v is not None and not (key == "remat" and isinstance(v, bool)) and v not in names:
-            problems.append(f"config.model.{key}={v!r}; valid: {sorted(names)}")
-    every = config.get("eval_every", 0)
-    if not isinstance(every, int) or every < 0:
-        problems.append(f"config.eval_every={every!r} must be 0 (off) or a positive integer")
-    batch = config.get("global_batch_size")
-    if isinstance(batch, int) and batch >= 1:
-        if batch % jax.process_count():
-            problems.append(f"config.global_batch_size={batch} is not divisible by the {jax.process_count()} processes")
-        elif batch % mesh.size:
-            problems.append(
-                f"config.global_batch_size={batch} is not divisible by the {mesh.size} devices of the mesh "
-                f"{dict(mesh.shape)} (the batch is split over all of them)"
-            )
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
 def check_config(config, cfg: DCAEConfig, mesh) -> None:
     """Autoencoder fields, then the shared loop fields; raises naming every bad field."""
     problems = []
@@ -656,12 +622,7 @@ def check_config(config, cfg: DCAEConfig, mesh) -> None:
     crop = config.get("eval_rfid_crop", 0)
     if config.get("eval_rfid") and crop and crop > (config.get("eval_resolution") or config.get("resolution") or 0):
         problems.append(f"config.eval_rfid_crop={crop} is larger than the evaluation resolution")
-    try:
-        check_loop_config(config, mesh)
-    except ConfigError as err:
-        problems += str(err).splitlines()[1:]
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(p.strip() for p in problems))
+    loop.raise_config_problems(problems + loop.config_problems(config, mesh))
 
 
 def lower_train_step(config: ml_collections.ConfigDict, devices=None, platforms: tuple[str, ...] | None = None):
@@ -702,11 +663,6 @@ def lower_train_step(config: ml_collections.ConfigDict, devices=None, platforms:
 def learning_rate_schedule(o: ml_collections.ConfigDict) -> optax.Schedule:
     """The optimizer's schedule (`optim.adamw_with_warmup`): linear warm-up, then constant or cosine decay."""
     return optim.warmup_schedule(o.learning_rate, o.warmup_steps, o.get("decay_steps", 0))
-
-
-def logged_learning_rate(config, step: int) -> float:
-    """The learning rate the update of training step `step` (1-based) applied: the optimizer's own schedule."""
-    return loop.logged_learning_rate(learning_rate_schedule(config.optim), step)
 
 
 def _pad_rows(images: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,8 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from dcae_jax.diffusion import gaussian_diffusion, objectives, samplers
 from dcae_jax.diffusion.dit import DiT, DiTConfig, init_dit_params
@@ -118,8 +117,8 @@ def make_sample_fn(model: UViT | DiT, objective: str, settings: dict[str, Any]) 
     return sample
 
 
-def _local_batch_sharding() -> NamedSharding:
-    return NamedSharding(sharding.make_mesh([-1], ["batch"], devices=jax.local_devices()), P("batch"))
+def _local_mesh() -> Mesh:
+    return sharding.make_mesh([-1], ["batch"], devices=jax.local_devices())
 
 
 class DCAEDiffusion:
@@ -136,8 +135,13 @@ class DCAEDiffusion:
         autoencoder: Any = "",
         classes: list[int] | None = None,
         dtype: Any = jnp.float32,
+        mesh: Mesh | None = None,
     ):
+        """`mesh`: the devices sampling runs on, the batch split over all its axes: by default this process's
+        devices; a trainer passes its mesh (its processes then call `generate_latents` together) and the
+        parameters as they are sharded over it, so that none are gathered while the training state lives."""
         self.config = config
+        self.mesh = mesh
         # The class ids the model was trained on (a subset of its label table when some classes had no examples);
         # sampling draws from these by default.
         self.classes = list(range(config.num_classes)) if classes is None else [int(c) for c in classes]
@@ -250,11 +254,14 @@ class DCAEDiffusion:
     # Sampling.
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 -- one compiled sampler per setting; pipelines are few
-    def _sample_fn(self, settings_json: str):
-        settings = json.loads(settings_json)
-        data = _local_batch_sharding()
-        fn = make_sample_fn(self.model, self.objective, settings)
-        return jax.jit(fn, in_shardings=(None, data, data, None), out_shardings=data)
+    def _sample_fn(self, settings_json: str, mesh: Mesh):
+        fn = make_sample_fn(self.model, self.objective, json.loads(settings_json))
+        data, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+        def sample(params, noise, labels, key_data):  # the key as raw data: a multi-process input is a jax.Array
+            return fn(params, noise, labels, jax.random.wrap_key_data(key_data))
+
+        return jax.jit(sample, in_shardings=(None, data, data, replicated), out_shardings=data)
 
     def sample_shape(self, latent_channels: int | None = None) -> tuple[int, int, int]:
         """(H, W, C) of the samples: all channels, or the first `latent_channels` of a model with adaptive
@@ -290,7 +297,8 @@ class DCAEDiffusion:
         latent_channels: int | None = None,
         **sampler_overrides: Any,
     ) -> np.ndarray:
-        """Scaled latents (N, H, W, C) for `class_ids`; the batch is padded to the local device count.
+        """Scaled latents (N, H, W, C) for `class_ids`; the batch is padded to the mesh's device count (this
+        process's devices unless the pipeline has a mesh; then every process calls this and gets all N).
         `latent_channels`: sample only the first C channels (a model with adaptive channels; the autoencoder
         decodes the prefix)."""
         ids = np.asarray(class_ids, np.int32).reshape(-1)
@@ -301,14 +309,21 @@ class DCAEDiffusion:
         settings = sampler_settings(
             self.objective, {**self.sampler, "guidance_scale": guidance_scale, **sampler_overrides}
         )
-        n, d = ids.size, jax.local_device_count()
+        mesh = self.mesh or _local_mesh()
+        n, d = ids.size, mesh.devices.size
         padded = -(-n // d) * d
-        noise = self.noise(seed, n, chunk, latent_channels)
+        noise = np.asarray(self.noise(seed, n, chunk, latent_channels))
         if padded != n:
-            noise = jnp.concatenate([noise, jnp.zeros((padded - n, *noise.shape[1:]), noise.dtype)])
+            noise = np.concatenate([noise, np.zeros((padded - n, *noise.shape[1:]), noise.dtype)])
             ids = np.concatenate([ids, np.full((padded - n,), self.config.null_class, np.int32)])
-        fn = self._sample_fn(json.dumps(settings, sort_keys=True))
-        return np.asarray(fn(self.params, noise, jnp.asarray(ids), self.sampler_key(seed, chunk)))[:n]
+        key_data = np.asarray(jax.random.key_data(self.sampler_key(seed, chunk)))
+        inputs = [
+            jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])  # each process: its own shards
+            for x, s in ((noise, sharding.batch_sharding(mesh)), (ids, sharding.batch_sharding(mesh)))
+        ]
+        key = jax.make_array_from_callback(key_data.shape, sharding.replicated(mesh), lambda index: key_data[index])
+        fn = self._sample_fn(json.dumps(settings, sort_keys=True), mesh)
+        return distributed.host_array(fn(self.params, *inputs, key))[:n]
 
     def decode(self, latents: Any) -> np.ndarray:
         """Scaled latents -> images in [-1, 1] (N, R, R, 3), as the reference: latents / scaling_factor."""
@@ -365,8 +380,12 @@ def _autoencoder_path(root: paths.Path, ae: str) -> str:
 
 
 def sample_grid(pipe: DCAEDiffusion, path: str | os.PathLike, *, seed: int = 0, n: int = 16) -> None:
-    """`n` samples cycling over the classes the model was trained on (`pipe.classes`), as a PNG grid."""
+    """`n` samples cycling over the classes the model was trained on (`pipe.classes`), as a PNG grid. Every
+    process calls it (a pipeline with a multi-process mesh samples collectively); process 0 decodes and writes."""
     from dcae_jax.data import images as image_io
 
     ids = np.asarray(pipe.classes)[np.arange(n) % len(pipe.classes)]
-    image_io.save_image(np.clip(image_grid(pipe.generate(ids, seed=seed), columns=min(n, 8)), -1, 1), path)
+    latents = pipe.generate_latents(ids, seed=seed)
+    pipe.autoencoder  # noqa: B018 -- loaded by every process: orbax reads an export collectively
+    if jax.process_index() == 0:
+        image_io.save_image(np.clip(image_grid(pipe.decode(latents), columns=min(n, 8)), -1, 1), path)

@@ -238,11 +238,34 @@ def _latents_dir(config, workdir: paths.Path) -> paths.Path:
 # The loop.
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-    """The loop fields of the config, without reading data or writing anything (as `autoencoder.train.check`)."""
-    from dcae_jax.autoencoder.train import check_loop_config
+def sampler_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The sampler settings of `config.sample` (the grids' and the export's), without the grids' cadence."""
+    return {k: v for k, v in config.sample.to_dict().items() if k != "every"}
 
-    check_loop_config(config, sharding.mesh_from_config(config))
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every field that can be checked without the data (objective, model, sampler, loop), one `ConfigError`
+    naming each bad one, before anything is read, written or compiled (as `autoencoder.train.check`)."""
+    from dcae_jax.diffusion.pipeline import sampler_settings
+
+    problems = []
+    if config.objective not in OBJECTIVES:
+        problems.append(f"config.objective={config.objective!r}; valid: {sorted(OBJECTIVES)}")
+    else:
+        try:
+            sampler_settings(config.objective, sampler_overrides(config))
+        except (KeyError, ValueError) as err:
+            problems.append(f"config.sample: {err.args[0]}")
+    try:
+        model_config(config, tuple(config.data.latent_shape))
+    except KeyError as err:
+        problems.append(f"config.model.preset: {err.args[0]}")
+    except TypeError as err:  # dataclasses.replace with a field UViTConfig does not have
+        problems.append(f"config.model.overrides={dict(config.model.overrides)}: {err}")
+    every = config.sample.get("every")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        problems.append(f"config.sample.every={every!r} must be 0 (no grids) or a positive integer")
+    loop.raise_config_problems(problems + loop.config_problems(config, sharding.mesh_from_config(config)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict[str, Any]:
@@ -278,8 +301,6 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
     distributed.connect_collectives(mesh)
     data_sharding = sharding.batch_sharding(mesh)
     trainer = build_trainer(config, cfg)
-    if config.global_batch_size % jax.process_count():
-        raise ValueError(f"config.global_batch_size={config.global_batch_size} not divisible by processes")
     train_iter = iter(
         make_latent_train_loader(
             latents_dir,
@@ -307,33 +328,35 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
 
     sampling_pipe: DCAEDiffusion | None = None  # built once: its autoencoder and compiled sampler are reused
 
-    def export(s: DiffusionState) -> DCAEDiffusion:
+    def pipeline(params) -> DCAEDiffusion:
         nonlocal sampling_pipe
-        params = s.ema_params if trainer.ema_decay > 0 else s.params
-        params = checkpoints.host_variables(params)  # one leaf at a time
         if sampling_pipe is None:
             sampling_pipe = DCAEDiffusion(
                 cfg,
                 params,
                 objective=config.objective,
                 scaling_factor=dataset.scaling_factor,
-                sampler=config.sample.to_dict(),
+                sampler=sampler_overrides(config),
                 autoencoder=config.autoencoder or dataset.metadata.get("model", ""),
                 classes=dataset.trained_classes,
+                mesh=mesh,
             )
-        else:
-            sampling_pipe.params = jax.tree_util.tree_map(jnp.asarray, params)
+        sampling_pipe.params = params
         return sampling_pipe
 
-    def write_samples(step: int, s: DiffusionState, pipe: DCAEDiffusion | None = None) -> None:
+    def sampled(s: DiffusionState):  # the weights samples and the export are made with
+        return s.ema_params if trainer.ema_decay > 0 else s.params
+
+    def write_samples(step: int, params) -> None:
+        """Every process samples with the parameters as they are sharded (none gathered); process 0 writes."""
         if not config.autoencoder:
             return
-        pipe = pipe or export(s)  # every process: the export gathers the parameters
-        if not is_main:
-            return
+        pipe = pipeline(params)
         path = workdir / "samples" / f"step{step:07d}.png"
         sample_grid(pipe, path, seed=config.seed)
-        logging.info("samples at step %d: %s", step, path)
+        pipe.params = None  # no reference to the state's buffers (the next step donates them)
+        if is_main:
+            logging.info("samples at step %d: %s", step, path)
 
     def next_batch():
         local = next(train_iter)
@@ -346,16 +369,19 @@ def _train(config: ml_collections.ConfigDict, workdir: paths.Path) -> dict[str, 
         unit="latents",
         name=f"training {cfg.name} ({config.objective})",
         every=config.sample.every,
-        periodic=write_samples,
+        periodic=lambda step, s: write_samples(step, sampled(s)),
     )
     state, last_summary = loop.run(
         this_run, state, config, mngr=mngr, data_iter=train_iter, workdir=workdir, writer=writer
     )
 
-    pipe = export(state)
+    params = sampled(state)
+    del state  # the optimizer state and the other weights are freed before the last samples and the export
+    write_samples(config.num_steps, params)
+    params = checkpoints.host_variables(params)  # one leaf at a time, to every process's host
+    pipe = pipeline(params)
     # A local autoencoder folder is copied into the export, so that the export stays loadable when moved.
     pipe.save_pretrained(workdir / "export", bundle_autoencoder=True)  # every process: the save is collective
-    write_samples(config.num_steps, state, pipe)
     result = {"train": last_summary, "steps": config.num_steps, "model": cfg.name, "objective": config.objective}
     if is_main:
         paths.write_text_atomic(workdir / "eval.json", json.dumps(result, indent=2))

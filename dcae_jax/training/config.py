@@ -1,12 +1,13 @@
 """The trainers' config schema and recipes: `base_config()` (every field the autoencoder trainer reads), the phase
 layer sets (`trainable_rules`, `apply_phase`), `diffusion_config()`, and `parse_arg` for `--config=file.py:arg`.
 
-Config files (`configs/*.py`, or your own anywhere) build on these: `from dcae_jax import config as common`.
+Config files (`configs/*.py`, or your own anywhere) build on these: `from dcae_jax.training import config as common`.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def parse_arg(arg: str, **defaults):
@@ -183,7 +184,11 @@ def diffusion_config() -> ml_collections.ConfigDict:
     c.ema = ml_collections.ConfigDict({"decay": 0.9999, "warmup_steps": 2000})
     c.global_batch_size = 1024
     c.num_steps = 500_000
-    c.sample = ml_collections.ConfigDict({"every": 20_000, "guidance_scale": 1.5})
+    # Sample grids every `every` steps (0: none) and the export's sampler: `name` and `steps` unset = the objective's
+    # default (DPM-Solver++ 30 steps for epsilon, adaptive Dopri5 for velocity; pipeline.SAMPLER_DEFAULTS).
+    c.sample = ml_collections.ConfigDict(
+        {"every": 20_000, "guidance_scale": 1.5, "name": placeholder(str), "steps": placeholder(int)}
+    )
     c.mesh = ml_collections.ConfigDict({"shape": (-1, 1), "axes": ("data", "fsdp"), "num_devices": 0})
     # Parameter sharding: ordered (regex, "fsdp"|"replicate") rules; FSDP splits over the mesh axis `fsdp_axis`.
     c.sharding = ml_collections.ConfigDict({"rules": [(".*", "fsdp")], "min_size": 2**14, "fsdp_axis": "fsdp"})

@@ -6,7 +6,7 @@ Cadence, for steps `start + 1 .. config.num_steps`:
   host round trip in the step is an error, not a slowdown), metrics merged on the device (no host sync);
 * every `config.log_every` steps, at checkpoints and at the last step: the metrics are fetched (the one host
   sync; a non-finite loss stops the run naming the last good checkpoint), with throughput, skipped inputs and
-  the learning rate the step's update applied, to TensorBoard and `history.jsonl`;
+  the learning rate the step's update applied, to TensorBoard and `metrics.jsonl`;
 * every `config.checkpoint_every` steps and at the last step: a checkpoint (refused if the state is not
   finite); then `every` / `periodic` (evaluation, sample grids), except at the last step, which the trainer
   handles itself after the loop.
@@ -29,7 +29,7 @@ import jax
 from absl import logging
 
 from dcae_jax.metrics import history
-from dcae_jax.runtime import distributed, paths
+from dcae_jax.runtime import compute, distributed, paths
 from dcae_jax.training import checkpoints
 
 
@@ -169,13 +169,13 @@ def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> 
                 summary = checkpoints.fetch_summary(metrics, step, mngr, workdir)
                 summary = {k: v for k, v in summary.items() if k not in loop.unused}
                 summary[f"{loop.unit}_per_sec"] = n_seen / max(time.time() - t_log, 1e-9)
-                summary[f"skipped_{loop.unit}"] = skipped
+                summary[f"skipped_{loop.unit}"] = float(distributed.process_sum(skipped))  # since the last log
                 summary["learning_rate"] = logged_learning_rate(loop.schedule, step)
                 writer.write_scalars(step, summary)
                 if is_main:
                     history.append(workdir, step, summary)
                 last_summary = summary
-                metrics, t_log, n_seen = None, time.time(), 0
+                metrics, t_log, n_seen, skipped = None, time.time(), 0, 0
             stop = not is_last and preempted(step)
             if step % config.checkpoint_every == 0 or is_last or stop:
                 checkpoints.save_checked(mngr, step, state, data_iter, workdir)
@@ -189,3 +189,41 @@ def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> 
                 loop.periodic(step, state)
         mngr.wait_until_finished()
         return state, last_summary
+
+
+class ConfigError(ValueError):
+    """A config value a trainer cannot run with (a user mistake: reported in one message, no traceback)."""
+
+
+def config_problems(config, mesh) -> list[str]:
+    """The loop fields both trainers share, one line for each bad one (checked before anything is written or
+    compiled; `raise_config_problems` raises them together with the trainer's own)."""
+    problems = []
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
+        v = config.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"config.{key}={v!r} must be a positive integer")
+    model = config.get("model") or {}
+    for key, names in (("dtype", compute.DTYPES), ("remat", compute.REMAT_POLICIES), ("attention", compute.ATTENTION)):
+        v = model.get(key)
+        if v is not None and not (key == "remat" and isinstance(v, bool)) and v not in names:
+            problems.append(f"config.model.{key}={v!r}; valid: {sorted(names)}")
+    every = config.get("eval_every", 0)
+    if not isinstance(every, int) or every < 0:
+        problems.append(f"config.eval_every={every!r} must be 0 (off) or a positive integer")
+    batch = config.get("global_batch_size")
+    if isinstance(batch, int) and batch >= 1:
+        if batch % jax.process_count():
+            problems.append(f"config.global_batch_size={batch} is not divisible by the {jax.process_count()} processes")
+        elif batch % mesh.size:
+            problems.append(
+                f"config.global_batch_size={batch} is not divisible by the {mesh.size} devices of the mesh "
+                f"{dict(mesh.shape)} (the batch is split over all of them)"
+            )
+    return problems
+
+
+def raise_config_problems(problems: list[str]) -> None:
+    """One `ConfigError` naming every bad field, if any."""
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(p.strip() for p in problems))

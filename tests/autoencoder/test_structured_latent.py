@@ -16,6 +16,7 @@ from dcae_jax.data import images
 from dcae_jax.data import pipeline as input_pipeline
 from dcae_jax.metrics import image as image_metrics
 from dcae_jax.training import config as common
+from dcae_jax.training import loop
 
 STRUCTURED = {"encoder_out_shortcut": False, "decoder_in_shortcut": False, "decoder_conv_act_fn": "silu"}
 
@@ -112,6 +113,6 @@ def test_draws_are_per_step_reproducible_and_follow_the_probabilities():
 def test_bad_sampling_configs_are_refused(channels, probs, overrides, message, tmp_path):
     cfg = _config(channels, **overrides)
     cfg.latent_sampling.probs = probs
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(loop.ConfigError, match=message):
         train.train_and_evaluate(cfg, tmp_path)
     assert tiny_config().latent_channels == 8

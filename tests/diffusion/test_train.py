@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,24 +122,6 @@ def test_training_lowers_the_loss_on_a_fixed_set():
     assert losses[-20:].mean() < 0.6 * losses[:10].mean(), (losses[:10].mean(), losses[-20:].mean())
 
 
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory):
-    """Bundled real photos encoded at 32x32 by a tiny random DC-AE (4x4x8 latents, scaled to unit RMS)."""
-    from dcae_jax.autoencoder.model import init_variables
-    from dcae_jax.autoencoder.model import tiny_config as ae_config
-    from dcae_jax.autoencoder.pretrained import DCAE
-    from dcae_jax.data import precompute
-
-    root = tmp_path_factory.mktemp("latents")
-    cfg = ae_config()
-    ae_dir = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(root / "ae")
-    meta = precompute.precompute(
-        str(ae_dir), "bundled", 32, root / "latents", batch_size=4, scaling_factor="auto", verbose=False
-    )
-    assert tuple(meta["latent_shape"]) == LATENT_SHAPE
-    return root
-
-
 def _run(config, workdir):
     return dtrain.train_and_evaluate(config, workdir)
 
@@ -149,6 +132,28 @@ def _params(workdir):
     return DCAEDiffusion.from_pretrained(workdir / "export").params
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("objective", "eps", "config.objective='eps'; valid: ['epsilon', 'velocity']"),
+        ("model.preset", "uvit-xx", "config.model.preset: unknown UViT preset 'uvit-xx'; valid names: ['uvit-2b'"),
+        ("model.overrides", {"widht": 8}, "config.model.overrides={'widht': 8}: UViTConfig.__init__() got an"),
+        ("sample.name", "heun", "config.sample: sampler 'heun' does not fit the 'epsilon' objective; valid for this"),
+        ("sample.steps", 0, "config.sample: sampler steps must be an integer >= 1, got 0"),
+        ("sample.every", -1, "config.sample.every=-1 must be 0 (no grids) or a positive integer"),
+        ("num_steps", 0, "config.num_steps=0 must be a positive integer"),
+    ],
+)
+def test_a_config_mistake_is_named_before_anything_is_read_or_written(tmp_path, field, value, message):
+    """Model, objective and sampler as well as the loop: not at the first sample grid, hours in."""
+    from dcae_jax.training import loop
+
+    config = tiny_config(**{field: value, "data.latents": str(tmp_path / "no_latents")})
+    with pytest.raises(loop.ConfigError, match="^invalid config:\n  " + re.escape(message)):
+        _run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_latents_folder_fails_before_anything_is_written(tmp_path):
     config = tiny_config()
     config.data.latents = str(tmp_path / "no_latents")
@@ -157,8 +162,8 @@ def test_a_missing_latents_folder_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_continues_exactly_and_exports(latents, tmp_path):
-    kw = {"data.latents": str(latents / "latents"), "autoencoder": str(latents / "ae")}
+def test_resume_continues_exactly_and_exports(tiny_latents, tmp_path):
+    kw = {"data.latents": str(tiny_latents / "latents"), "autoencoder": str(tiny_latents / "ae")}
     straight = tmp_path / "straight"
     result = _run(tiny_config(**kw), straight)
     assert result["steps"] == 6 and np.isfinite(result["train"]["loss"])
@@ -183,24 +188,43 @@ def test_resume_continues_exactly_and_exports(latents, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sharded_training_matches_single_device_on_8_cpu_devices(latents, tmp_path):
-    """data x fsdp = 4 x 2 over 8 fake CPU devices: the same parameters as one device (float noise)."""
+def test_sharded_training_matches_single_device_on_8_cpu_devices(tiny_latents, tmp_path):
+    """data x fsdp = 4 x 2 over 8 fake CPU devices: the same parameters and sample grids as one device (float
+    noise); the grids are sampled with the EMA parameters as they are sharded for training, never gathered."""
     code = textwrap.dedent(
         f"""
         import json, sys
         import jax, numpy as np
         sys.path.insert(0, {str(os.getcwd())!r})
         from tests.diffusion.test_train import tiny_config
+        from dcae_jax.data import images
         from dcae_jax.diffusion import train as dtrain
         from dcae_jax.diffusion.pipeline import DCAEDiffusion
-        kw = {{"data.latents": {str(latents / "latents")!r}}}
-        out = {{}}
+        seen = []  # per sampling call: the parameters' device counts, and whether some are sharded
+        generate_latents = DCAEDiffusion.generate_latents
+        def spy(self, *args, **kwargs):
+            leaves = jax.tree_util.tree_leaves(self.params)
+            seen.append([sorted({{len(x.sharding.device_set) for x in leaves}}),
+                         any(not x.sharding.is_fully_replicated for x in leaves)])
+            return generate_latents(self, *args, **kwargs)
+        DCAEDiffusion.generate_latents = spy
+        kw = {{"data.latents": {str(tiny_latents / "latents")!r}, "autoencoder": {str(tiny_latents / "ae")!r},
+               "sample.every": 3, "sample.steps": 5}}
+        out, grids, calls = {{}}, {{}}, {{}}
         for name, shape, n in (("one", (1, 1), 1), ("mesh", (4, 2), 0)):
+            seen.clear()
             c = tiny_config(**kw, **{{"mesh.shape": shape, "mesh.num_devices": n, "sharding.min_size": 1}})
             dtrain.train_and_evaluate(c, {str(tmp_path)!r} + "/" + name)
             p = DCAEDiffusion.from_pretrained({str(tmp_path)!r} + "/" + name + "/export").params
             out[name] = [np.asarray(x) for x in jax.tree_util.tree_leaves(p)]
-        print(json.dumps(max(float(np.max(np.abs(a - b))) for a, b in zip(out["one"], out["mesh"]))))
+            grids[name] = [np.round(127.5 * (1 + images.load_image(
+                {str(tmp_path)!r} + f"/{{name}}/samples/step{{k:07d}}.png"))).astype(int) for k in (3, 6)]
+            calls[name] = list(seen)
+        print(json.dumps({{
+            "params": max(float(np.max(np.abs(a - b))) for a, b in zip(out["one"], out["mesh"])),
+            "grids": max(int(np.max(np.abs(a - b))) for a, b in zip(grids["one"], grids["mesh"])),
+            "calls": calls,
+        }}))
         """
     )
     from cpu_jobs import xla_flags  # here: the subprocess imports this module without tests/ on its path
@@ -208,7 +232,10 @@ def test_sharded_training_matches_single_device_on_8_cpu_devices(latents, tmp_pa
     env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) < 1e-5
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["params"] < 1e-5
+    assert result["grids"] <= 2, result  # 8-bit levels: float noise in the weights, nothing else
+    assert result["calls"] == {"one": [[[1], False]] * 2, "mesh": [[[8], True]] * 2}, result["calls"]
 
 
 def test_latent_diffusion_quickstart_end_to_end(tmp_path):
@@ -297,21 +324,21 @@ def test_training_on_a_channel_prefix_of_a_structured_latent(tmp_path):
 
 
 @pytest.mark.gcs
-def test_trains_from_gcs_latents_into_a_gcs_workdir_and_resumes(latents, gcs_dir, tmp_path, monkeypatch):
+def test_trains_from_gcs_latents_into_a_gcs_workdir_and_resumes(tiny_latents, gcs_dir, tmp_path, monkeypatch):
     """Latents, autoencoder and workdir in the bucket: killed after step 3's checkpoint ("crash": a 3-step run),
     resumed to 6 steps, the export equals that of the same run on local disk."""
     from dcae_jax.runtime import paths
 
     monkeypatch.chdir(tmp_path)
     for name in ("latents", "ae"):
-        paths.copytree(latents / name, f"{gcs_dir}/{name}")
+        paths.copytree(tiny_latents / name, f"{gcs_dir}/{name}")
     kw = {"data.latents": f"{gcs_dir}/latents", "autoencoder": f"{gcs_dir}/ae"}
     workdir = paths.path(f"{gcs_dir}/run")
     _run(tiny_config(num_steps=3, **kw), workdir)
     result = _run(tiny_config(**kw), workdir)
     assert result["steps"] == 6 and (workdir / "samples" / "step0000006.png").exists()
     local = tmp_path / "local"
-    _run(tiny_config(**{"data.latents": str(latents / "latents"), "autoencoder": str(latents / "ae")}), local)
+    _run(tiny_config(**{"data.latents": str(tiny_latents / "latents"), "autoencoder": str(tiny_latents / "ae")}), local)
     for x, y in zip(
         jax.tree_util.tree_leaves(_params(local)), jax.tree_util.tree_leaves(_params(workdir)), strict=True
     ):

@@ -79,6 +79,29 @@ WORKER = textwrap.dedent(
 )
 
 
+def test_the_loop_fields_are_checked_together():
+    import ml_collections
+    import pytest
+
+    class FakeMesh:  # a 2-device mesh's size and shape, without 2 devices
+        size, shape = 2, {"data": 2, "fsdp": 1}
+
+    fields = {"num_steps": 4, "log_every": 2, "checkpoint_every": 2, "keep_checkpoints": 1, "global_batch_size": 4}
+    config = ml_collections.ConfigDict({**fields, "model": {"dtype": "float32"}})
+    assert loop.config_problems(config, FakeMesh()) == []
+    config.global_batch_size, config.log_every, config.model.dtype = 3, 0, "fp8"
+    problems = loop.config_problems(config, FakeMesh())
+    assert problems == [
+        "config.log_every=0 must be a positive integer",
+        "config.model.dtype='fp8'; valid: ['bfloat16', 'float32']",
+        "config.global_batch_size=3 is not divisible by the 2 devices of the mesh {'data': 2, 'fsdp': 1} (the batch "
+        "is split over all of them)",
+    ]
+    with pytest.raises(loop.ConfigError, match=r"^invalid config:\n  config.phase=4 bad\n  config.log_every=0"):
+        loop.raise_config_problems(["config.phase=4 bad", *problems])
+    loop.raise_config_problems([])
+
+
 def test_a_process_far_behind_does_not_break_the_collectives():
     env = job_env(2, 2, LATE_S=str(LATE_S))
     procs = [
