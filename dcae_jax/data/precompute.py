@@ -121,8 +121,11 @@ def open_labeled_source(data: str, split: str, max_images: int | None):
         label_source = "folder" if class_names and label_fn.class_to_index else "none (flat folder)"
     elif kind == "bundled":
         label_fn, class_names, label_source = BundledLabels(), list(BUNDLED_PACKAGES), "bundled package"
-    elif kind == "arrayrecord":  # packed by dcae_jax.pack with the folder's labels and class names
+    elif kind == "arrayrecord" and source.class_names:  # packed by dcae_jax.pack with the folder's classes
         label_fn, class_names, label_source = FeatureLabel(), source.class_names, source.label_source
+    elif kind == "arrayrecord":  # packed unlabelled (images next to class sub-folders): one class, as a flat folder
+        warnings.warn(f"{data}: packed without labels ({source.label_source}), every image gets label 0", stacklevel=2)
+        label_fn, class_names, label_source = ConstantLabel(0), ["all"], source.label_source
     else:  # tfds
         features = getattr(getattr(source, "dataset_info", None), "features", None)
         has_label = "label" in features if features is not None else len(source) and "label" in source[0]
@@ -261,11 +264,18 @@ class _ShardAssembler:
         self.parts = [(z[k:], m[k:], y[k:])] if z.shape[0] > k else []
         self.have -= k
         keep = m[:k] > 0
+        latents = z[:k][keep].astype(np.float32) * self.scale  # stored scaled (float32 multiply)
+        bad = int(np.sum(~np.isfinite(latents).reshape(len(latents), -1).all(axis=1)))
+        if bad:
+            raise ValueError(
+                f"{self.out}: shard {i} (examples {start}..{stop - 1}): the autoencoder gave non-finite (NaN/inf) "
+                f"latents for {bad} of {len(latents)} images; the shard was not written (a diverged or corrupt model?)"
+            )
         info = fmt.write_shard(
             self.out,
             i,
             self.num_shards,
-            latents=z[:k][keep].astype(np.float32) * self.scale,  # stored scaled (float32 multiply)
+            latents=latents,
             labels=y[:k][keep].astype(np.int32),
             indices=np.arange(start, stop, dtype=np.int64)[keep],
             start=start,

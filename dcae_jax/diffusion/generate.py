@@ -145,6 +145,12 @@ def run(args: SampleRun) -> dict:
             chunks[i], seed=args.seed, chunk=i, latent_channels=args.latent_channels, **settings
         )
         images = pipe.decode(latents)
+        bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(axis=1)))
+        if bad:
+            raise ValueError(
+                f"{args.model}: chunk {i}: {bad} of {len(images)} samples are non-finite (NaN/inf) after decoding; "
+                f"it was not written and nothing was scored (a diverged model, or a sampler setting?)"
+            )
         pixels = image_io.to_uint8(images)  # clamp(127.5 x + 128) -> uint8: the reference's quantisation
         arrays = {"labels": chunks[i]}
         if fid_fn is not None:

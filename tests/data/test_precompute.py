@@ -167,6 +167,18 @@ def test_corrupt_shards_detected(files, first, tmp_path, monkeypatch):
     assert not list(out.glob(".*tmp*"))  # no temp files left
 
 
+def test_non_finite_latents_are_not_written(files, tmp_path):
+    """A diverged model's NaN latents are refused with the shard they would have gone to; nothing is stored."""
+    config = tiny_config(scaling_factor=SCALE)
+    variables = init_variables(config, jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    leaves[0] = np.full(leaves[0].shape, np.nan, np.float32)
+    diverged = DCAE(config, jax.tree_util.tree_unflatten(treedef, leaves))
+    with pytest.raises(ValueError, match=r"shard 0 \(examples 0..2\): the autoencoder gave non-finite \(NaN/inf\)"):
+        pl.precompute(diverged, files["data"], RES, tmp_path / "out", **KW)
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
 def test_other_settings_refused(files, first, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first[0], out)
@@ -354,3 +366,19 @@ def test_packed_shards_give_the_same_latents_labels_and_class_names(files, first
         z = want[i]["latent"]
         np.testing.assert_allclose(got[i]["latent"], z, rtol=0, atol=ULPS * np.abs(z).max())
         assert got[i]["label"] == want[i]["label"]
+
+    # Images next to class sub-folders: `folder:` refuses them, the packer keeps them unlabelled (an autoencoder
+    # needs no labels), and their latents get one class, label 0, as a flat folder's (not -1, which is no class).
+    mixed = tmp_path / "mixed"
+    shutil.copytree(files["photos"], mixed)
+    shutil.copy(mixed / "objects" / "camera.png", mixed / "loose.png")
+    with pytest.raises(ValueError, match="lie directly in the folder next to class sub-folders"):
+        pl.precompute(str(files["model"]), f"folder:{mixed}", RES, tmp_path / "refused", **{**KW, "verbose": False})
+    shards.pack_folder(str(mixed), str(tmp_path / "packed_mixed"), images_per_shard=4)
+    with pytest.warns(UserWarning, match="packed without labels"):
+        r = pl.precompute(
+            str(files["model"]), f"arrayrecord:{tmp_path / 'packed_mixed'}", RES, tmp_path / "mixed_out", **KW
+        )
+    data = fmt.LatentDataset(tmp_path / "mixed_out")
+    assert r["class_names"] == ["all"] and data.num_classes == 1 and data.trained_classes == [0]
+    assert {int(data[i]["label"]) for i in range(len(data))} == {0}

@@ -128,6 +128,20 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     assert not (tmp_path / "steps").exists()
 
 
+def test_sample_refuses_non_finite_samples(export, tmp_path):
+    """A diverged model (NaN weights): one line naming the chunk, exit 2, no chunk written, no FID scored."""
+    pipe = DCAEDiffusion.from_pretrained(export)
+    leaves, treedef = jax.tree_util.tree_flatten(pipe.params)
+    leaves[-1] = np.full(leaves[-1].shape, np.nan, np.float32)
+    pipe.params = jax.tree_util.tree_unflatten(treedef, leaves)
+    pipe.save_pretrained(tmp_path / "diverged")
+    out = tmp_path / "samples"
+    proc = _sample(f"--model={tmp_path / 'diverged'}", f"--out={out}", "--num_samples=4", "--batch_size=4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "chunk 0: 4 of 4 samples are non-finite (NaN/inf) after decoding; it was not written" in proc.stderr
+    assert not list(out.glob("chunks/*.npz")) and not (out / "results.json").exists()
+
+
 def test_dit_pipeline_round_trip_and_ddpm_sampling(tmp_path):
     """A DiT export (learned sigma, DDPM with guidance on the epsilon channels) loads and samples."""
     from dcae_jax.diffusion.dit import get_dit_config, init_dit_params
