@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument("--torch_compile", action="store_true", help="also time torch.compile (GPU)")
     p.add_argument("--stages", action="store_true", help="per-stage timing of our model")
     args = p.parse_args(argv)
 

@@ -199,8 +199,9 @@ def _utilisation(paths: list[str], platform: str, out: str) -> int:
             lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if out:
-        with open(out, "w") as f:
-            json.dump({"platform": platform, "flops": counts}, f, indent=1)
+        from dcae_jax.runtime import paths
+
+        paths.write_text_atomic(out, json.dumps({"platform": platform, "flops": counts}, indent=1))
     return 0
 
 
@@ -250,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             counts[name] = flops
             print(f"{name}: {flops / 1e9:.2f} GFLOP", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"scale": args.scale, "platform": args.platform, "flops": counts}, f, indent=1)
+        from dcae_jax.runtime import paths
+
+        paths.write_text_atomic(
+            args.out, json.dumps({"scale": args.scale, "platform": args.platform, "flops": counts}, indent=1)
+        )
     print(
         f"bench.count_flops: {len(counts)} rows counted for {args.platform}"
         + (f"; wrote {args.out}" if args.out else "")

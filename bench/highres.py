@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-untiled", action="store_true", help="skip the exact untiled reference (too big)")
+    p.add_argument("--no_untiled", action="store_true", help="skip the exact untiled reference (too big)")
     args = p.parse_args(argv)
     r = measure(
         args.model,

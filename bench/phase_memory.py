@@ -18,7 +18,7 @@ def main(argv=None) -> None:
     p.add_argument("--variant", default="f64c128", help="f32c32 | f64c128 | f128c512 | sana")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--adapt-stages", type=int, default=0)
+    p.add_argument("--adapt_stages", type=int, default=0)
     args = p.parse_args(argv)
 
     from configs import dcae as dcae_config

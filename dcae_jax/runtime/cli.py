@@ -88,6 +88,13 @@ def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if _multi_process():
             _exit(2)
         return 2
+    except FloatingPointError as err:  # a run that diverged stopped itself; the message names its last good state
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{name}: stopped: {err}", file=sys.stderr)
+        if _multi_process():
+            _exit(1)
+        return 1
     except BaseException:
         if _multi_process():
             import traceback

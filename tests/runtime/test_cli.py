@@ -19,8 +19,8 @@ COMMANDS = [
     "dcae_jax.precompute_latents",
     "dcae_jax.aot",
     "dcae_jax.fetch_weights",
-    "dcae_jax.studies.reproduce",
-    "dcae_jax.studies.bicubic",
+    "dcae_jax.reproduce",
+    "dcae_jax.bicubic",
     "dcae_jax.convert_weights",
     "dcae_jax.pack",
 ]
@@ -92,6 +92,20 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "w").write_text("")
     proc = _run("dcae_jax.main", "--config=configs/tiny_test.py", f"--workdir={tmp_path}/w")
     assert proc.returncode == 2 and f"main: error: --workdir={tmp_path}/w is a file, not a folder" in proc.stderr
+
+
+def test_a_diverged_run_is_one_line_naming_its_last_checkpoint(tmp_path):
+    proc = _run(
+        "dcae_jax.main",
+        "--config=configs/tiny_test.py",
+        f"--workdir={tmp_path}",
+        "--config.num_steps=3",
+        "--config.checkpoint_every=1",
+        "--config.optim.learning_rate=1e30",
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("main: stopped: "))
+    assert "non-finite" in line and f"{tmp_path}/checkpoints" in line
 
 
 def test_debug_env_shows_the_traceback():
@@ -174,6 +188,18 @@ def test_every_command_uses_the_one_convention():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom) for a in n.names}
         assert "argparse" not in names and "FLAGS" not in text, path
         assert "cli.run(" in text and "cli.exit_with(main())" in text, path
+
+
+def test_benchmark_flags_are_snake_case_too():
+    """bench/ keeps argparse (it runs beside torch, outside the package's CLI policy) but the one spelling."""
+    import re
+
+    flags = {
+        f
+        for path in (REPO / "bench").glob("*.py")
+        for f in re.findall(r"add_argument\(\s*\"(--[^\"]+)\"", path.read_text())
+    }
+    assert len(flags) > 20 and not [f for f in flags if "-" in f[2:]], sorted(flags)
 
 
 def _readme_commands(name: str = "README.md") -> list[tuple[str, set[str]]]:
