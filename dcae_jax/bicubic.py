@@ -1,6 +1,6 @@
 """The equal-size bicubic baseline for an autoencoder: bicubic down to as many values as the latent holds, and back.
 
-    python -m dcae_jax.studies.bicubic --data=bundled --split=validation --resolution=128 --factor=16 --channels=16
+    python -m dcae_jax.bicubic --data=bundled --split=validation --resolution=128 --factor=16 --channels=16
 
 A latent of f x f spatial compression and c channels holds (R / f)^2 * c values per R x R image; an RGB image of side
 s holds 3 s^2, so the baseline's side is s = floor(R / f * sqrt(c / 3)) (never more values than the latent). Images

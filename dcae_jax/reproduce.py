@@ -1,6 +1,6 @@
 """Reproduce the DC-AE paper's three findings at small scale on any folder of real photos.
 
-    python -m dcae_jax.studies.reproduce --data=PHOTOS --out=/tmp/repro [--scale=cpu] [--compilation_cache=DIR]
+    python -m dcae_jax.reproduce --data=PHOTOS --out=/tmp/repro [--scale=cpu] [--compilation_cache=DIR]
 
 `--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Every training run goes
 through the project's trainer in `<out>/runs/<name>`; finished runs are skipped, so re-running the command

@@ -77,6 +77,7 @@ def test_the_top_level_holds_only_the_api_and_commands():
     top = {_module_name(p) for p in PACKAGE.glob("*.py")} - {"dcae_jax"}
     assert top, "no top-level modules found"
     assert top <= commands, f"top-level modules that are not commands: {sorted(top - commands)}"
+    assert commands <= top, f"commands below the top level: {sorted(commands - top)}"
 
 
 def test_commands_are_short():

@@ -1,1 +1,1 @@
-"""Small-scale reproductions of the DC-AE paper's findings (`python -m dcae_jax.studies.reproduce`)."""
+"""Small-scale reproductions of the DC-AE paper's findings (`python -m dcae_jax.reproduce`)."""

@@ -1,4 +1,4 @@
-"""The DC-AE paper's three findings at small scale (the library of `python -m dcae_jax.studies.reproduce`).
+"""The DC-AE paper's three findings at small scale (the library of `python -m dcae_jax.reproduce`).
 
 
 `--data` holds `train/` (training) and `val/` (held-out evaluation) image folders. Runs from anywhere (its
@@ -39,6 +39,7 @@ import numpy as np
 
 from dcae_jax.autoencoder.model import DCAEConfig, count_params, init_variables, tiny_config
 from dcae_jax.autoencoder.pretrained import DCAE
+from dcae_jax.runtime.paths import save_figure, write_text_atomic
 from dcae_jax.studies import measure
 from dcae_jax.training import config as common
 
@@ -634,7 +635,7 @@ def figures(results: dict[str, Any], folder: pathlib.Path) -> list[pathlib.Path]
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -695,8 +696,8 @@ def run(
     results["train_wall_s"] = study.timings
     results["wall_s"] = time.time() - t0
     results["figures"] = [str(p) for p in figures(results, out / "figures")]
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(report(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "report.md", report(results))
     print(report(results))
     print(f"[reproduce] total {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results
@@ -710,7 +711,7 @@ def _check_same_budget(out: pathlib.Path, scale: Scale) -> None:
     }
     if path.exists() and json.loads(path.read_text()) != settings:
         raise ValueError(f"{out} holds runs of another scale ({path}); use a fresh --out for this one")
-    path.write_text(json.dumps(settings, indent=2))
+    write_text_atomic(path, json.dumps(settings, indent=2))
 
 
 def rewrite_report(out: str | pathlib.Path) -> pathlib.Path:
@@ -721,5 +722,5 @@ def rewrite_report(out: str | pathlib.Path) -> pathlib.Path:
         raise FileNotFoundError(f"{source}: no results to report (run the study into {out} first)")
     results = json.loads(source.read_text())
     figures(results, out / "figures")
-    (out / "report.md").write_text(report(results))
+    write_text_atomic(out / "report.md", report(results))
     return out / "report.md"

@@ -114,8 +114,7 @@ def test_path_operations_gcs(backend, gcs_dir, tmp_path, monkeypatch):
 def test_local_by_design_folders_refuse_urls(tmp_path, monkeypatch, capsys):
     """The per-host weights cache and the reproduction study's folders are local by design: a gs:// value is one
     clear line and exit 2, never a local folder named "gs:"."""
-    from dcae_jax import fetch_weights
-    from dcae_jax.studies import reproduce
+    from dcae_jax import fetch_weights, reproduce
 
     monkeypatch.chdir(tmp_path)
     assert fetch_weights.main(["--out_dir=gs://b/weights", "--nodownload"]) == 2

@@ -3,7 +3,8 @@
 from PIL import Image
 from skimage import data
 
-from dcae_jax.studies import bicubic, measure
+from dcae_jax import bicubic
+from dcae_jax.studies import measure
 
 
 def test_side_matches_the_latent_budget():

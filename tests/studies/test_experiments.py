@@ -33,7 +33,7 @@ def test_smoke_scale_runs_all_three_experiments(photo_folder, tmp_path, genuine_
     out = tmp_path / "out"
     env = os.environ | {"JAX_PLATFORMS": "cpu"}  # with the run's compile flags (tests/conftest.py)
     # The documented command, in a fresh process (XLA_FLAGS only take effect before the backend starts).
-    cmd = [sys.executable, "-m", "dcae_jax.studies.reproduce", "--data", str(photo_folder), "--out", str(out)]
+    cmd = [sys.executable, "-m", "dcae_jax.reproduce", "--data", str(photo_folder), "--out", str(out)]
     # CI time: --compilation_cache (a documented flag) names the test run's cache (tests/conftest.py), so the runs'
     # identical computations compile once.
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -149,7 +149,7 @@ def test_rfid_uses_exact_statistics_of_every_view(tmp_path):
 
 def test_a_folder_without_train_and_val_is_refused_before_anything_runs(photo_folder, tmp_path):
     """A flat photo folder would train and score on the same images: one line, exit 2, nothing written."""
-    from dcae_jax.studies import reproduce
+    from dcae_jax import reproduce
 
     flat = tmp_path / "flat"
     shutil.copytree(photo_folder / "train", flat)
