@@ -21,7 +21,6 @@ Two ways to run a DC-AE on images too large for one accelerator:
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 import weakref
@@ -37,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from dcae_jax.autoencoder.model import DCAEModel
 from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.data.images import ImageReadError, load_image, save_image, to_uint8
-from dcae_jax.metrics.image import SSIM_WINDOW, psnr, psnr_ssim
+from dcae_jax.metrics.image import SSIM_WINDOW, format_metric, json_metric, psnr, psnr_ssim
 from dcae_jax.runtime import paths as paths_lib
 
 # ----------------------------------------------------------------------------------------------
@@ -311,16 +310,6 @@ def output_names(paths: list[pathlib.Path], root: pathlib.Path) -> list[pathlib.
     ]
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    if v is None:
-        return "n/a"
-    return "inf" if math.isinf(v) else f"{v:.{digits}f}"
-
-
-def _json_num(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else v
-
-
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -339,9 +328,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|",
     ]
     for r in results["images"]:
-        lines.append(f"| {r['name']} | {r['width']}x{r['height']} | {_fmt(r['psnr'], 2)} | {_fmt(r['ssim'], 4)} |")
+        lines.append(
+            f"| {r['name']} | {r['width']}x{r['height']} | {format_metric(r['psnr'], 2)} | {format_metric(r['ssim'], 4)} |"
+        )
     m = results["mean"]
-    lines.append(f"| **mean** | | **{_fmt(m['psnr'], 2)}** | **{_fmt(m['ssim'], 4)}** |")
+    lines.append(f"| **mean** | | **{format_metric(m['psnr'], 2)}** | **{format_metric(m['ssim'], 4)}** |")
     if results["failed"]:
         lines += ["", "Failed:", ""] + [f"- {f['name']}: {f['error']}" for f in results["failed"]]
     return "\n".join(lines) + "\n"
@@ -406,8 +397,8 @@ def reconstruct_files(
     paths_lib.write_text_atomic(out / "results.md", md)
     as_json = {
         **results,
-        "images": [{**r, "psnr": _json_num(r["psnr"]), "ssim": _json_num(r["ssim"])} for r in images],
-        "mean": {k: _json_num(v) for k, v in results["mean"].items()},
+        "images": [{**r, "psnr": json_metric(r["psnr"]), "ssim": json_metric(r["ssim"])} for r in images],
+        "mean": {k: json_metric(v) for k, v in results["mean"].items()},
     }
     paths_lib.write_text_atomic(out / "results.json", json.dumps(as_json, indent=2) + "\n")
     return results, md

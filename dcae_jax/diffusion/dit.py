@@ -261,13 +261,3 @@ def init_dit_params(config: DiTConfig, rng: Array) -> dict:
 def count_params(config: DiTConfig) -> int:
     """Number of (trainable) parameters, from shapes only (nothing is allocated)."""
     return num_params(DiT(config))
-
-
-def param_count_closed_form(config: DiTConfig) -> int:
-    """Per block 12D^2 + 9D (attn + MLP) + 6D^2 + 6D (adaLN); the embedders; the head. No pos_embed."""
-    d, c, p, f = config.hidden_size, config.in_channels, config.patch_size, config.frequency_embedding_size
-    hidden = int(d * config.mlp_ratio)
-    block = (3 * d * d + 3 * d) + (d * d + d) + (2 * d * hidden + hidden + d) + (6 * d * d + 6 * d)
-    embed = (c * p * p * d + d) + (f * d + d + d * d + d) + config.label_table_size * d
-    head = (2 * d * d + 2 * d) + (d * p * p * config.out_channels + p * p * config.out_channels)
-    return config.depth * block + embed + head

@@ -100,20 +100,11 @@ def make_step(
 # Results.
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    if v is None:
-        return "n/a"
-    return "inf" if math.isinf(v) else f"{v:.{digits}f}"
-
-
-def _json_num(v: float | None) -> float | None:
-    return None if v is None or not math.isfinite(v) else float(v)
-
-
 def markdown_row(r: dict[str, Any]) -> str:
+    f = image_metrics.format_metric
     return (
-        f"| {r['model_label']} | {r['resolution']} | {_fmt(r['rfid'], 2)} | {_fmt(r['psnr'], 2)} | "
-        f"{_fmt(r['ssim'], 4)} | {_fmt(r['lpips'], 4)} |"
+        f"| {r['model_label']} | {r['resolution']} | {f(r['rfid'], 2)} | {f(r['psnr'], 2)} | {f(r['ssim'], 4)} | "
+        f"{f(r['lpips'], 4)} |"
     )
 
 
@@ -262,8 +253,10 @@ def evaluate_dataset(
     if results["psnr"] is not None and math.isinf(results["psnr"]):
         notes.append("PSNR is infinite (some reconstructions equal their input exactly); reported as null")
     results["markdown"] = MARKDOWN_HEADER + "\n" + markdown_row(results)
-    as_json = {k: _json_num(v) if isinstance(v, float) else v for k, v in results.items()}
-    as_json["latent"] = {k: _json_num(v) if isinstance(v, float) else v for k, v in results["latent"].items()}
+    as_json = {k: image_metrics.json_metric(v) if isinstance(v, float) else v for k, v in results.items()}
+    as_json["latent"] = {
+        k: image_metrics.json_metric(v) if isinstance(v, float) else v for k, v in results["latent"].items()
+    }
 
     as_json["num_images"] = n
     return as_json

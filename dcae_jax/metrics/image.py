@@ -14,6 +14,7 @@ images in [-1, 1] (quantized to uint8 as above) or already uint8, and returns on
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -145,4 +146,16 @@ def psnr_ssim(ref, pred, ssim_style: str = "torchmetrics") -> tuple[Array, Array
     return _both_jit(a, b, _check_style(ssim_style))
 
 
-__all__ = ["psnr", "psnr_ssim", "quantize_uint8", "ssim"]
+def format_metric(v: float | None, digits: int) -> str:
+    """A metric for a markdown table: `digits` decimals, "inf" (PSNR of identical images), "n/a" when absent."""
+    if v is None:
+        return "n/a"
+    return "inf" if math.isinf(v) else f"{v:.{digits}f}"
+
+
+def json_metric(v: float | None) -> float | None:
+    """A metric for JSON, which has no inf or NaN: those (and absent ones) become null."""
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+__all__ = ["format_metric", "json_metric", "psnr", "psnr_ssim", "quantize_uint8", "ssim"]

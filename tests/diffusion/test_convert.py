@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import reference_layout
 import torch
 from torch_reference import make_diffusers_dit as _diffusers_dit
 
@@ -145,7 +146,7 @@ def _np_uvit_from_torch_layout(sd, x_nchw, t, y, num_heads: int, depth: int):
 def test_uvit_reference_keys_and_forward_from_torch_layout():
     cfg = UVIT_CFG
     params = _random_params(init_uvit_params, cfg)
-    sd = convert.uvit_params_to_state_dict(params, cfg)
+    sd = reference_layout.uvit_params_to_state_dict(params, cfg)
     assert {k: v.shape for k, v in sd.items()} == REFERENCE_UVIT_KEYS
     assert [e.torch[0] for e in convert.uvit_key_table(cfg)] == list(sd)
     back = convert.convert_uvit_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, cfg)
@@ -161,7 +162,7 @@ def test_uvit_reference_keys_and_forward_from_torch_layout():
 
 def test_uvit_checkpoint_layouts_and_files(tmp_path):
     cfg = UVIT_CFG
-    ema = convert.uvit_params_to_state_dict(_random_params(init_uvit_params, cfg, seed=2), cfg)
+    ema = reference_layout.uvit_params_to_state_dict(_random_params(init_uvit_params, cfg, seed=2), cfg)
     raw = {k: np.zeros_like(v) for k, v in ema.items()}
     trainer = {  # efficientvit Trainer.save_model
         "state_dict": {f"uvit.{k}": torch.from_numpy(v) for k, v in raw.items()},
@@ -237,10 +238,10 @@ def test_dit_reference_keys_and_hf_release_file_against_diffusers(tmp_path):
     from safetensors.numpy import save_file
 
     cfg = DIT_CFG
-    ours_sd = convert.dit_params_to_state_dict(_random_params(init_dit_params, cfg), cfg)
+    ours_sd = reference_layout.dit_params_to_state_dict(_random_params(init_dit_params, cfg), cfg)
     assert {k: v.shape for k, v in ours_sd.items()} == REFERENCE_DIT_KEYS
     model = _diffusers_dit(cfg)
-    sd = convert.dit_state_dict_from_diffusers(model.state_dict(), cfg)
+    sd = reference_layout.dit_state_dict_from_diffusers(model.state_dict(), cfg)
     assert {k: v.shape for k, v in sd.items()} == REFERENCE_DIT_KEYS
 
     # The Hugging Face release layout: DCAE_Diffusion_HF -> model.safetensors with both submodules.
@@ -249,7 +250,9 @@ def test_dit_reference_keys_and_hf_release_file_against_diffusers(tmp_path):
     save_file(release, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({"model_name": "dc-ae-f32c32-in-1.0-dit-xl-in-512px"}))
     params = convert.load_diffusion_params(tmp_path, cfg)
-    _assert_same_params(convert.convert_dit_state_dict(convert.dit_params_to_state_dict(params, cfg), cfg), params)
+    _assert_same_params(
+        convert.convert_dit_state_dict(reference_layout.dit_params_to_state_dict(params, cfg), cfg), params
+    )
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, C, 4, 4)).astype(np.float32)
@@ -266,7 +269,7 @@ def test_dit_reference_keys_and_hf_release_file_against_diffusers(tmp_path):
     key = "transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"
     diverged[key] = diverged[key] + 1.0
     with pytest.raises(ValueError, match=key):
-        convert.dit_state_dict_from_diffusers(diverged, cfg)
+        reference_layout.dit_state_dict_from_diffusers(diverged, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def test_errors_list_missing_unexpected_and_wrong_shapes(tmp_path):
     from safetensors.numpy import save_file
 
     cfg = UVIT_CFG
-    sd = convert.uvit_params_to_state_dict(_random_params(init_uvit_params, cfg), cfg)
+    sd = reference_layout.uvit_params_to_state_dict(_random_params(init_uvit_params, cfg), cfg)
     bad = dict(sd)
     del bad["mid_block.attn.proj.bias"]
     bad["time_embed.0.weight"] = np.zeros((4 * D, D), np.float32)  # mlp_time_embed=True checkpoints
@@ -303,7 +306,7 @@ def test_errors_list_missing_unexpected_and_wrong_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \(\d+\): \['x_embedder.proj.weight'"):
         convert.convert_dit_state_dict(sd, DIT_CFG)
     # DiT's fixed pos_embed must be the sin-cos table.
-    dsd = convert.dit_params_to_state_dict(_random_params(init_dit_params, DIT_CFG), DIT_CFG)
+    dsd = reference_layout.dit_params_to_state_dict(_random_params(init_dit_params, DIT_CFG), DIT_CFG)
     with pytest.raises(ValueError, match="pos_embed differs"):
         convert.convert_dit_state_dict(dict(dsd, pos_embed=np.zeros_like(dsd["pos_embed"])), DIT_CFG)
 

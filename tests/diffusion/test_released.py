@@ -8,13 +8,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from reference_layout import dit_params_to_state_dict, uvit_params_to_state_dict
 from safetensors.numpy import save_file
 
 from dcae_jax import DCAEDiffusion
 from dcae_jax.autoencoder import model as dcae
 from dcae_jax.autoencoder.pretrained import DCAE
 from dcae_jax.diffusion import released
-from dcae_jax.diffusion.convert import dit_params_to_state_dict, uvit_params_to_state_dict
 from dcae_jax.diffusion.dit import init_dit_params
 from dcae_jax.diffusion.uvit import count_params, init_uvit_params
 
