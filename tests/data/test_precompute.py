@@ -171,9 +171,9 @@ def test_non_finite_latents_are_not_written(files, tmp_path):
     """A diverged model's NaN latents are refused with the shard they would have gone to; nothing is stored."""
     config = tiny_config(scaling_factor=SCALE)
     variables = init_variables(config, jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    leaves[0] = np.full(leaves[0].shape, np.nan, np.float32)
-    diverged = DCAE(config, jax.tree_util.tree_unflatten(treedef, leaves))
+    encoder = variables["params"]["encoder"]
+    variables["params"]["encoder"] = jax.tree_util.tree_map(lambda x: np.full(x.shape, np.nan, np.float32), encoder)
+    diverged = DCAE(config, variables)
     with pytest.raises(ValueError, match=r"shard 0 \(examples 0..2\): the autoencoder gave non-finite \(NaN/inf\)"):
         pl.precompute(diverged, files["data"], RES, tmp_path / "out", **KW)
     assert not list((tmp_path / "out").glob("shard-*"))
