@@ -112,7 +112,16 @@ stop_all() {
   ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null
   return 0
 }
-trap 'stop_all; exit 130' INT TERM
+# A signal to the launcher (a scheduler's preemption notice, Ctrl-C) goes to every process as SIGTERM: each one
+# checkpoints its step in flight and exits (143); the launcher exits when they all have, 143 (130 for SIGINT).
+on_signal() {
+  trap - INT TERM
+  stop_all
+  wait || true
+  exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 for ((i = 0; i < num_processes; i++)); do
   cmd=(env "${env_vars[@]}" "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$num_processes"
     "JAX_PROCESS_ID=$i" "${main_cmd[@]}")

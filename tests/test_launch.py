@@ -6,6 +6,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -127,6 +128,35 @@ def test_local_runs_processes_and_propagates_failure(config, tmp_path):
     bad = launch("local.sh", "-n", "3", config, "wd", env=_env(PYTHON=str(py), FAIL_ID="1"))
     assert bad.returncode == 3 and "stopping the others" in bad.stderr
     assert time.monotonic() - start < 20
+
+
+def test_local_forwards_sigterm_and_waits_for_the_checkpoints(config, tmp_path):
+    """SIGTERM to the launcher reaches every process, and the launcher exits 143 only after they all have (a
+    scheduler watching it must not think the job ended before the checkpoint of the step in flight is written)."""
+    py = fake_exe(
+        tmp_path,
+        "py",
+        "trap 'sleep 1; echo \"$JAX_PROCESS_ID checkpointed\"; exit 143' TERM\n"
+        'echo "$JAX_PROCESS_ID started"\n'
+        "for _ in $(seq 600); do sleep 0.1; done\n",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "local.sh"), "-n", "2", config, "wd"],
+        env=_env(PYTHON=str(py)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 20
+    lines = []
+    while len(lines) < 2 and time.monotonic() < deadline:  # both processes are up
+        lines.append(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert sorted(lines) == ["0 started", "1 started"]
+    assert sorted(out.split("\n")[:-1]) == ["0 checkpointed", "1 checkpointed"], out
 
 
 @pytest.mark.parametrize(
