@@ -115,7 +115,7 @@ def run(args: SampleRun) -> dict:
 
         fid_net, fid_vars = fid_lib.load_fid_inception(weights.resolve("fid_inception", args.fid_weights))
         fid_fn = jax.jit(lambda v, x: fid_net.apply(v, x))
-    ref = fid_lib.load_stats(args.fid_stats) if want_fid else None
+    ref = fid_lib.load_stats(args.fid_stats, dim=fid_lib.FEATURE_DIM) if want_fid else None
 
     _check_same_run(
         out,

@@ -143,7 +143,7 @@ def evaluate_dataset(
     lpips_net, lpips_vars = load_lpips_or_note(lpips_weights, notes)
     fid_net, fid_vars = load_fid_or_note(fid_weights, notes)
     ref_path, ref_stats = ref_stats, None
-    ref_stats = fid_lib.load_stats(ref_path) if ref_path and fid_net is not None else None
+    ref_stats = fid_lib.load_stats(ref_path, dim=fid_lib.FEATURE_DIM) if ref_path and fid_net is not None else None
     if ref_path and fid_net is None:
         notes.append(f"--ref_stats {ref_path} unused: rFID needs --fid_weights")
     ae = DCAE.from_pretrained(model, dtype=getattr(jnp, dtype))

@@ -502,8 +502,9 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
     paths.save_npz(path, compressed=True, mu=mu, sigma=sigma)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) as float64 from a stats .npz (ours or pytorch-fid's `--save-stats`; local or gs://)."""
+def load_stats(path: str | os.PathLike, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as float64 from a stats .npz (ours or pytorch-fid's `--save-stats`; local or gs://); `dim`: the
+    feature size the caller scores with (the FID Inception's 2048), checked before any work."""
     path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -517,6 +518,11 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    if dim is not None and mu.shape[0] != dim:
+        raise ValueError(
+            f"{path}: statistics of {mu.shape[0]}-dimensional features; FID compares the Inception's {dim}-dimensional "
+            "pool features (python -m dcae_jax.fid_stats makes them)"
+        )
     return mu, sigma
 
 

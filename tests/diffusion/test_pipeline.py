@@ -126,6 +126,12 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     fifth = _sample(args[0], "--steps=0", f"--out={tmp_path / 'steps'}")
     assert fifth.returncode == 2 and "steps must be an integer >= 1, got 0" in fifth.stderr
     assert not (tmp_path / "steps").exists()
+    # Reference statistics of other features are refused before anything is sampled, naming the file.
+    fid_lib.save_stats(tmp_path / "small.npz", feats.mean(0)[:64], np.eye(64))
+    small = [f"--fid_stats={tmp_path / 'small.npz'}", f"--fid_weights={weights}", f"--out={tmp_path / 'small'}"]
+    sixth = _sample(*args[:-2], *small)
+    assert sixth.returncode == 2 and f"{tmp_path / 'small.npz'}: statistics of 64-dimensional" in sixth.stderr
+    assert not (tmp_path / "small").exists()
 
 
 def test_sample_refuses_non_finite_samples(export, tmp_path):

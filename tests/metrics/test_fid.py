@@ -257,6 +257,9 @@ def test_stats_file_roundtrip_and_errors(tmp_path):
         load_stats(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="not"):
         save_stats(tmp_path / "c.npz", mu, sigma[:3])
+    assert load_stats(tmp_path / "a" / "stats.npz", dim=8)[0].shape == (8,)
+    with pytest.raises(ValueError, match=r"stats\.npz: statistics of 8-dimensional features; FID compares the Incep"):
+        load_stats(tmp_path / "a" / "stats.npz", dim=2048)
 
 
 # ----------------------------------------------------------------------------------------------
