@@ -106,6 +106,7 @@ def run(args: SampleRun) -> dict:
     overrides = {"guidance_scale": args.guidance_scale, "name": args.sampler, "steps": args.steps}
     settings = {k: v for k, v in overrides.items() if v is not None}
     pipe.sample_shape(args.latent_channels)  # a wrong channel count fails before anything is written
+    pipe.autoencoder  # noqa: B018 -- loaded (and checked against the model's latents) before anything is sampled
     sampler_settings(pipe.objective, {**pipe.sampler, **settings})  # ... and so does a bad sampler setting
     ids = class_ids(args.num_samples, pipe.config.num_classes, args.seed, [int(c) for c in args.classes], pipe.classes)
     want_fid = bool(args.fid_stats)

@@ -242,7 +242,9 @@ class DCAEDiffusion:
         if self._loaded_autoencoder is None:
             from dcae_jax.autoencoder.pretrained import DCAE
 
-            self._loaded_autoencoder = DCAE.from_pretrained(self._autoencoder)
+            ae = DCAE.from_pretrained(self._autoencoder)
+            check_autoencoder_fits(ae.config, self.config.in_channels, self._autoencoder, "this diffusion model")
+            self._loaded_autoencoder = ae
         return self._loaded_autoencoder
 
     @property
@@ -347,6 +349,20 @@ class DCAEDiffusion:
                 **sampler_overrides,
             )
         )
+
+
+def check_autoencoder_fits(ae_config: Any, latent_channels: int, autoencoder: Any, what: str) -> None:
+    """Raises, naming both, unless the autoencoder (its `DCAEConfig`) decodes `what`'s `latent_channels`-channel
+    latents: all its channels, or a prefix of a DC-AE 1.5 structured latent."""
+    from dcae_jax.autoencoder.model import check_latent_channels
+
+    try:
+        check_latent_channels(ae_config, latent_channels)
+    except ValueError as err:
+        raise ValueError(
+            f"{what} has {latent_channels}-channel latents; the autoencoder {autoencoder} "
+            f"({ae_config.latent_channels} channels) does not decode them ({err})"
+        ) from None
 
 
 def image_grid(images: np.ndarray, columns: int) -> np.ndarray:

@@ -275,8 +275,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: paths.PathLik
 
     check(config)
     workdir = paths.path(workdir, "workdir")
-    if config.data.latents:  # found and readable before anything is written
-        LatentDataset(config.data.latents)
+    if config.data.latents:  # found and readable, and decodable by the autoencoder, before anything is written
+        data = LatentDataset(config.data.latents)
+        if config.autoencoder:
+            from dcae_jax.autoencoder.pretrained import load_config
+            from dcae_jax.diffusion.pipeline import check_autoencoder_fits
+
+            ae_config = load_config(config.autoencoder)
+            check_autoencoder_fits(ae_config, data.latent_shape[-1], config.autoencoder, config.data.latents)
     with paths.workdir_lock(workdir, owner=jax.process_index() == 0):
         return _train(config, workdir)
 

@@ -154,6 +154,27 @@ def test_a_config_mistake_is_named_before_anything_is_read_or_written(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_an_autoencoder_that_cannot_decode_the_latents_is_named_before_anything_is_written(tiny_latents, tmp_path):
+    """4-channel autoencoder, 8-channel latents: found at the start (it was found at the first sample grid, after
+    the export had been written with it), and the same when sampling from an export with it."""
+    from dcae_jax.autoencoder.model import init_variables
+    from dcae_jax.autoencoder.model import tiny_config as ae_config
+    from dcae_jax.autoencoder.pretrained import DCAE
+    from dcae_jax.diffusion.pipeline import DCAEDiffusion
+
+    cfg = ae_config(latent_channels=4)
+    ae4 = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(tmp_path / "ae4")
+    latents = str(tiny_latents / "latents")
+    message = f"{latents} has 8-channel latents; the autoencoder {ae4} (4 channels) does not decode them"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(tiny_config(**{"data.latents": latents, "autoencoder": str(ae4)}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    _run(tiny_config(**{"data.latents": latents, "num_steps": 1, "checkpoint_every": 1}), tmp_path / "ok")
+    pipe = DCAEDiffusion.from_pretrained(tmp_path / "ok" / "export", autoencoder=str(ae4))
+    with pytest.raises(ValueError, match=re.escape("this diffusion model has 8-channel latents; the autoencoder")):
+        pipe.generate([0])
+
+
 def test_a_missing_latents_folder_fails_before_anything_is_written(tmp_path):
     config = tiny_config()
     config.data.latents = str(tmp_path / "no_latents")
