@@ -52,7 +52,11 @@ def body(flags) -> None:
     distributed.initialize_from_env()
     precompute.precompute(**cli.values(flags))
     if jax.process_index() == 0:
-        print(f"next: python -m dcae_jax.main --config=configs/uvit.py:latents={flags.out} --workdir=RUNDIR")
+        print(
+            f"next: python -m dcae_jax.main --config=configs/uvit.py:model=uvit-h,batch=1024,latents={flags.out},"
+            f"autoencoder={flags.model} --workdir=RUNDIR   (the paper's recipe, for a pod: on one small device try "
+            "model=uvit-s,batch=32; python -m dcae_jax.aot checks the fit)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

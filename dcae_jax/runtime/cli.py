@@ -71,6 +71,14 @@ def _message(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def _out_of_memory(err: BaseException) -> str | None:
+    """XLA's out-of-memory sentence of a runtime error (device or host memory), if it is one."""
+    if not isinstance(err, RuntimeError):
+        return None
+    found = re.search(r"Out of memory[^\n]*?(?:\.|$)", str(err), re.MULTILINE)
+    return found.group(0) if found else None
+
+
 def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs a command's body under the policy; returns its exit code (None -> 0; 2 after a user mistake, which
     ends a multi-process run's process at once)."""
@@ -95,7 +103,17 @@ def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if _multi_process():
             _exit(1)
         return 1
-    except BaseException:
+    except BaseException as err:
+        oom = _out_of_memory(err)
+        if oom and not os.environ.get(DEBUG_ENV):
+            print(
+                f"{name}: out of memory: {oom} Use a smaller batch, model or resolution, more devices, or remat "
+                "(`python -m dcae_jax.aot` checks a training config's fit without running it)",
+                file=sys.stderr,
+            )
+            if _multi_process():
+                _exit(1)
+            return 1
         if _multi_process():
             import traceback
 

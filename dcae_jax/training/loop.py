@@ -160,6 +160,8 @@ def run(loop: Loop, state: Any, config, *, mngr, data_iter, workdir, writer) -> 
             skipped += n_skipped
             with jax.transfer_guard("disallow"):  # the step itself never moves data between host and device
                 state, step_metrics = loop.step(state, batch, step)
+            if step == start + 1:  # the one wait outside log steps: a step that cannot run fails here, not later
+                jax.block_until_ready(state)
             metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
             n_seen += config.global_batch_size
             if is_main:

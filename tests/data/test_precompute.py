@@ -296,7 +296,10 @@ def test_devices_and_processes_agree(files, first, tmp_path, processes, devices)
     assert meta["shards"] == ref_meta["shards"] and meta["num_examples"] == 6
     assert meta["stats"]["rms"] == pytest.approx(ref_meta["stats"]["rms"], rel=1e-6)
     assert "(3 written, 0 already finished" in logs[0]  # counted over all processes
-    hint = f"next: python -m dcae_jax.main --config=configs/uvit.py:latents={out} --workdir=RUNDIR"
+    hint = (
+        f"next: python -m dcae_jax.main --config=configs/uvit.py:model=uvit-h,batch=1024,latents={out},"
+        f"autoencoder={files['model']} --workdir=RUNDIR"
+    )
     assert [log.count(hint) for log in logs] == [1] + [0] * (processes - 1)  # the command's last word, process 0's
 
 

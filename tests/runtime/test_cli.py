@@ -108,6 +108,27 @@ def test_a_diverged_run_is_one_line_naming_its_last_checkpoint(tmp_path):
     assert "non-finite" in line and f"{tmp_path}/checkpoints" in line
 
 
+def test_running_out_of_memory_is_one_line(capsys):
+    """XLA's out-of-memory error (buried in a dispatch error repeated per device) is one line with what to change."""
+    import jax
+
+    from dcae_jax.runtime import cli
+
+    def body():
+        raise jax.errors.JaxRuntimeError(
+            "INTERNAL: Error dispatching computation: " * 3 + "Out of memory allocating 254625673536 bytes.\nmore"
+        )
+
+    assert cli.guard("main", body) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "main: out of memory: Out of memory allocating 254625673536 bytes. Use a smaller batch, model or resolution, "
+        "more devices, or remat (`python -m dcae_jax.aot` checks a training config's fit without running it)"
+    ]
+    with pytest.raises(RuntimeError, match="something else"):  # other runtime errors keep their traceback
+        cli.guard("main", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+
+
 def test_debug_env_shows_the_traceback():
     proc = _run("dcae_jax.convert", "--src", "/no/such/ckpt.safetensors", "--out", "/tmp/x_never", DCAE_JAX_DEBUG="1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
