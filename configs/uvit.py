@@ -27,8 +27,8 @@ def get_config(arg: str = ""):
         raise KeyError(f"latent={a.latent!r}; valid: {sorted(LATENT_SHAPES)}")
     c = common.diffusion_config()
     c.model.preset = a.model
-    if a.depth:  # a shallower (or deeper) variant of the preset, e.g. for quick compile checks
-        c.model.overrides = {"depth": a.depth}
+    if a.depth:  # a shallower (or deeper) variant of the preset, e.g. for quick compile checks; named as such
+        c.model.overrides = {"depth": a.depth, "name": f"{a.model}-depth{a.depth}"}
     c.objective = a.objective
     if a.objective == "velocity":
         c.optim.learning_rate, c.optim.weight_decay = 1e-4, 0.0

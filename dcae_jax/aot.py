@@ -70,8 +70,9 @@ def body(flags) -> int:
             file=sys.stderr,
         )
         return 1
-    config_file = config_flags.get_config_filename(flag)
-    print(f"\nfits; launch it with launch/tpu_pod.sh --tpu NAME --zone ZONE {config_file}[:ARGS] WORKDIR")
+    config_arg = config_flags.get_config_filename(flag)  # the file and its args, as given
+    overrides = "".join(f" --config.{k}={v}" for k, v in config_flags.get_override_values(flag).items())
+    print(f"\nfits; launch it with launch/tpu_pod.sh --tpu NAME --zone ZONE {config_arg} WORKDIR{overrides}")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -42,9 +43,18 @@ def test_topology_names(name, expected, chips):
     assert (topo.name, topo.chips) == (expected, chips)
 
 
-@pytest.mark.parametrize("name", ["v5p-6", "v5e:2x2x2", "tpu-8", "v6e-3"])
-def test_bad_topology_names_are_clear_errors(name):
-    with pytest.raises(ValueError, match="--topology"):
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("v5p-6", "known sizes"),
+        ("v5p-63", "v5p-N counts TensorCores, 2 per chip, so N must be an even number"),
+        ("v5e:2x2x2", "v5e needs 2 dimensions"),
+        ("tpu-8", "--topology='tpu-8'"),
+        ("v6e-3", "known sizes"),
+    ],
+)
+def test_bad_topology_names_are_clear_errors(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         aot.parse_topology(name)
 
 
@@ -102,6 +112,9 @@ def test_remat_as_config_lowers_the_tpu_step_memory(tiny_report, tmp_path):
     assert remat["temporaries"] < 0.9 * base["temporaries"], (remat["temporaries"], base["temporaries"])
     assert remat["flops_per_chip"] > 1.1 * base["flops_per_chip"]
     assert remat["arguments"] == base["arguments"]  # the same state: remat changes no parameter
+    # The launch hint is a command to paste: the config as given, and its overrides.
+    hint = "launch/tpu_pod.sh --tpu NAME --zone ZONE configs/tiny_test.py WORKDIR --config.model.remat=full"
+    assert hint in proc.stdout
 
 
 def test_exceeding_hbm_exits_nonzero_with_a_clear_message():
@@ -118,7 +131,7 @@ def test_uvit_train_step_compiles_for_a_tpu_slice(tmp_path):
     proc = _aot("--config=configs/uvit.py:model=uvit-s,batch=16,fsdp=2,depth=2", "--topology=v5e-4", f"--json={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ((name, row),) = json.loads(out.read_text())["phases"].items()
-    assert name == "uvit-s (epsilon)" and row["resolution"] == "8x8x128" and row["fits"]
+    assert name == "uvit-s-depth2 (epsilon)" and row["resolution"] == "8x8x128" and row["fits"]
     assert row["per_chip_batch"] == 4 and row["flops_per_chip"] > 0
     # Per chip: the 3-block UViT-S (~10M params) with AdamW + EMA, halved by FSDP, in float32.
     assert 30 * 2**20 < row["arguments"] < 200 * 2**20

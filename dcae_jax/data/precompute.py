@@ -541,7 +541,7 @@ def report(r: dict[str, Any], out: paths.PathLike) -> str:
     implied = s["implied_scaling_factor"]
     lines = [
         f"wrote {out}: {r['num_examples']} examples of {r['num_records']} records ({r['num_unreadable']} unreadable "
-        f"or too small, left out), {r['num_classes']} classes ({r['label_source']})",
+        f"or too small, left out), {r['num_classes']} class{'es' if r['num_classes'] != 1 else ''} ({r['label_source']})",
         f"shards: {r['num_shards']} ({r['shards_written']} written, {r['shards_skipped']} already finished and "
         f"skipped, {r['shards_rewritten']} invalid ones rewritten) in {r['seconds']:.1f} s",
         f"latents {'x'.join(map(str, r['latent_shape']))} (HWC) float32, stored x scaling_factor "

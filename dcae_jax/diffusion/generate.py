@@ -26,6 +26,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -41,6 +42,9 @@ def class_ids(
         ids = np.asarray(explicit, np.int64)
         if ids.min() < 0 or ids.max() >= num_classes:
             raise ValueError(f"--classes must be in [0, {num_classes})")
+        untrained = sorted(set(ids.tolist()) - set(range(num_classes) if trained is None else trained))
+        if untrained:
+            warnings.warn(f"--classes {untrained}: the model saw no training example of these classes", stacklevel=2)
         return ids.astype(np.int32)
     if trained is None or list(trained) == list(range(num_classes)):
         return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)

@@ -77,7 +77,9 @@ def parse_topology(name: str) -> Topology:
             chips *= int(d)
         return Topology(gen, f"{gen}:{m.group(3)}", chips)
     if not m.group(3).isdigit() or int(m.group(3)) % chip.cores_per_name_unit:
-        raise ValueError(f"--topology={name!r}: the size must be a number (a multiple of {chip.cores_per_name_unit})")
+        counts = "TensorCores, 2 per chip" if chip.cores_per_name_unit == 2 else "chips"
+        what = "an even number" if chip.cores_per_name_unit == 2 else "a number"
+        raise ValueError(f"--topology={name!r}: {gen}-N counts {counts}, so N must be {what}")
     chips = int(m.group(3)) // chip.cores_per_name_unit
     shapes = SHAPES_3D if chip.dims == 3 else SHAPES_2D
     if chips not in shapes:
@@ -124,7 +126,8 @@ def phase_configs(config, config_path: str, overrides: dict[str, Any], phases: l
     if config.get("trainer", "dcae") == "diffusion":
         if phases:
             raise ValueError(f"--phases={phases}: a diffusion config has no phases")
-        return [(f"{config.model.preset} ({config.objective})", config)]
+        name = (config.model.get("overrides") or {}).get("name") or config.model.preset
+        return [(f"{name} ({config.objective})", config)]
     if not phases:
         return [(f"phase{config.phase}", config)]
     path, _, arg = config_path.partition(":")
@@ -168,7 +171,10 @@ def with_lpips_stand_in(config, tmpdir: str):
         lpips.save_lpips_weights(variables, path, "vgg")
     config = config.copy_and_resolve_references()
     config.loss.lpips_weights = path
-    return config, "LPIPS VGG16 with random weights (no weights file given)"
+    return (
+        config,
+        "LPIPS VGG16 with random weights of the right shapes (the fit and the FLOPs do not depend on the values)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
