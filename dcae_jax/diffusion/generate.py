@@ -15,7 +15,8 @@ distance against `--fid_stats` (a pytorch-fid `.npz`; build one with `python -m 
 does not.)
 
 Resumable: each chunk is written atomically to `<out>/chunks/chunk-NNNNN.npz` (labels, Inception
-features when FID is asked for, images with `--save_images`); a rerun skips the chunks that are there.
+features when FID is asked for, images with `--save_images` and for the first `--grid` samples); a rerun skips
+the chunks that are there.
 With several processes (launch/local.sh, gpu_slurm.sh), chunk i is sampled by process i mod P on its
 local devices and the feature statistics are summed over processes.
 """
@@ -160,7 +161,7 @@ def run(args: SampleRun) -> dict:
         arrays = {"labels": chunks[i]}
         if fid_fn is not None:
             arrays["features"] = np.asarray(fid_fn(fid_vars, jnp.asarray(pixels)), np.float32)
-        if need_images or i == 0:
+        if need_images or i * args.batch_size < args.grid:  # the chunks the grid shows keep their pixels
             arrays["images"] = pixels
         _write_atomic(path, **arrays)
         done += 1
@@ -211,7 +212,7 @@ def _check_same_run(out: paths.Path, run: dict) -> None:
 
 
 def _grid_images(out: paths.Path, num_chunks: int, n: int) -> np.ndarray | None:
-    """The first `n` samples' pixels from the chunks that kept them (chunk 0 always does)."""
+    """The first `n` samples' pixels from the chunks that kept them (those holding the first `--grid` do)."""
     parts, have = [], 0
     for i in range(num_chunks):
         if have >= n:

@@ -14,6 +14,7 @@ import pytest
 
 from dcae_jax.autoencoder.model import init_variables, tiny_config
 from dcae_jax.autoencoder.pretrained import DCAE
+from dcae_jax.data import images as image_io
 from dcae_jax.diffusion.pipeline import DCAEDiffusion, image_grid, sampler_settings
 from dcae_jax.diffusion.uvit import get_uvit_config, init_uvit_params
 from dcae_jax.metrics import fid as fid_lib
@@ -103,6 +104,8 @@ def test_sample_cli_writes_grid_and_fid_and_resumes(export, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["num_samples"] == 6 and result["chunks_sampled"] == 2 and np.isfinite(result["fid"])
     assert (out / "grid.png").exists()
+    grid = image_io.load_image(out / "grid.png")  # all 6 samples (--grid=64), from both chunks: 2 x 3 cells of 32 px
+    assert grid.shape == (64, 96, 3)
     # The FID equals the Fréchet distance of the stored features against the reference.
     feats = np.concatenate([np.load(out / "chunks" / f"chunk-{i:05d}.npz")["features"] for i in range(2)])
     stats = fid_lib.FeatureStats().update(feats)
