@@ -224,7 +224,8 @@ def test_export_to_a_pytorch_format_inverts_the_conversion(fmt):
     cfg = tiny_config()
     variables = init_variables(cfg, jax.random.key(3))
     sd = convert_lib.to_state_dict(variables, cfg, fmt)
-    assert set(sd) == convert_lib.expected_keys(cfg, fmt)
+    counters = {k.replace(".running_mean", ".num_batches_tracked") for k in sd if k.endswith(".running_mean")}
+    assert counters and set(sd) == convert_lib.expected_keys(cfg, fmt) | counters
     back = convert_lib.convert_state_dict(sd, cfg, fmt)
     for (path, a), (_, b) in zip(
         jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves_with_path(back), strict=True
@@ -239,7 +240,8 @@ def test_convert_cli_writes_the_pytorch_formats(tiny_diffusers_dir, tmp_path, ca
     out = tmp_path / "back"
     assert convert.main(["--src", str(tiny_diffusers_dir), "--out", str(out), "--to", "diffusers"]) == 0
     assert "(diffusers format)" in capsys.readouterr().out
-    model = AutoencoderDC.from_pretrained(out)
+    model, info = AutoencoderDC.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # BatchNorm counters included
     src = AutoencoderDC.from_pretrained(tiny_diffusers_dir)
     assert {k: v for k, v in model.config.items() if not k.startswith("_")} == {
         k: v for k, v in src.config.items() if not k.startswith("_")

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from dcae_jax.autoencoder.model import DCAEConfig
 from dcae_jax.runtime import state_dict
@@ -234,5 +235,10 @@ def convert_state_dict(
 
 
 def to_state_dict(variables: Mapping[str, Any], cfg: DCAEConfig, fmt: str) -> dict[str, Any]:
-    """The inverse of `convert_state_dict`: a `fmt` ("diffusers" or "efficientvit") state dict, float32 NumPy."""
-    return state_dict.to_torch(variables, table(cfg, fmt))
+    """The inverse of `convert_state_dict`: a `fmt` ("diffusers" or "efficientvit") state dict, float32 NumPy, with
+    the counter torch keeps beside each BatchNorm's statistics (0: torch's BatchNorm with a momentum ignores it;
+    without it PyTorch warns that the layer was not initialised)."""
+    out = state_dict.to_torch(variables, table(cfg, fmt))
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out[key.removesuffix(".running_mean") + ".num_batches_tracked"] = np.zeros((), np.int64)
+    return out
