@@ -67,9 +67,11 @@ def get_config(arg: str = ""):
         c.trainable = [(".*", "train")]
     else:
         c.phase = 2
-        num_stages = len(model_config(a.model).encoder_block_out_channels) if released else 0
-        if a.adapt_stages and not num_stages:
-            raise ValueError("adapt_stages needs a released model name (its stage count)")
+        num_stages = 0  # the stage count matters only to adapt_stages; a checkpoint's is read from its config
+        if a.adapt_stages:
+            from dcae_jax.autoencoder.pretrained import load_config
+
+            num_stages = len((model_config(released) if released else load_config(a.model)).encoder_block_out_channels)
         c.trainable = common.trainable_rules(2, num_stages, a.adapt_stages)
 
     # Losses: L1 + LPIPS (VGG16), the loss the released models were trained with; a fine-tune with L1 alone blurs

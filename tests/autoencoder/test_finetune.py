@@ -17,6 +17,7 @@ import pytest
 from cpu_jobs import with_fast_compile
 
 from dcae_jax import DCAE
+from dcae_jax.autoencoder.model import init_variables, tiny_config
 from dcae_jax.data import images
 from dcae_jax.data import pipeline as input_pipeline
 from dcae_jax.training import optim
@@ -114,7 +115,7 @@ def test_highres_recipe_trains_only_the_latent_adjacent_layers(released_dir, rel
     assert not any(v for k, v in changed.items() if not k.startswith(adjacent))
 
 
-def test_recipe_config_defaults_and_errors():
+def test_recipe_config_defaults_and_errors(tmp_path):
     dec = _load_recipe("recipe=decoder,model=dc-ae-f64c128-in-1.0,data=folder:/data/x")
     assert dec.init_from == "mit-han-lab/dc-ae-f64c128-in-1.0-diffusers" and dec.model.variant == "dc-ae-f64c128-in-1.0"
     assert dec.trainable[0] == ("decoder/.*", "train") and not dec.train_batch_norm and not dec.disc.enabled
@@ -126,5 +127,10 @@ def test_recipe_config_defaults_and_errors():
     assert hi.resolution == 1024 and ("(encoder|decoder)/stage_(5)_.*", "train") in hi.trainable
     with pytest.raises(KeyError, match="valid: \\['decoder', 'full', 'highres'\\]"):
         _load_recipe("recipe=encoder")
-    with pytest.raises(ValueError, match="adapt_stages needs a released model name"):
+    # A local checkpoint's stage count is read from its config (the tiny model has 4 stages).
+    cfg = tiny_config()
+    ckpt = DCAE(cfg, init_variables(cfg, jax.random.key(0))).save_pretrained(tmp_path / "tiny")
+    local_hi = _load_recipe(f"recipe=highres,model={ckpt},adapt_stages=1")
+    assert ("(encoder|decoder)/stage_(3)_.*", "train") in local_hi.trainable
+    with pytest.raises(FileNotFoundError, match="/ckpts/x"):
         _load_recipe("recipe=highres,model=/ckpts/x,adapt_stages=2")
