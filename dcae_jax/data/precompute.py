@@ -367,6 +367,12 @@ def precompute(
         from dcae_jax.autoencoder.model import check_latent_channels
 
         check_latent_channels(ae.config, latent_channels)
+    if resolution % f:
+        warnings.warn(
+            f"--resolution={resolution} is not a multiple of the compression factor {f} of {model_label}: the images are "
+            f"edge-padded to {-(-resolution // f) * f} before encoding (as DCAE.encode does; the trainers refuse it)",
+            stacklevel=2,
+        )
     latent_shape = [-(-resolution // f), -(-resolution // f), latent_channels or ae.config.latent_channels]
     num_shards = -(-num_records // shard_size)
     settings = {

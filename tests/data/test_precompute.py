@@ -179,6 +179,14 @@ def test_non_finite_latents_are_not_written(files, tmp_path):
     assert not list((tmp_path / "out").glob("shard-*"))
 
 
+def test_a_resolution_the_model_does_not_divide_is_padded_with_a_warning(files, tmp_path):
+    with pytest.warns(
+        UserWarning, match=r"--resolution=28 is not a multiple of the compression factor 8 of .*tiny-model: "
+    ):
+        r = pl.precompute(str(files["model"]), files["data"], 28, tmp_path / "out", **{**KW, "max_images": 2})
+    assert r["latent_shape"][:2] == [4, 4]
+
+
 def test_other_settings_refused(files, first, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first[0], out)
