@@ -46,7 +46,8 @@ def body(flags) -> int:
         print(
             f"wrote {flags.out}: mu/sigma of {total.count} images ({n_skipped} skipped) of {flags.data} "
             f"[{flags.split}] at {flags.resolution}x{flags.resolution}, {time.time() - t_start:.1f} s; "
-            f"use it with python -m dcae_jax.evaluate --ref_stats={flags.out} ..."
+            f"use it with python -m dcae_jax.evaluate --ref_stats={flags.out} ... (rFID) or python -m dcae_jax.sample "
+            f"--fid_stats={flags.out} ... (generation FID)"
         )
     return 0
 

@@ -68,9 +68,13 @@ def _find_efficientvit_weights(d: pathlib.Path) -> pathlib.Path:
     cands = sorted(d.glob("*.safetensors")) + sorted(d.glob("*.pt")) + sorted(d.glob("*.pth"))
     if len(cands) == 1:
         return cands[0]
+    hint = ""
+    if (d / "diffusion_config.json").is_file():  # dcae_jax.diffusion.pipeline.CONFIG_FILE
+        hint = f"; this is a diffusion model's export, its autoencoder is in {d / 'autoencoder'} when bundled"
     raise FileNotFoundError(
         f"{d}: no DC-AE weights found; expected {DIFFUSERS_WEIGHTS} + config.json (diffusers), "
         f"model.safetensors or model.pt (efficientvit), or {EXPORT_CONFIG} + {EXPORT_VARIABLES}/ (dcae_jax export)"
+        f"{hint}"
     )
 
 

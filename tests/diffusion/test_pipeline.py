@@ -73,6 +73,8 @@ def test_bad_inputs_are_clear_errors(export, tmp_path):
         DCAEDiffusion.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="latent_channels=3: this model has no adaptive channels, it samples all 8"):
         pipe.generate_latents([0], latent_channels=3)
+    with pytest.raises(FileNotFoundError, match="this is a diffusion model's export, its autoencoder is in"):
+        DCAE.from_pretrained(export)  # the diffusion export where the autoencoder was meant
 
 
 def test_image_grid_layout():
