@@ -1,7 +1,7 @@
 """`DCAEDiffusion`: a class-conditional latent diffusion model with its DC-AE, and guided sampling.
 
     pipe = DCAEDiffusion.from_pretrained("/path/to/workdir/export")
-    images = pipe.generate([279, 388], guidance_scale=1.5, seed=0)   # (2, R, R, 3), about [-1, 1] (the decoder's output, not clipped)
+    images = pipe.generate([279, 388], guidance_scale=1.5, seed=0)   # (2, R, R, 3), about [-1, 1], not clipped
 
 The export is a folder with `diffusion_config.json` (UViT config, objective, latent scaling factor,
 sampler settings, the autoencoder's path or repo id) and an orbax checkpoint of the parameters.
@@ -340,7 +340,8 @@ class DCAEDiffusion:
         latent_channels: int | None = None,
         **sampler_overrides: Any,
     ) -> np.ndarray:
-        """Class-conditional images (N, R, R, 3), about [-1, 1], not clipped (`latent_channels`: see `generate_latents`)."""
+        """Class-conditional images (N, R, R, 3), about [-1, 1], not clipped (`latent_channels`: see
+        `generate_latents`)."""
         return self.decode(
             self.generate_latents(
                 class_ids,
