@@ -79,6 +79,20 @@ def _out_of_memory(err: BaseException) -> str | None:
     return found.group(0) if found else None
 
 
+def _one_line(name: str, err: BaseException) -> tuple[str, int] | None:
+    """The line and exit status an error is reported with instead of a traceback, or None: a user mistake (2), a
+    run that diverged and stopped itself, naming its last good state (1), running out of memory (1)."""
+    if isinstance(err, USER_ERRORS):
+        return f"{name}: error: {_message(err)}", 2
+    if isinstance(err, FloatingPointError):
+        return f"{name}: stopped: {err}", 1
+    oom = _out_of_memory(err)
+    if oom:
+        advice = "Use a smaller batch, model or resolution, more devices, or remat"
+        return f"{name}: out of memory: {oom} {advice} (`python -m dcae_jax.aot` checks a training config's fit)", 1
+    return None
+
+
 def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs a command's body under the policy; returns its exit code (None -> 0; 2 after a user mistake, which
     ends a multi-process run's process at once)."""
@@ -89,31 +103,14 @@ def guard(name: str, fn: Callable[..., Any], *args: Any) -> Any:
             print(f"{name}: {err.message}", file=sys.stderr)
             return int(err.code)
         raise
-    except USER_ERRORS as err:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"{name}: error: {_message(err)}", file=sys.stderr)
-        if _multi_process():
-            _exit(2)
-        return 2
-    except FloatingPointError as err:  # a run that diverged stopped itself; the message names its last good state
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"{name}: stopped: {err}", file=sys.stderr)
-        if _multi_process():
-            _exit(1)
-        return 1
     except BaseException as err:
-        oom = _out_of_memory(err)
-        if oom and not os.environ.get(DEBUG_ENV):
-            print(
-                f"{name}: out of memory: {oom} Use a smaller batch, model or resolution, more devices, or remat "
-                "(`python -m dcae_jax.aot` checks a training config's fit without running it)",
-                file=sys.stderr,
-            )
+        report = None if os.environ.get(DEBUG_ENV) else _one_line(name, err)
+        if report is not None:
+            line, status = report
+            print(line, file=sys.stderr)
             if _multi_process():
-                _exit(1)
-            return 1
+                _exit(status)
+            return status
         if _multi_process():
             import traceback
 

@@ -123,7 +123,7 @@ def test_running_out_of_memory_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "main: out of memory: Out of memory allocating 254625673536 bytes. Use a smaller batch, model or resolution, "
-        "more devices, or remat (`python -m dcae_jax.aot` checks a training config's fit without running it)"
+        "more devices, or remat (`python -m dcae_jax.aot` checks a training config's fit)"
     ]
     with pytest.raises(RuntimeError, match="something else"):  # other runtime errors keep their traceback
         cli.guard("main", lambda: (_ for _ in ()).throw(RuntimeError("something else")))
