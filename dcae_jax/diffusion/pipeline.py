@@ -319,13 +319,13 @@ class DCAEDiffusion:
             noise = np.concatenate([noise, np.zeros((padded - n, *noise.shape[1:]), noise.dtype)])
             ids = np.concatenate([ids, np.full((padded - n,), self.config.null_class, np.int32)])
         key_data = np.asarray(jax.random.key_data(self.sampler_key(seed, chunk)))
-        inputs = [
-            jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])  # each process: its own shards
-            for x, s in ((noise, sharding.batch_sharding(mesh)), (ids, sharding.batch_sharding(mesh)))
+        batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        inputs = [  # every process holds the whole (small) arrays and places its own shards
+            jax.make_array_from_callback(x.shape, s, lambda index, x=x: x[index])
+            for x, s in ((noise, batch), (ids, batch), (key_data, replicated))
         ]
-        key = jax.make_array_from_callback(key_data.shape, sharding.replicated(mesh), lambda index: key_data[index])
         fn = self._sample_fn(json.dumps(settings, sort_keys=True), mesh)
-        return distributed.host_array(fn(self.params, *inputs, key))[:n]
+        return distributed.host_array(fn(self.params, *inputs))[:n]
 
     def decode(self, latents: Any) -> np.ndarray:
         """Scaled latents -> images (N, R, R, 3), about [-1, 1] and not clipped (`data.images.to_uint8` clips as the

@@ -126,7 +126,9 @@ def phase_configs(config, config_path: str, overrides: dict[str, Any], phases: l
     if config.get("trainer", "dcae") == "diffusion":
         if phases:
             raise ValueError(f"--phases={phases}: a diffusion config has no phases")
-        name = (config.model.get("overrides") or {}).get("name") or config.model.preset
+        from dcae_jax.diffusion.train import model_config
+
+        name = model_config(config, tuple(config.data.latent_shape)).name  # the trainer's model, overrides applied
         return [(f"{name} ({config.objective})", config)]
     if not phases:
         return [(f"phase{config.phase}", config)]
